@@ -1,0 +1,57 @@
+"""The engine-free DEeR core: schedule -> client update -> clip -> aggregate -> noise -> account.
+
+Nothing here imports accelerate, flwr or gradio; drivers move data and call these pieces.
+"""
+
+from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, calibrate_noise_multiplier, check_delta
+from .adapter_state import (
+    AdapterLayout,
+    AdapterState,
+    LoraFactors,
+    adapter_layout,
+    get_adapter_state,
+    load_adapter_state,
+)
+from .aggregate import ClientDP, InvalidClientUpdate, PhaseRelease, aggregate_phase, validate_updates
+from .client import ClientEngine, ClientTask, ClientUpdate, LocalTraining, SequentialEngine, train_client
+from .mechanism import Whitener, build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
+from .schedule import METHOD_SPECS, MethodSpec, Phase, iter_phases, method_spec
+from .seeding import derive_seed
+from .server import FederatedServer
+
+__all__ = [
+    "METHOD_SPECS",
+    "AdapterLayout",
+    "AdapterState",
+    "ClientDP",
+    "ClientEngine",
+    "ClientTask",
+    "ClientUpdate",
+    "FederatedServer",
+    "InvalidClientUpdate",
+    "LocalTraining",
+    "LoraFactors",
+    "MethodSpec",
+    "Phase",
+    "PhaseRelease",
+    "PrivacyBudgetExceeded",
+    "ReleaseAccountant",
+    "SequentialEngine",
+    "Whitener",
+    "adapter_layout",
+    "aggregate_phase",
+    "build_whiteners",
+    "calibrate_noise_multiplier",
+    "check_delta",
+    "clip_update",
+    "derive_seed",
+    "factor_metric",
+    "get_adapter_state",
+    "iter_phases",
+    "load_adapter_state",
+    "method_spec",
+    "metric_norm",
+    "sample_noise",
+    "train_client",
+    "validate_updates",
+]

@@ -1,0 +1,158 @@
+"""Client update: train one client's copy of the adapter from the global state, return the delta.
+
+A client is data plus a seed, never a model: the process's single `PeftModel` is loaded with the
+global adapter state, trained for E local epochs, and the trained parameters' delta is returned.
+A `ClientEngine` trains a list of clients of one phase; `SequentialEngine` does it one by one, and
+a batched engine can replace it behind the same `train_clients` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from peft import PeftModel
+from torch.utils.data import DataLoader, Dataset
+
+from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
+from .schedule import Phase
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Local optimisation of one client: E epochs of mini-batch SGD (momentum, weight decay) or AdamW."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ValueError(f"--local-epochs {self.local_epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"--lr {self.lr} must be > 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer {self.optimizer!r} is not 'sgd' or 'adamw'")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(
+                f"--mixed-precision {self.mixed_precision!r} is not 'no' or 'bf16' (fp16 is not supported)"
+            )
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's work in a phase: its id, its local dataset of (pixel_values, label), its seed."""
+
+    client_id: int
+    dataset: Dataset
+    seed: int
+
+
+@dataclass
+class ClientUpdate:
+    """A client's result: `delta` (trained parameter name -> fp32 CPU tensor), example count, stats."""
+
+    client_id: int
+    delta: AdapterState
+    num_examples: int
+    mean_loss: float = float("nan")
+    images_seen: int = 0
+    seconds: float = 0.0
+
+
+class ClientEngine(Protocol):
+    def train_clients(
+        self,
+        model: PeftModel,
+        layout: AdapterLayout,
+        global_state: AdapterState,
+        phase: Phase,
+        tasks: Sequence[ClientTask],
+    ) -> list[ClientUpdate]: ...
+
+
+def set_phase_trainability(model: PeftModel, phase: Phase) -> None:
+    """Make exactly the phase's factor(s) (and the head) trainable on the process's model."""
+    config = model.peft_config[model.active_adapter]
+    if config.method != "lora":
+        model.base_model.set_deer_phase(phase.config_phase)
+
+
+def train_client(
+    model: PeftModel,
+    layout: AdapterLayout,
+    global_state: AdapterState,
+    phase: Phase,
+    task: ClientTask,
+    training: LocalTraining,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
+) -> ClientUpdate:
+    """Train `task`'s client from `global_state` for E epochs on `phase`'s factor(s); return its delta."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    load_adapter_state(model, global_state)
+    set_phase_trainability(model, phase)
+    keys = layout.trained_keys(phase.factors)
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if trainable != set(keys):
+        raise RuntimeError(f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}")
+    optimizer = _make_optimizer([params[k] for k in keys], training)
+    generator = torch.Generator().manual_seed(task.seed)
+    loader = DataLoader(task.dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
+    torch.manual_seed(task.seed)  # dropout and any other stochastic layers
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if training.mixed_precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for _ in range(training.local_epochs):
+        for pixel_values, labels in loader:
+            pixel_values, labels = pixel_values.to(device), labels.to(device)
+            with autocast:
+                logits = model(pixel_values=pixel_values).logits
+            loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            seen += len(labels)
+    delta = {k: params[k].detach().to("cpu", torch.float32) - global_state[k] for k in keys}
+    return ClientUpdate(
+        task.client_id, delta, len(task.dataset), loss_sum / max(seen, 1), seen, time.perf_counter() - start
+    )
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], training: LocalTraining) -> torch.optim.Optimizer:
+    if training.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
+
+
+@dataclass
+class SequentialEngine:
+    """Trains the phase's clients one after another on the process's single model (the reference way)."""
+
+    training: LocalTraining
+
+    def train_clients(
+        self,
+        model: PeftModel,
+        layout: AdapterLayout,
+        global_state: AdapterState,
+        phase: Phase,
+        tasks: Sequence[ClientTask],
+    ) -> list[ClientUpdate]:
+        return [train_client(model, layout, global_state, phase, t, self.training) for t in tasks]

@@ -1,0 +1,98 @@
+"""Accounting: ledger epsilon equals opacus for the same (sigma, q, releases, delta); budget stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from peft_deer.federated import (
+    ClientDP,
+    ClientUpdate,
+    FederatedServer,
+    PrivacyBudgetExceeded,
+    calibrate_noise_multiplier,
+    check_delta,
+    iter_phases,
+)
+from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
+
+
+def toy_server(method: str, dp: ClientDP | None, num_clients: int = 4, per_phase: int = 4, b_scale: float = 0.0):
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    g = torch.Generator().manual_seed(0)
+    state = {"m.A": torch.randn(2, 5, generator=g), "m.B": torch.randn(4, 2, generator=g) * b_scale, "h": torch.zeros(3)}
+    return FederatedServer(method, layout, state, num_clients, per_phase, dp, seed=0)
+
+
+def fake_updates(server: FederatedServer, phase, participants):
+    keys = server.trained_keys(phase)
+    return [
+        ClientUpdate(c, {k: torch.randn(server.global_state[k].shape) * 0.1 for k in keys}, 10) for c in participants
+    ]
+
+
+def run(server: FederatedServer, rounds: int):
+    for phase in iter_phases(server.method, rounds):
+        server.check_budget(phase)
+        server.finish_phase(phase, fake_updates(server, phase, server.participants(phase)))
+
+
+@pytest.mark.parametrize("method,per_round", [("deer", 2), ("rolora", 2), ("lora", 1), ("ffa", 1)])
+def test_ledger_epsilon_equals_opacus(method, per_round):
+    dp = ClientDP(noise_multiplier=1.1, clip_norm=1.0, delta=1e-3)
+    server = toy_server(method, dp, num_clients=8, per_phase=2)
+    run(server, rounds=3)
+    ledger = server.ledger()
+    assert ledger["releases"] == 3 * per_round
+    rdp, prv = RDPAccountant(), PRVAccountant()
+    for _ in range(3 * per_round):
+        rdp.step(noise_multiplier=1.1, sample_rate=0.25)
+        prv.step(noise_multiplier=1.1, sample_rate=0.25)
+    assert ledger["epsilon"] == pytest.approx(rdp.get_epsilon(delta=1e-3), rel=1e-9)
+    assert ledger["epsilon_prv"] == pytest.approx(prv.get_epsilon(delta=1e-3), rel=1e-6)
+    assert ledger["level"] == "client" and ledger["sample_rate"] == 0.25 and ledger["sampling"] == "poisson"
+
+
+def test_calibrated_sigma_meets_the_target():
+    sigma = calibrate_noise_multiplier(2.0, 1e-5, sample_rate=0.5, releases=20)
+    rdp = RDPAccountant()
+    rdp.history = [(sigma, 0.5, 20)]
+    eps = rdp.get_epsilon(1e-5)
+    assert 1.95 <= eps <= 2.0
+    with pytest.raises(ValueError, match="must be > 0"):
+        calibrate_noise_multiplier(0.0, 1e-5, 0.5, 20)
+
+
+def test_budget_stop_fires_before_the_release_that_would_exceed_it():
+    dp = ClientDP(noise_multiplier=2.0, clip_norm=1.0, delta=1e-3, target_epsilon=3.0)
+    server = toy_server("deer", dp)
+    with pytest.raises(PrivacyBudgetExceeded, match="target 3.0"):
+        run(server, rounds=50)
+    assert server.stopped_by_budget and server.ledger()["stopped_by_budget"]
+    assert server.epsilon()["rdp"] <= 3.0
+    rdp = RDPAccountant()
+    rdp.history = [(2.0, 1.0, len(server.releases) + 1)]
+    assert rdp.get_epsilon(1e-3) > 3.0  # one more release would have exceeded it
+
+
+def test_reference_mechanism_reports_its_true_epsilon():
+    dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3)
+    server = toy_server("deer-reference", dp, b_scale=3.0)  # sigma_max(B) > 1 from the start
+    run(server, rounds=2)
+    ledger = server.ledger()
+    assert all(s < 1.0 for s in ledger["effective_noise_multipliers"])
+    assert ledger["epsilon"] > ledger["nominal_epsilon"] > 0
+
+
+@pytest.mark.parametrize("delta,num_clients", [(0.5, 6), (0.2, 5), (0.0, 3), (1e-5, 1_000_000)])
+def test_delta_must_be_below_one_over_num_clients(delta, num_clients):
+    with pytest.raises(ValueError, match="--delta"):
+        check_delta(delta, num_clients)
+
+
+def test_no_dp_ledger_says_so():
+    server = toy_server("deer", None)
+    run(server, rounds=1)
+    ledger = server.ledger()
+    assert ledger["level"] == "none" and ledger["releases"] == 2
