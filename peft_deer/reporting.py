@@ -1,0 +1,82 @@
+"""Human-facing outputs of a run: the accuracy/AUC/epsilon curves and the adapter's model card."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Validation accuracy/AUC and epsilon against rounds, from `metrics.jsonl` rows, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] + 1 for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key, label in (("val_accuracy", "accuracy"), ("val_auc", "AUC")):
+        values = [r.get(key) for r in rows]
+        ax1.plot(rounds, [math.nan if v is None else v for v in values], marker="o", label=label)
+    ax1.set_xlabel("round")
+    ax1.set_title("validation")
+    ax1.set_ylim(0, 1)
+    ax1.legend()
+    eps = [r.get("epsilon") for r in rows]
+    if any(e is not None for e in eps):
+        ax2.plot(rounds, [math.nan if e is None else e for e in eps], marker="o", color="tab:red")
+        ax2.set_title("client-level epsilon spent")
+    else:
+        ax2.text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_title("epsilon")
+    ax2.set_xlabel("round")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """Markdown model card for the adapter dir: base model, data, method, privacy, test metrics."""
+    privacy = info["privacy"]
+    if privacy.get("level") == "client":
+        guarantee = (
+            f"client-level ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP, mechanism: {privacy['mechanism']}, "
+            f"trust model: {privacy['trust_model']}, {privacy['releases']} releases (opacus RDP accountant)"
+        )
+    else:
+        guarantee = "none: trained without differential privacy"
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {info['base_model']}",
+        "tags: [peft_deer, lora, federated-learning, differential-privacy, medical-imaging]",
+        "---",
+        "",
+        f"# {info['method']} adapter for {info['dataset']}",
+        "",
+        f"- **Base model:** {info['base_model']} ({info['base_description']})",
+        f"- **Data:** {info['dataset']}, classes {info['class_names']}, {info['num_clients']} clients "
+        f"({info['partition']}), image size {info['image_size']} px",
+        f"- **Method:** `{info['method']}` (peft_deer), rank {info['rank']}, alpha {info['lora_alpha']}, "
+        f"{info['rounds_completed']} rounds",
+        f"- **Privacy:** {guarantee}",
+        "",
+        "## Test metrics",
+        "",
+        "| adapter | accuracy | AUC | macro F1 |",
+        "|---|---|---|---|",
+    ]
+    for name, m in info["test"].items():
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+        lines.append(f"| {name} | {m['accuracy']:.4f} | {auc} | {m['f1_macro']:.4f} |")
+    lines += [
+        "",
+        "Load with `import peft_deer; PeftModel.from_pretrained(base, this_dir)`, or use the plain LoRA "
+        "export in `../adapter-lora` with vanilla PEFT.",
+        "",
+    ]
+    return "\n".join(lines)
