@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
 from .schedule import Phase
@@ -146,6 +147,7 @@ class SequentialEngine:
     """Trains the phase's clients one after another on the process's single model (the reference way)."""
 
     training: LocalTraining
+    progress: bool = False
 
     def train_clients(
         self,
@@ -155,4 +157,11 @@ class SequentialEngine:
         phase: Phase,
         tasks: Sequence[ClientTask],
     ) -> list[ClientUpdate]:
-        return [train_client(model, layout, global_state, phase, t, self.training) for t in tasks]
+        bar = tqdm(
+            tasks,
+            desc=f"round {phase.round + 1} phase {''.join(phase.factors)}",
+            unit="client",
+            leave=False,
+            disable=not self.progress,
+        )
+        return [train_client(model, layout, global_state, phase, t, self.training) for t in bar]

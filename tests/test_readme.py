@@ -1,0 +1,20 @@
+"""The README's library snippet runs as written (docs that match the code)."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+
+def test_readme_library_snippet_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    snippet = next(b for b in blocks if "DeerLoraConfig" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    again = namespace["again"]
+    trainable = {n for n, p in again.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "modules_to_save" in n for n in trainable)
+    assert (tmp_path / "adapter-lora" / "adapter_config.json").is_file()
