@@ -53,9 +53,7 @@ def _as_uint8_images(images: Any) -> np.ndarray:
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"images must be uint8 in [0, 255], got dtype {arr.dtype}")
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(
-                f"images must be uint8 in [0, 255], got values in [{arr.min()}, {arr.max()}]"
-            )
+            raise ValueError(f"images must be uint8 in [0, 255], got values in [{arr.min()}, {arr.max()}]")
         arr = arr.astype(np.uint8)
     return arr
 
@@ -80,39 +78,32 @@ class ImageDataset:
             images = images[..., None]
         if images.ndim != 4:
             raise ValueError(
-                f"images must have shape (N, H, W, C) or (N, H, W), got ndim={images.ndim} "
-                f"(shape {images.shape})"
+                f"images must have shape (N, H, W, C) or (N, H, W), got ndim={images.ndim} (shape {images.shape})"
             )
         if images.shape[-1] not in (1, 3):
             raise ValueError(
-                f"images must have 1 (grayscale) or 3 (RGB) channels in the last axis, "
-                f"got shape {images.shape}"
+                f"images must have 1 (grayscale) or 3 (RGB) channels in the last axis, got shape {images.shape}"
             )
         labels = np.asarray(self.labels)
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1:
             raise ValueError(
-                f"labels must have shape (N,) or (N, 1) (single-label classification), "
-                f"got shape {labels.shape}"
+                f"labels must have shape (N,) or (N, 1) (single-label classification), got shape {labels.shape}"
             )
         is_int = np.issubdtype(labels.dtype, np.integer)
         if labels.size and not is_int and not np.all(np.equal(np.mod(labels, 1), 0)):
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         labels = labels.astype(np.int64)
         if len(labels) != len(images):
-            raise ValueError(
-                f"images and labels differ in length: {len(images)} images, {len(labels)} labels"
-            )
+            raise ValueError(f"images and labels differ in length: {len(images)} images, {len(labels)} labels")
         self.class_names = [str(c) for c in self.class_names]
         k = len(self.class_names)
         if k < 1:
             raise ValueError("class_names must not be empty")
         bad = labels[(labels < 0) | (labels >= k)]
         if bad.size:
-            raise ValueError(
-                f"label {int(bad[0])} out of range [0, {k}) for {k} classes {self.class_names}"
-            )
+            raise ValueError(f"label {int(bad[0])} out of range [0, {k}) for {k} classes {self.class_names}")
         self.images = images
         self.labels = labels
 
@@ -154,14 +145,10 @@ class DatasetSplits:
             split: ImageDataset = getattr(self, split_name)
             if split.class_names != self.train.class_names:
                 raise ValueError(
-                    f"{split_name} classes {split.class_names} differ from train classes "
-                    f"{self.train.class_names}"
+                    f"{split_name} classes {split.class_names} differ from train classes {self.train.class_names}"
                 )
             if split.num_channels != self.train.num_channels:
-                raise ValueError(
-                    f"{split_name} has {split.num_channels} channels, train has "
-                    f"{self.train.num_channels}"
-                )
+                raise ValueError(f"{split_name} has {split.num_channels} channels, train has {self.train.num_channels}")
 
     @property
     def num_channels(self) -> int:
@@ -297,9 +284,7 @@ def _parse_medmnist_name(name: str) -> tuple[str, int | None]:
             f"(optionally with a size suffix _64, _128 or _224)"
         )
     if size is not None and size not in _MEDMNIST_SIZES:
-        raise ValueError(
-            f"unknown MedMNIST image size {size} in {name!r}; available: {_MEDMNIST_SIZES}"
-        )
+        raise ValueError(f"unknown MedMNIST image size {size} in {name!r}; available: {_MEDMNIST_SIZES}")
     return flag, (None if size == 28 else size)
 
 
@@ -344,24 +329,18 @@ def _load_medmnist(name: str, data_dir: str | Path | None) -> DatasetSplits:
     class_names = list(MEDMNIST_2D_CLASS_NAMES[flag])
     with np.load(path) as npz:
         missing = [
-            f"{s}_{k}"
-            for s in ("train", "val", "test")
-            for k in ("images", "labels")
-            if f"{s}_{k}" not in npz.files
+            f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels") if f"{s}_{k}" not in npz.files
         ]
         if missing:
             raise ValueError(f"{path} is not a MedMNIST file: missing keys {missing}")
         splits = {
-            s: ImageDataset(npz[f"{s}_images"], npz[f"{s}_labels"], class_names)
-            for s in ("train", "val", "test")
+            s: ImageDataset(npz[f"{s}_images"], npz[f"{s}_labels"], class_names) for s in ("train", "val", "test")
         }
     label = flag if size is None else f"{flag}_{size}"
     return DatasetSplits(splits["train"], splits["val"], splits["test"], name=f"medmnist:{label}")
 
 
-def _stratified_split(
-    labels: np.ndarray, fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Split indices of ``labels`` into len(fractions)+1 sorted parts; part i (i < len) gets about
     ``fractions[i]`` of every class, the last part the rest."""
     rng = np.random.default_rng(seed)
@@ -437,9 +416,7 @@ def _detect_columns(features: Any) -> tuple[str, str, list[str] | None]:
 
     image_cols = [k for k, f in features.items() if isinstance(f, datasets.Image)]
     if not image_cols:
-        raise ValueError(
-            f"no image column (datasets.Image feature) found among columns {list(features)}"
-        )
+        raise ValueError(f"no image column (datasets.Image feature) found among columns {list(features)}")
     class_cols = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
     if class_cols:
         label_col = "label" if "label" in class_cols else class_cols[0]
@@ -645,9 +622,7 @@ def partition_clients(
     n = int(labels.shape[0])
     scheme = scheme.lower()
     if scheme not in PARTITION_SCHEMES:
-        raise ValueError(
-            f"unknown partition scheme {scheme!r}; choose one of {', '.join(PARTITION_SCHEMES)}"
-        )
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(PARTITION_SCHEMES)}")
     if int(num_clients) != num_clients or num_clients < 1:
         raise ValueError(f"--num-clients must be a positive integer, got {num_clients}")
     num_clients = int(num_clients)
@@ -672,9 +647,7 @@ def partition_clients(
         # IidPartitioner has no seed and no shuffle (contiguous shards): shuffle first.
         perm = np.random.default_rng(seed).permutation(n)
         part = IidPartitioner(num_partitions=num_clients)
-        part.dataset = datasets.Dataset.from_dict(
-            {"label": labels[perm], "idx": ids[perm]}
-        ).with_format("arrow")
+        part.dataset = datasets.Dataset.from_dict({"label": labels[perm], "idx": ids[perm]}).with_format("arrow")
         parts = [np.asarray(part.load_partition(i)["idx"]) for i in range(num_clients)]
         sizes = [len(p) for p in parts]
         if min(sizes) < min_size:
@@ -698,11 +671,7 @@ def partition_clients(
         draws, attempt = 0, 0
         parts = None
         while draws < max_draws:
-            sub_seed = (
-                seed
-                if attempt == 0
-                else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
-            )
+            sub_seed = seed if attempt == 0 else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
             part = DirichletPartitioner(
                 num_partitions=num_clients,
                 partition_by="label",
@@ -739,14 +708,10 @@ def partition_clients(
     flat = np.concatenate(out) if out else np.empty(0, dtype=np.int64)
     if len(flat) != n or not np.array_equal(np.sort(flat), ids):
         raise RuntimeError(
-            f"flwr_datasets {scheme} partitioner returned an invalid partition "
-            f"({len(flat)} indices for {n} examples)"
+            f"flwr_datasets {scheme} partitioner returned an invalid partition ({len(flat)} indices for {n} examples)"
         )
     if min(len(p) for p in out) < min_size:
-        raise ValueError(
-            f"{scheme} partition left a client with fewer than {min_size} examples; "
-            f"lower --num-clients"
-        )
+        raise ValueError(f"{scheme} partition left a client with fewer than {min_size} examples; lower --num-clients")
     return out
 
 
@@ -798,9 +763,7 @@ def format_label_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_label_counts(
-    rows: Sequence[dict[str, Any]], class_names: Sequence[str], path: str | Path
-) -> Path:
+def plot_label_counts(rows: Sequence[dict[str, Any]], class_names: Sequence[str], path: str | Path) -> Path:
     """Save a stacked bar chart (one bar per client, one colour per class) as PNG at ``path``.
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
@@ -931,8 +894,6 @@ def make_tensor_dataset(
     out = torch.empty((n, num_channels, size, size), dtype=torch.float32)
     for start in range(0, n, step):
         sl = idx[start : start + step]
-        out[start : start + len(sl)] = preprocess_images(
-            ds.images[sl], image_size, num_channels, mean, std
-        )
+        out[start : start + len(sl)] = preprocess_images(ds.images[sl], image_size, num_channels, mean, std)
     labels = torch.from_numpy(ds.labels[idx].astype(np.int64))
     return TensorDataset(out, labels)

@@ -21,8 +21,14 @@ def tiny_vit(seed: int = 0, hidden: int = 32, num_labels: int = 2) -> ViTForImag
     """A 2-layer random ViT for 28x28 grayscale images (about 20k parameters)."""
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
-        image_size=28, patch_size=7, num_channels=1, num_labels=num_labels,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        num_labels=num_labels,
     )
     return ViTForImageClassification(config).eval()
 

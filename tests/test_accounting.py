@@ -21,7 +21,11 @@ from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
 def toy_server(method: str, dp: ClientDP | None, num_clients: int = 4, per_phase: int = 4, b_scale: float = 0.0):
     layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
     g = torch.Generator().manual_seed(0)
-    state = {"m.A": torch.randn(2, 5, generator=g), "m.B": torch.randn(4, 2, generator=g) * b_scale, "h": torch.zeros(3)}
+    state = {
+        "m.A": torch.randn(2, 5, generator=g),
+        "m.B": torch.randn(4, 2, generator=g) * b_scale,
+        "h": torch.zeros(3),
+    }
     return FederatedServer(method, layout, state, num_clients, per_phase, dp, seed=0)
 
 

@@ -182,12 +182,10 @@ def test_hub_id_fails_clearly_offline(tmp_path: Path) -> None:
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join([*sys.path])
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERR: could not load Hugging Face dataset 'someuser/no-such-dataset-xyz'" in out.stdout, (
+        out.stdout + out.stderr
     )
-    assert (
-        "ERR: could not load Hugging Face dataset 'someuser/no-such-dataset-xyz'" in out.stdout
-    ), out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(
@@ -253,17 +251,13 @@ def test_dirichlet_is_label_skewed(pneumonia: DatasetSplits) -> None:
 
 
 def test_dirichlet_min_size(pneumonia: DatasetSplits) -> None:
-    parts = partition_clients(
-        pneumonia.train.labels, 12, scheme="dirichlet", dirichlet_alpha=0.3, min_size=20
-    )
+    parts = partition_clients(pneumonia.train.labels, 12, scheme="dirichlet", dirichlet_alpha=0.3, min_size=20)
     assert min(len(p) for p in parts) >= 20
 
 
 def test_dirichlet_impossible_raises(pneumonia: DatasetSplits) -> None:
     with pytest.raises(ValueError, match=r"Dirichlet alpha=0\.01 with 12 clients") as info:
-        partition_clients(
-            pneumonia.train.labels, 12, scheme="dirichlet", dirichlet_alpha=0.01, max_draws=50
-        )
+        partition_clients(pneumonia.train.labels, 12, scheme="dirichlet", dirichlet_alpha=0.01, max_draws=50)
     assert "--dirichlet-alpha" in str(info.value) and "--num-clients" in str(info.value)
 
 

@@ -36,7 +36,9 @@ def setup(method: str, dp: ClientDP | None = None, sizes=(7, 12, 20), seed=0):
     state = get_adapter_state(model, layout)
     g = torch.Generator().manual_seed(seed + 1)
     tasks = [
-        ClientTask(i, TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 2, (n,), generator=g)), 100 + i)
+        ClientTask(
+            i, TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 2, (n,), generator=g)), 100 + i
+        )
         for i, n in enumerate(sizes)
     ]
     server = FederatedServer(method, layout, state, len(sizes), len(sizes), dp, seed=seed)
@@ -144,8 +146,10 @@ def test_distributed_noise_has_the_same_total_variance_as_central():
         dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3, placement=placement)
         model, layout, server, engine, tasks = setup("ffa", dp)
         phase = next(iter_phases("ffa", 1))
-        zero = [type(u)(u.client_id, {k: torch.zeros_like(v) for k, v in u.delta.items()}, u.num_examples)
-                for u in engine.train_clients(model, layout, server.global_state, phase, tasks)]
+        zero = [
+            type(u)(u.client_id, {k: torch.zeros_like(v) for k, v in u.delta.items()}, u.num_examples)
+            for u in engine.train_clients(model, layout, server.global_state, phase, tasks)
+        ]
         variances = []
         for s in range(30):
             server.seed = s

@@ -61,8 +61,12 @@ def test_product_space_noise_does_not_grow_with_the_frozen_factor():
         plain = build_whiteners(layout, state, ["m.A"], "plain", ridge=0.0)
         g = torch.Generator().manual_seed(2)
         shapes = {"m.A": torch.Size((R, D_IN))}
-        reg = torch.stack([S * state["m.B"] @ sample_noise(regulated, shapes, sigma * clip, g)["m.A"] for _ in range(draws)])
-        pla = torch.stack([S * state["m.B"] @ sample_noise(plain, shapes, sigma * clip, g)["m.A"] for _ in range(draws)])
+        reg = torch.stack(
+            [S * state["m.B"] @ sample_noise(regulated, shapes, sigma * clip, g)["m.A"] for _ in range(draws)]
+        )
+        pla = torch.stack(
+            [S * state["m.B"] @ sample_noise(plain, shapes, sigma * clip, g)["m.A"] for _ in range(draws)]
+        )
         variances.append(float(reg.double().square().sum(dim=(1, 2)).mean()))
         plain_variances.append(float(pla.double().square().sum(dim=(1, 2)).mean()))
     expected = sigma**2 * clip**2 * R * D_IN
