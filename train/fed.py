@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="clients sampled per phase (Poisson at rate k/num_clients with DP); default all",
     )
-    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=0.002,
+        help="local SGD learning rate (0.002 suits DINOv2-S; larger values diverge there)",
+    )
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")

@@ -29,7 +29,7 @@ class LocalTraining:
 
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 1e-4
     optimizer: str = "sgd"
