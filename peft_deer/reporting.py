@@ -42,13 +42,20 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 def model_card(info: dict[str, Any]) -> str:
     """Markdown model card for the adapter dir: base model, data, method, privacy, test metrics."""
     privacy = info["privacy"]
-    if privacy.get("level") == "client":
+    if privacy.get("level") in ("client", "client+record"):
         guarantee = (
             f"client-level ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP, mechanism: {privacy['mechanism']}, "
             f"trust model: {privacy['trust_model']}, {privacy['releases']} releases (opacus RDP accountant)"
         )
-    else:
+    elif privacy.get("level") != "record":
         guarantee = "none: trained without differential privacy"
+    if "record" in privacy:
+        rec = privacy["record"]
+        record = (
+            f"record-level ({rec['epsilon_max']:.3f}, {rec['delta']:g})-DP for every client's patients (max over "
+            f"clients), mechanism: {rec['mechanism']} (opacus RDP accountant per client)"
+        )
+        guarantee = record if privacy.get("level") == "record" else f"{guarantee}; and {record}"
     lines = [
         "---",
         "library_name: peft",

@@ -56,12 +56,14 @@ from peft_deer.federated import (
     load_adapter_state,
     method_spec,
 )
+from peft_deer.federated.batched import select_engine
+from peft_deer.federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
 from peft_deer.io import write_json_atomic
 from peft_deer.reporting import model_card, plot_curves
 
 CHECKPOINT = "checkpoint.pt"
 # Flags that may differ between a run and its resumption; all others must match.
-RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config"}
+RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config", "engine"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,9 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    g.add_argument(
+        "--engine",
+        choices=["batched", "sequential"],
+        default="batched",
+        help="train a phase's clients in one batched pass, or one by one (same result up to float rounding)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("differential privacy")
-    g.add_argument("--dp", choices=["none", "client"], default="none", help="privacy level")
+    g.add_argument(
+        "--dp",
+        choices=["none", "client", "record", "client,record"],
+        default="none",
+        help="privacy level: client (DP across hospitals), record (DP-SGD inside each hospital), or both",
+    )
     g.add_argument(
         "--epsilon",
         type=float,
@@ -139,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-norm", type=float, default=1.0, help="C: bound on a client update's (metric) norm")
     g.add_argument("--regulator-ridge", type=float, default=1e-6, help="lambda in M = s^2 Y^T Y + lambda I")
     g.add_argument("--noise-placement", choices=["central", "distributed"], default="central")
+    g = p.add_argument_group("record-level differential privacy (--dp record: DP-SGD inside each client)")
+    g.add_argument(
+        "--record-epsilon",
+        type=float,
+        default=None,
+        help="target record-level epsilon per client over the whole run (calibrates sigma per client)",
+    )
+    g.add_argument("--record-noise-multiplier", type=float, default=None, help="DP-SGD sigma (instead of calibrating)")
+    g.add_argument("--record-clip-norm", type=float, default=1.0, help="per-sample gradient (metric) norm bound")
+    g.add_argument("--record-delta", type=float, default=1e-5, help="record-level delta (< 1 / client dataset size)")
+    g.add_argument(
+        "--max-physical-batch-size",
+        type=int,
+        default=None,
+        help="split DP-SGD logical batches into physical batches of at most this size (memory bound)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/deer")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last phase")
@@ -216,7 +245,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--clients-per-round {args.clients_per_round} must be in [1, --num-clients {args.num_clients}]")
     if args.partition == "dirichlet" and not args.dirichlet_alpha > 0:
         parser.error(f"--dirichlet-alpha {args.dirichlet_alpha} must be > 0")
-    if args.dp == "client":
+    levels = args.dp.split(",")
+    if "client" in levels:
         if args.epsilon is None and args.noise_multiplier is None:
             parser.error("--dp client needs --epsilon (calibrates sigma) or --noise-multiplier (or both: a budget)")
         if args.epsilon is not None and args.epsilon <= 0:
@@ -231,6 +261,19 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--clip-norm {args.clip_norm} must be > 0")
     elif args.epsilon is not None or args.noise_multiplier is not None:
         parser.error("--epsilon/--noise-multiplier need --dp client")
+    if "record" in levels:
+        if args.record_epsilon is None and args.record_noise_multiplier is None:
+            parser.error("--dp record needs --record-epsilon or --record-noise-multiplier")
+        for name in ("record_epsilon", "record_noise_multiplier", "record_clip_norm"):
+            value = getattr(args, name)
+            if value is not None and not value > 0:
+                parser.error(f"--{name.replace('_', '-')} {value} must be > 0")
+        if not 0 < args.record_delta < 1:
+            parser.error(f"--record-delta {args.record_delta} must be in (0, 1)")
+        if args.max_physical_batch_size is not None and args.max_physical_batch_size < 1:
+            parser.error(f"--max-physical-batch-size {args.max_physical_batch_size} must be >= 1")
+    elif args.record_epsilon is not None or args.record_noise_multiplier is not None:
+        parser.error("--record-epsilon/--record-noise-multiplier need --dp record")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
 
@@ -272,6 +315,36 @@ def calibrate_sigma(args: argparse.Namespace, sample_rate: float, releases: int)
             f"cannot calibrate a noise multiplier for --epsilon {args.epsilon:g} at --delta {args.delta:g} over "
             f"{releases} releases (sample rate {sample_rate:g}): {err}"
         ) from err
+
+
+def make_record_level(args: argparse.Namespace, spec, client_sizes: list[int]) -> RecordLevel:
+    """Record-level DP-SGD settings; sigma calibrated per client for the whole planned run."""
+    if min(client_sizes) < 1:
+        raise ValueError("--dp record needs every client to hold at least one image")
+    if args.record_delta >= 1.0 / max(client_sizes):
+        raise ValueError(
+            f"--record-delta {args.record_delta:g} must be < 1 / largest client size ({max(client_sizes)})"
+        )
+    updates = args.rounds * spec.releases_per_round
+    if args.record_noise_multiplier is not None:
+        sigmas, calibration = (args.record_noise_multiplier,) * len(client_sizes), "fixed (--record-noise-multiplier)"
+    else:
+        sigmas = calibrate_record_sigmas(
+            args.record_epsilon, args.record_delta, client_sizes, args.batch_size, args.local_epochs, updates
+        )
+        calibration = f"per client: epsilon {args.record_epsilon:g} after {updates} updates (all phases)"
+    noise = "regulated" if spec.noise == "regulated" else "plain"
+    rdp = RecordDP(
+        sigmas,
+        args.record_clip_norm,
+        args.record_delta,
+        noise,
+        args.regulator_ridge,
+        args.max_physical_batch_size,
+        args.record_epsilon,
+        calibration,
+    )
+    return RecordLevel(rdp, args.batch_size, args.local_epochs)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -337,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             id2label=dict(enumerate(splits.class_names)),
             seed=args.seed,
         )
-        dp = None
-        if args.dp == "client":
+        dp, record = None, None
+        if "record" in args.dp.split(","):
+            record = make_record_level(args, spec, [len(p) for p in partitions])
+        if "client" in args.dp.split(","):
             sigma = args.noise_multiplier or calibrate_sigma(args, sample_rate, args.rounds * spec.releases_per_round)
             # deer-reference reproduces the authors: --epsilon is their nominal target; the ledger shows the true one.
             budget = None if args.method == "deer-reference" else args.epsilon
@@ -385,7 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         val_data, test_data = tensors(splits.val), tensors(splits.test)
 
         server = FederatedServer(
-            args.method, layout, get_adapter_state(model, layout), args.num_clients, clients_per_phase, dp, args.seed
+            args.method,
+            layout,
+            get_adapter_state(model, layout),
+            args.num_clients,
+            clients_per_phase,
+            dp,
+            args.seed,
+            record=record,
         )
         engine = SequentialEngine(
             LocalTraining(
@@ -396,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.weight_decay,
                 args.optimizer,
                 args.mixed_precision,
+                record_dp=record.dp if record else None,
             )
         )
+        engine = select_engine(args.engine, engine, model, layout, accelerator.print)
     except ValueError as err:
         print(f"deer-fed: error: {err}", file=sys.stderr)
         return 1
@@ -470,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_loss": acc["loss"] / max(acc["n"], 1),
                 **{f"val_{k}": v for k, v in val.items()},
                 "epsilon": eps,
+                **({"record_epsilon_max": server.record.epsilon_max()} if server.record else {}),
                 "seconds": acc["seconds"],
                 "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
                 "mean_update_norm": float(np.mean(acc["update_norms"])),

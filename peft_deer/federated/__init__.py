@@ -13,6 +13,7 @@ from .adapter_state import (
     load_adapter_state,
 )
 from .aggregate import ClientDP, InvalidClientUpdate, PhaseRelease, aggregate_phase, validate_updates
+from .batched import BatchedEngine
 from .client import ClientEngine, ClientTask, ClientUpdate, LocalTraining, SequentialEngine, train_client
 from .mechanism import Whitener, build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
 from .schedule import METHOD_SPECS, MethodSpec, Phase, iter_phases, method_spec
@@ -23,6 +24,7 @@ __all__ = [
     "METHOD_SPECS",
     "AdapterLayout",
     "AdapterState",
+    "BatchedEngine",
     "ClientDP",
     "ClientEngine",
     "ClientTask",

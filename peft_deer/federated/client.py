@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from peft import PeftModel
@@ -34,6 +34,7 @@ class LocalTraining:
     weight_decay: float = 1e-4
     optimizer: str = "sgd"
     mixed_precision: str = "no"
+    record_dp: Any = None  # a record_dp.RecordDP: local training becomes DP-SGD (DESIGN 2.6)
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -99,6 +100,10 @@ def train_client(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
 ) -> ClientUpdate:
     """Train `task`'s client from `global_state` for E epochs on `phase`'s factor(s); return its delta."""
+    if training.record_dp is not None:
+        from .record_dp import train_client_record  # record-level DP-SGD with opacus
+
+        return train_client_record(model, layout, global_state, phase, task, training, loss_fn)
     start = time.perf_counter()
     device = next(model.parameters()).device
     load_adapter_state(model, global_state)

@@ -6,7 +6,6 @@ history, release log); `state_dict()` / `load_state_dict()` round-trip it exactl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ from .adapter_state import AdapterLayout, AdapterState, add_delta
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase
 from .client import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
+from .record_dp import RecordLevel, merge_ledgers
 from .schedule import MethodSpec, Phase, method_spec
 from .seeding import derive_seed
 
@@ -36,6 +36,7 @@ class FederatedServer:
     clients_per_phase: int
     dp: ClientDP | None = None
     seed: int = 0
+    record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = method_spec(self.method)
@@ -118,6 +119,8 @@ class FederatedServer:
             self.accountant.step(release.effective_noise_multiplier, self.sample_rate)
             self.nominal_accountant.step(self.dp.noise_multiplier, self.sample_rate)
             record["effective_noise_multiplier"] = release.effective_noise_multiplier
+        if self.record is not None:
+            self.record.account(updates)
         self.releases.append(record)
         return release
 
@@ -132,6 +135,10 @@ class FederatedServer:
 
     def ledger(self) -> dict:
         """The privacy ledger (`privacy.json`): what was released, under which mechanism, and its epsilon."""
+        ledger = self._client_ledger()
+        return ledger if self.record is None else merge_ledgers(ledger, self.record)
+
+    def _client_ledger(self) -> dict:
         base = {
             "method": self.method,
             "num_clients": self.num_clients,
@@ -144,7 +151,7 @@ class FederatedServer:
                 **base,
                 "level": "none",
                 "mechanism": None,
-                "epsilon": math.inf,
+                "epsilon": None,
                 "note": "no differential privacy: updates are averaged without clipping or noise",
             }
         eps = self.epsilon()
@@ -186,6 +193,7 @@ class FederatedServer:
             "nominal_accountant": self.nominal_accountant.state_dict(),
             "releases": list(self.releases),
             "stopped_by_budget": self.stopped_by_budget,
+            "record": None if self.record is None else self.record.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -194,6 +202,8 @@ class FederatedServer:
         self.nominal_accountant.load_state_dict(state["nominal_accountant"])
         self.releases = list(state["releases"])
         self.stopped_by_budget = bool(state["stopped_by_budget"])
+        if self.record is not None:
+            self.record.load_state_dict(state["record"])
 
 
 def _prv_or_none(accountant: ReleaseAccountant, delta: float) -> float | None:
