@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
+
+from .federated.client import autocast_for
 
 
 @torch.no_grad()
@@ -16,11 +16,7 @@ def predict_proba(
 ) -> np.ndarray:
     """Softmax class probabilities (N, num_classes) float64 for the (pixel_values, label) `dataset`."""
     device = next(model.parameters()).device
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if mixed_precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(device, mixed_precision)
     model.eval()
     out = []
     for pixel_values, _ in DataLoader(dataset, batch_size=batch_size):

@@ -35,8 +35,8 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
-from .client import ClientTask, ClientUpdate, LocalTraining, set_phase_trainability
+from .adapter_state import AdapterLayout, AdapterState
+from .client import ClientTask, ClientUpdate, LocalTraining, autocast_for, begin_local_training
 from .schedule import Phase
 
 
@@ -242,15 +242,7 @@ class BatchedEngine:
     ) -> list[ClientUpdate]:
         start, training, k_clients = time.perf_counter(), self.training, len(tasks)
         device = next(model.parameters()).device
-        load_adapter_state(model, global_state)
-        set_phase_trainability(model, phase)
-        keys = layout.trained_keys(phase.factors)
-        params = dict(model.named_parameters())
-        trainable = {n for n, p in params.items() if p.requires_grad}
-        if trainable != set(keys):
-            raise RuntimeError(
-                f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}"
-            )
+        keys, params = begin_local_training(model, layout, global_state, phase)
         adapter_keys = [f.a_key for f in layout.lora] + [f.b_key for f in layout.lora] + list(layout.head_keys)
         # Frozen factors are the model's own (shared) parameters; trained ones get one row per client.
         weights = {k: params[k].detach() for k in adapter_keys}
@@ -262,11 +254,7 @@ class BatchedEngine:
             "params_per_client": sum(s[0].numel() for s in stacks.values()),
             "optimizer_per_client": optimizer.numel // max(k_clients, 1),
         }
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if training.mixed_precision == "bf16"
-            else contextlib.nullcontext()
-        )
+        autocast = autocast_for(device, training.mixed_precision)
         batches = [client_batches(t, training) for t in tasks]
         active = [True] * k_clients
         losses: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # (clients, batch size, mean losses) per group

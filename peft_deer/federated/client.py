@@ -90,6 +90,30 @@ def set_phase_trainability(model: PeftModel, phase: Phase) -> None:
         model.base_model.set_deer_phase(phase.config_phase)
 
 
+def begin_local_training(
+    model: PeftModel, layout: AdapterLayout, global_state: AdapterState, phase: Phase
+) -> tuple[list[str], dict[str, torch.nn.Parameter]]:
+    """Load the global adapter, make exactly the phase's factor(s) and head trainable.
+
+    Returns the trained parameter names and the model's parameters by name (every engine starts here).
+    """
+    load_adapter_state(model, global_state)
+    set_phase_trainability(model, phase)
+    keys = layout.trained_keys(phase.factors)
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if trainable != set(keys):
+        raise RuntimeError(f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}")
+    return keys, params
+
+
+def autocast_for(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `mixed_precision == "bf16"`, else a no-op (fp16 is never used)."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_client(
     model: PeftModel,
     layout: AdapterLayout,
@@ -106,22 +130,12 @@ def train_client(
         return train_client_record(model, layout, global_state, phase, task, training, loss_fn)
     start = time.perf_counter()
     device = next(model.parameters()).device
-    load_adapter_state(model, global_state)
-    set_phase_trainability(model, phase)
-    keys = layout.trained_keys(phase.factors)
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if trainable != set(keys):
-        raise RuntimeError(f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}")
+    keys, params = begin_local_training(model, layout, global_state, phase)
     optimizer = _make_optimizer([params[k] for k in keys], training)
     generator = torch.Generator().manual_seed(task.seed)
     loader = DataLoader(task.dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
     torch.manual_seed(task.seed)  # dropout and any other stochastic layers
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if training.mixed_precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(device, training.mixed_precision)
     model.train()
     loss_sum, seen = 0.0, 0
     for _ in range(training.local_epochs):

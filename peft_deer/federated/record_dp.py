@@ -32,7 +32,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from peft import PeftModel
 
 from .accountant import calibrate_noise_multiplier
-from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
+from .adapter_state import AdapterLayout, AdapterState
 from .mechanism import Whitener, build_whiteners
 from .schedule import Phase
 from .seeding import derive_seed
@@ -294,18 +294,12 @@ def train_client_record(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
 ):
     """`client.train_client` under record-level DP-SGD (`training.record_dp`); returns a `ClientUpdate`."""
-    from .client import ClientUpdate, _make_optimizer, set_phase_trainability  # client imports us lazily
+    from .client import ClientUpdate, _make_optimizer, autocast_for, begin_local_training  # lazy: cycle
 
     record: RecordDP = training.record_dp
     start = time.perf_counter()
     device = next(model.parameters()).device
-    load_adapter_state(model, global_state)
-    set_phase_trainability(model, phase)
-    keys = layout.trained_keys(phase.factors)
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if trainable != set(keys):
-        raise RuntimeError(f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}")
+    keys, params = begin_local_training(model, layout, global_state, phase)
     whiteners = build_whiteners(layout, global_state, keys, record.noise, record.ridge)
     n = len(task.dataset)
     q = record_sample_rate(n, training.batch_size)
@@ -313,11 +307,7 @@ def train_client_record(
     torch.manual_seed(task.seed)  # dropout and any other stochastic layers
     sample_gen = torch.Generator().manual_seed(derive_seed(task.seed, "poisson"))
     noise_gen = torch.Generator(device=device).manual_seed(derive_seed(task.seed, "record-noise"))
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if training.mixed_precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(device, training.mixed_precision)
     loss_sum, seen = 0.0, 0
     model.train()
     with per_sample_gradients(model) as gsm, warnings.catch_warnings():
