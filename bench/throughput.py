@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
 
 from peft_deer import DeerLoraConfig
-from peft_deer.backbones import default_head_modules, default_target_modules, dinov2_s_config
+from peft_deer.backbones import default_head_modules, default_target_modules, dinov2_s_config, load_backbone
 from peft_deer.federated import (
     BatchedEngine,
     ClientTask,
@@ -46,17 +46,7 @@ NUM_LABELS = 2
 def build_model(name: str, image_size: int) -> tuple[torch.nn.Module, int]:
     """(random-weight classifier of `name`'s shape, input channels)."""
     if name == "tiny-vit":
-        config = ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            patch_size=7,
-            image_size=image_size,
-            num_channels=1,
-            num_labels=NUM_LABELS,
-        )
-        return ViTForImageClassification(config), 1
+        return load_backbone("tiny-vit", NUM_LABELS, image_size=image_size).model, 1
     if name == "vit-b16":
         return ViTForImageClassification(ViTConfig(image_size=image_size, num_labels=NUM_LABELS)), 3
     if name == "dinov2-s":
