@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import random_client_tasks, tiny_deer_model, tiny_vit
 from peft import get_peft_model
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
@@ -23,22 +23,12 @@ from peft_deer.federated import (
 )
 from peft_deer.federated.batched import batched_unsupported_reason, select_engine
 
-torch.set_num_threads(1)
-TARGETS = ["q_proj", "v_proj"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(method: str, sizes=(7, 12, 20), seed=0):
-    model = get_peft_model(
-        tiny_vit(seed),
-        DeerLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"], method=method),
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    tasks = [
-        ClientTask(
-            i, TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 2, (n,), generator=g)), 100 + i
-        )
-        for i, n in enumerate(sizes)
-    ]
+    model = tiny_deer_model(method, seed)
+    tasks = random_client_tasks(sizes, torch.Generator().manual_seed(seed + 1))
     return model, adapter_layout(model), tasks
 
 

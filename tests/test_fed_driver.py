@@ -43,13 +43,8 @@ ROW_KEYS = {"round", "train_loss", "val_accuracy", "val_auc", "epsilon", "second
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a loaded 2-core box, OpenMP threads spin-waiting on the tiny ViT's matmuls made a run ~10x
-    # slower (measured: 20 s vs 2.5 s); one thread also matches the subprocess runs' OMP_NUM_THREADS=1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def run_argv(data_dir: Path, out: Path, method: str = "deer", *extra: str) -> list[str]:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_vit
-from peft import get_peft_model
-from torch.utils.data import TensorDataset
+from conftest import random_client_tasks, tiny_deer_model
 
-from peft_deer import DeerLoraConfig
 from peft_deer.federated import (
     ClientDP,
-    ClientTask,
     FederatedServer,
     InvalidClientUpdate,
     LocalTraining,
@@ -24,23 +20,12 @@ from peft_deer.federated import (
 )
 from peft_deer.federated.mechanism import build_whiteners
 
-TARGETS = ["q_proj", "v_proj"]
-
 
 def setup(method: str, dp: ClientDP | None = None, sizes=(7, 12, 20), seed=0):
-    model = get_peft_model(
-        tiny_vit(seed),
-        DeerLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"], method=method),
-    )
+    model = tiny_deer_model(method, seed)
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
-    g = torch.Generator().manual_seed(seed + 1)
-    tasks = [
-        ClientTask(
-            i, TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 2, (n,), generator=g)), 100 + i
-        )
-        for i, n in enumerate(sizes)
-    ]
+    tasks = random_client_tasks(sizes, torch.Generator().manual_seed(seed + 1))
     server = FederatedServer(method, layout, state, len(sizes), len(sizes), dp, seed=seed)
     engine = SequentialEngine(LocalTraining(local_epochs=1, batch_size=4, lr=0.5, momentum=0.9))
     return model, layout, server, engine, tasks

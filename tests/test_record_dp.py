@@ -10,12 +10,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import tiny_deer_model
 from opacus.accountants import RDPAccountant
-from peft import get_peft_model
 from torch.utils.data import TensorDataset
 
-from peft_deer import DeerLoraConfig
 from peft_deer.federated import (
     ClientTask,
     ClientUpdate,
@@ -46,22 +44,15 @@ from peft_deer.federated.record_dp import (
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Full backward hook is firing", "ignore:.*is_gradient_checkpointing", "ignore:Optimal order"
 )
-TARGETS = ["q_proj", "v_proj"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def setup(method: str = "deer", seed: int = 0):
-    model = get_peft_model(
-        tiny_vit(seed),
-        DeerLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"], method=method),
-    )
+    model = tiny_deer_model(method, seed)
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
     g = torch.Generator().manual_seed(seed + 1)
