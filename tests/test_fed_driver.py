@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer.data import preprocess_images
+from peft_deer.experiment import CHECKPOINT
 from train import fed
 
 FED = ROOT / "train" / "fed.py"
@@ -121,7 +122,7 @@ def test_end_to_end_outputs(method, finished_run, medmnist_dir):
         "label_counts.txt", "label_counts.json", "label_counts.png", "examples/examples.json",
     ):  # fmt: skip
         assert (out / name).is_file(), name
-    assert not (out / fed.CHECKPOINT).exists()
+    assert not (out / CHECKPOINT).exists()
     for name in ("adapter", "adapter-best", "adapter-lora"):
         for file in ("adapter_config.json", "adapter_model.safetensors", "README.md", "peft_deer_run.json"):
             assert (out / name / file).is_file(), f"{name}/{file}"
@@ -224,7 +225,7 @@ def test_budget_stop_before_exceeding(tmp_path, medmnist_dir):
     assert privacy["stopped_by_budget"] and summary["stopped"] == "budget"
     assert privacy["releases"] < 4 and privacy["epsilon"] <= 3.0
     assert len(metrics_rows(out)) == privacy["releases"] // 2 == summary["rounds_completed"]
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / fed.CHECKPOINT).exists()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / CHECKPOINT).exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,16 +238,16 @@ def test_resume_equals_uninterrupted(tmp_path, finished_run, medmnist_dir, capsy
     argv = method_argv(medmnist_dir, b, "deer")
 
     assert fed.main([*argv, "--max-phases", "1"]) == 0  # round 0, phase B
-    assert (b / fed.CHECKPOINT).is_file() and not (b / "summary.json").exists()
+    assert (b / CHECKPOINT).is_file() and not (b / "summary.json").exists()
     assert metrics_rows(b) == []
     capsys.readouterr()
     assert fed.main([*argv, "--resume", "--lr", "0.1"]) == 2  # a changed setting is refused
     err = capsys.readouterr().err
     assert "deer-fed: error: --resume with different settings ['lr']" in err
     assert fed.main([*argv, "--resume", "--max-phases", "2"]) == 0  # round 0 phase A, round 1 phase B
-    assert len(metrics_rows(b)) == 1 and (b / fed.CHECKPOINT).is_file()
+    assert len(metrics_rows(b)) == 1 and (b / CHECKPOINT).is_file()
     assert fed.main([*argv, "--resume"]) == 0  # round 1 phase A, then the outputs
-    assert not (b / fed.CHECKPOINT).exists()
+    assert not (b / CHECKPOINT).exists()
 
     for name in ("adapter", "adapter-best", "adapter-lora"):
         ta, tb = (load_file(d / name / "adapter_model.safetensors") for d in (a, b))

@@ -12,7 +12,16 @@ from .adapter_state import (
     get_adapter_state,
     load_adapter_state,
 )
-from .aggregate import ClientDP, InvalidClientUpdate, PhaseRelease, aggregate_phase, validate_updates
+from .aggregate import (
+    ClientDP,
+    InvalidClientUpdate,
+    PhaseRelease,
+    aggregate_phase,
+    check_privatized_update,
+    clip_client_update,
+    privatize_update,
+    validate_updates,
+)
 from .batched import BatchedEngine
 from .client import ClientEngine, ClientTask, ClientUpdate, LocalTraining, SequentialEngine, train_client
 from .mechanism import Whitener, build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
@@ -45,6 +54,8 @@ __all__ = [
     "build_whiteners",
     "calibrate_noise_multiplier",
     "check_delta",
+    "check_privatized_update",
+    "clip_client_update",
     "clip_update",
     "derive_seed",
     "factor_metric",
@@ -53,6 +64,7 @@ __all__ = [
     "load_adapter_state",
     "method_spec",
     "metric_norm",
+    "privatize_update",
     "sample_noise",
     "train_client",
     "validate_updates",

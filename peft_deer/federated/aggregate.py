@@ -3,6 +3,11 @@
 Without DP the trained factor's deltas are averaged with example-count weights. With DP each
 update is clipped, the clipped updates are summed in fp32 in client-id order, Gaussian noise is
 added, and the sum is divided by the public denominator q * num_clients (DESIGN 2.3).
+
+With the `distributed` placement each client privatizes its own update (`privatize_update`: clip,
+then add 1/m of the noise variance), so under secure aggregation the server only ever sees a sum
+that carries the full noise. A simulation runs that client step itself; a deployment receives
+updates already privatized and only checks them (`check_privatized_update`) and sums.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import torch
 from .adapter_state import AdapterLayout, AdapterState
 from .client import ClientUpdate
 from .mechanism import (
+    Whitener,
     build_whiteners,
     clip_per_matrix,
     clip_update,
+    metric_norm,
     reference_effective_multiplier,
     sample_noise,
 )
@@ -86,6 +93,65 @@ def validate_updates(updates: list[ClientUpdate], shapes: dict[str, torch.Size])
             raise InvalidClientUpdate(u.client_id, f"num_examples={u.num_examples} must be >= 1")
 
 
+# A privatized update's metric norm exceeds C + share_std * (sqrt(d) + this) with probability
+# below exp(-this^2 / 2) ~ 1e-14 (Gaussian norm concentration): larger means it was not clipped.
+_NORM_TAIL = 8.0
+
+
+def clip_client_update(
+    delta: AdapterState, whiteners: dict[str, Whitener], noise_kind: str, clip_norm: float
+) -> tuple[AdapterState, float]:
+    """Clip one client's whole update as the mechanism prescribes; returns (clipped, norm before clipping)."""
+    if noise_kind == "reference":
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in delta.values()))
+        return clip_per_matrix(delta, clip_norm), norm
+    return clip_update(delta, whiteners, clip_norm)
+
+
+def privatize_update(
+    delta: AdapterState,
+    whiteners: dict[str, Whitener],
+    noise_kind: str,
+    dp: ClientDP,
+    num_shares: int,
+    generator: torch.Generator,
+) -> tuple[AdapterState, float]:
+    """A client's share of the distributed Gaussian mechanism: clip, then add noise of std sigma*C/sqrt(m).
+
+    `num_shares` m is the number of clients whose noise makes up the release; the sum of m privatized
+    updates carries noise of covariance sigma^2 C^2 M^-1, as the central mechanism. `generator` must be
+    secret from the server in a deployment (seed it from OS entropy). Returns (fp32 update, norm before clipping).
+    """
+    if num_shares < 1:
+        raise ValueError(f"num_shares {num_shares} must be >= 1")
+    clipped, norm = clip_client_update(delta, whiteners, noise_kind, dp.clip_norm)
+    share_std = dp.noise_multiplier * dp.clip_norm / math.sqrt(num_shares)
+    noise = sample_noise(whiteners, {k: v.shape for k, v in clipped.items()}, share_std, generator)
+    return {k: clipped[k].float() + noise[k] for k in clipped}, norm
+
+
+def check_privatized_update(
+    update: ClientUpdate, whiteners: dict[str, Whitener], noise_kind: str, dp: ClientDP, num_shares: int
+) -> None:
+    """Raise `InvalidClientUpdate` if a client-privatized update is too large to have been clipped to C.
+
+    The check is exact up to the noise: a clipped update plus its noise share has metric norm at most
+    C + share_std * (sqrt(d) + 8) except with probability < 1e-14. Not defined for `reference` (skipped).
+    """
+    if noise_kind == "reference":
+        return
+    share_std = dp.noise_multiplier * dp.clip_norm / math.sqrt(num_shares)
+    dim = sum(v.numel() for v in update.delta.values())
+    bound = dp.clip_norm + share_std * (math.sqrt(dim) + _NORM_TAIL)
+    norm = metric_norm(update.delta, whiteners)
+    if not norm <= bound:
+        raise InvalidClientUpdate(
+            update.client_id,
+            f"privatized update has metric norm {norm:.4g} > {bound:.4g} (C={dp.clip_norm:g} plus its noise "
+            "share): it was not clipped as the run requires",
+        )
+
+
 def aggregate_phase(
     updates: list[ClientUpdate],
     layout: AdapterLayout,
@@ -96,11 +162,15 @@ def aggregate_phase(
     denominator: float,
     seed: int,
     phase_step: tuple[int, int],
+    privatized_shares: int | None = None,
 ) -> PhaseRelease:
     """Aggregate `updates` of `trained_keys` into one delta (nothing else is touched).
 
     `denominator` is the public q * num_clients used with DP; without DP the weights are example
     counts. Noise is seeded from (seed, round, phase[, client]) so any process count gives the same release.
+    `privatized_shares` = m says the updates arrive privatized by their clients, each with 1/m of the
+    noise variance (distributed placement in a deployment): they are checked and summed, nothing is
+    added; if fewer than m arrive, the release's effective sigma is sigma * sqrt(len(updates) / m).
     """
     shapes = {k: global_state[k].shape for k in trained_keys}
     validate_updates(updates, shapes)
@@ -118,26 +188,24 @@ def aggregate_phase(
     whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.ridge)
     total = {k: torch.zeros(s) for k, s in shapes.items()}
     norms, clipped = [], 0
+    std = dp.noise_multiplier * dp.clip_norm
     for u in updates:
-        if noise_kind == "reference":
-            clipped_delta = clip_per_matrix(u.delta, dp.clip_norm)
-            norm = math.sqrt(sum(float(v.double().square().sum()) for v in u.delta.values()))
+        if privatized_shares is not None:
+            check_privatized_update(u, whiteners, noise_kind, dp, privatized_shares)
+            private, norm = u.delta, math.nan  # the norm before clipping stays with the client
+        elif dp.placement == "distributed":
+            # Simulate each client's own step: under secure aggregation only the sum is seen.
+            generator = torch.Generator().manual_seed(derive_seed(seed, *phase_step, u.client_id, "noise"))
+            private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, len(updates), generator)
         else:
-            clipped_delta, norm = clip_update(u.delta, whiteners, dp.clip_norm)
+            private, norm = clip_client_update(u.delta, whiteners, noise_kind, dp.clip_norm)
         norms.append(norm)
         clipped += norm > dp.clip_norm
         for k in shapes:
-            total[k] += clipped_delta[k].float()
-
-    std = dp.noise_multiplier * dp.clip_norm
-    if dp.placement == "distributed" and updates:
-        # Each client adds std/sqrt(m): under secure aggregation only the sum (std^2 in all) is seen.
-        draws = [(std / math.sqrt(len(updates)), derive_seed(seed, *phase_step, u.client_id, "noise")) for u in updates]
-    else:
-        draws = [(std, derive_seed(seed, *phase_step, "noise"))]
-    for draw_std, draw_seed in draws:
-        generator = torch.Generator().manual_seed(draw_seed)
-        for k, n in sample_noise(whiteners, shapes, draw_std, generator).items():
+            total[k] += private[k].float()
+    if dp.placement == "central" and privatized_shares is None:
+        generator = torch.Generator().manual_seed(derive_seed(seed, *phase_step, "noise"))
+        for k, n in sample_noise(whiteners, shapes, std, generator).items():
             total[k] += n
 
     delta = {k: v / denominator for k, v in total.items()}
@@ -146,8 +214,12 @@ def aggregate_phase(
         if noise_kind == "reference"
         else dp.noise_multiplier
     )
+    if privatized_shares is not None:
+        sigma_eff *= math.sqrt(len(updates) / privatized_shares)  # shares of dropped clients are missing
     return PhaseRelease(delta, participants, sigma_eff, _mean(norms), clipped / max(1, len(updates)))
 
 
 def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+    """Mean of the known values (NaN marks a norm only the client knows); NaN if none is known."""
+    known = [v for v in values if not math.isnan(v)]
+    return sum(known) / len(known) if known else math.nan

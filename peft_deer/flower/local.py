@@ -1,0 +1,200 @@
+"""A real Flower deployment on this machine: one SuperLink and N SuperNodes on 127.0.0.1, then `flwr run`.
+
+    python -m peft_deer.flower.local --data-dir ../shared/data/medmnist --run-config "rounds=1"
+
+Every process is real (the same executables a multi-host deployment starts); only the addresses are
+loopback and TLS is off. Each SuperNode i gets `partition-id=i`. Everything started, including the
+processes Flower spawns itself, is stopped on exit, on error and on Ctrl-C. Used by the tests, too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: install the Flower extra (pip install 'peft_deer[flower]')")
+    return found
+
+
+class LocalDeployment(AbstractContextManager):
+    """SuperLink + `num_nodes` SuperNodes on loopback, in a private FLWR_HOME; `run()` submits the app.
+
+    `node_config(i)` gives SuperNode i's extra node config (partition-id=i is always set). Logs go to
+    `log_dir`. Leaving the context kills every process started, and their descendants.
+    """
+
+    def __init__(
+        self,
+        num_nodes: int,
+        log_dir: str | Path,
+        node_config: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.num_nodes = num_nodes
+        self.log_dir = Path(log_dir).resolve()
+        self.node_config = node_config or {}
+        self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+        self.port = free_port()
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.home)}
+        self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
+        self.procs: list[subprocess.Popen] = []
+        self._logs: list = []
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed in __exit__)
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalDeployment:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        connection = f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        (self.home / "config.toml").write_text('[superlink]\ndefault = "loopback"\n\n' + connection)
+        try:
+            self._start(
+                "superlink",
+                [
+                    _executable("flower-superlink"),
+                    "--insecure",
+                    "--host=127.0.0.1",
+                    f"--port={self.port}",
+                    "--disable-runtime-dependency-installation",
+                ],
+            )
+            self._wait_for_port(self.port, 60)
+            for i in range(self.num_nodes):
+                config = " ".join(f"{k}={v}" for k, v in {"partition-id": i, **self.node_config}.items())
+                self._start(
+                    f"supernode-{i}",
+                    [
+                        _executable("flower-supernode"),
+                        "--insecure",
+                        f"--superlink=127.0.0.1:{self.port}",
+                        "--host=127.0.0.1",
+                        f"--port={free_port()}",
+                        f"--node-config={config}",
+                    ],
+                )
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _wait_for_port(self, port: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"a Flower process exited early; see the logs in {self.log_dir}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"the SuperLink did not listen on 127.0.0.1:{port} within {timeout_s:g} s")
+
+    def run(self, run_config: str = "", timeout_s: float = 1800) -> subprocess.CompletedProcess:
+        """`flwr run . loopback --stream` from the repository root; its output is also in run.log."""
+        cmd = [_executable("flwr"), "run", str(REPO), "loopback", "--stream"]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout_s)
+        (self.log_dir / "run.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def __exit__(self, *exc) -> None:
+        family = []
+        for proc in self.procs:
+            try:
+                family += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in family:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for p in alive:
+            p.kill()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in self._logs:
+            log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def pids(self) -> list[int]:
+        """Every live process of this deployment (started here or spawned by Flower)."""
+        out = []
+        for proc in self.procs:
+            try:
+                p = psutil.Process(proc.pid)
+                out += [p.pid, *(c.pid for c in p.children(recursive=True))]
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m peft_deer.flower.local",
+        description="Run the DEeR Flower app on a real local deployment: a SuperLink and N SuperNodes on "
+        "127.0.0.1 (insecure, loopback only), then stop them all.",
+    )
+    p.add_argument("--nodes", type=int, default=2, help="SuperNodes to start; node i holds partition-id=i")
+    p.add_argument("--data-dir", default=None, help="MedMNIST folder every SuperNode reads its partition from")
+    p.add_argument("--run-config", default="", help="overrides, e.g. \"rounds=1 output-dir='/tmp/run'\"")
+    p.add_argument("--log-dir", default="runs/flower-logs", help="where the processes' logs go")
+    args = p.parse_args(argv)
+    if args.nodes < 1:
+        p.error(f"--nodes {args.nodes} must be >= 1")
+    node_config = {"data-dir": f"'{Path(args.data_dir).resolve()}'"} if args.data_dir else {}
+    run_config = args.run_config
+    if args.data_dir and "data-dir" not in run_config:
+        run_config = f"data-dir='{Path(args.data_dir).resolve()}' {run_config}".strip()
+    if "num-clients" not in run_config:
+        run_config = f"num-clients={args.nodes} {run_config}".strip()
+    with LocalDeployment(args.nodes, args.log_dir, node_config) as deployment:
+        result = deployment.run(run_config)
+    print(result.stdout[-4000:], end="")
+    if result.returncode != 0:
+        print(result.stderr[-4000:], file=sys.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The Flower app's settings: the run's settings (the same names as `deer-fed`'s flags) plus a few
+that only a deployment has. Both come from `[tool.flwr.app.config]` and `flwr run --run-config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..settings import run_config_to_args
+
+
+@dataclass(frozen=True)
+class DeploymentOptions:
+    """Settings of a deployment that a simulation does not have.
+
+    min_clients_per_phase: fewer valid updates than this (or than the phase's participants, if fewer)
+        stop the run before the release; resume it later with `resume=true`.
+    node_wait_s: how long the ServerApp waits for all `num-clients` SuperNodes to connect.
+    reply_timeout_s: how long a phase waits for its clients' replies; a late client is dropped.
+    reproducible_client_noise: with the distributed noise placement, clients seed their noise share
+        from the run's seed, as the simulation does. The server could then remove the noise:
+        testing only, and the ledger says so.
+    """
+
+    min_clients_per_phase: int = 1
+    node_wait_s: float = 300.0
+    reply_timeout_s: float = 3600.0
+    reproducible_client_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_clients_per_phase < 1:
+            raise ValueError(f"min-clients-per-phase {self.min_clients_per_phase} must be >= 1")
+        if not (self.node_wait_s > 0 and self.reply_timeout_s > 0):
+            raise ValueError("node-wait-s and reply-timeout-s must be > 0")
+
+
+OPTION_KEYS = {
+    "min-clients-per-phase": ("min_clients_per_phase", int),
+    "node-wait-s": ("node_wait_s", float),
+    "reply-timeout-s": ("reply_timeout_s", float),
+    "reproducible-client-noise": ("reproducible_client_noise", bool),
+}
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> tuple[argparse.Namespace, DeploymentOptions]:
+    """(run settings, deployment options) from a Flower run config; ValueError / SystemExit on bad values."""
+    options = {dest: cast(run_config[key]) for key, (dest, cast) in OPTION_KEYS.items() if key in run_config}
+    args = run_config_to_args({k: v for k, v in run_config.items() if k not in OPTION_KEYS})
+    if "record" in args.dp.split(","):
+        raise ValueError("dp = 'record' is not supported by the Flower app yet; use deer-fed (simulation)")
+    return args, DeploymentOptions(**options)

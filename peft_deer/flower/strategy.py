@@ -1,0 +1,196 @@
+"""The DEeR Flower `Strategy`: one Flower round is one phase (one DP release) of the method's schedule.
+
+Everything algorithmic is the core's `FederatedServer`: the schedule, client sampling, the budget
+check, exact aggregation of the trained factor, clipping, regulated noise and accounting. This class
+only turns a phase into messages and replies into checked `ClientUpdate`s; a reply that fails a
+check is dropped from its phase with a logged reason, and the phase goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..federated import (
+    ClientUpdate,
+    FederatedServer,
+    InvalidClientUpdate,
+    Phase,
+    PhaseRelease,
+    build_whiteners,
+    check_privatized_update,
+    iter_phases,
+)
+from .protocol import TrainInstruction, read_update_reply, state_to_record, train_message
+from .run_config import DeploymentOptions
+
+logger = logging.getLogger("flwr")
+
+
+class TooFewClients(RuntimeError):
+    """A phase ended with fewer valid updates than the deployment requires; nothing was released."""
+
+
+class DeerStrategy(Strategy):
+    """Phases of `server.method` over the SuperNodes in `nodes` (client id -> Flower node id).
+
+    `configure_train(r, ...)` / `aggregate_train(r, ...)` handle release r (1-based) of the run; the
+    DEeR ServerApp calls them through `release_phase`, between its budget checks, validation and
+    checkpoints. `dropped` lists every dropped update as {round, phase, client, reason}.
+    """
+
+    def __init__(self, server: FederatedServer, nodes: dict[int, int], rounds: int, options: DeploymentOptions) -> None:
+        self.server = server
+        self.nodes = dict(nodes)
+        self.options = options
+        self.phases: list[Phase] = list(iter_phases(server.method, rounds))
+        self.dropped: list[dict] = []
+        self._sent: dict[int, list[int]] = {}  # release number -> client ids a message went to
+        self.last_updates: list[ClientUpdate] = []
+        self.last_release: PhaseRelease | None = None
+
+    # -- the Strategy interface: one Flower round = one release --------------------------------------
+    def phase_of(self, server_round: int) -> Phase:
+        if not 1 <= server_round <= len(self.phases):
+            raise ValueError(f"server round {server_round} is outside the run's {len(self.phases)} releases")
+        return self.phases[server_round - 1]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per sampled client whose SuperNode is connected (the global adapter is the
+        server's own state; `arrays` and `config` are not used)."""
+        phase = self.phase_of(server_round)
+        participants = self.server.participants(phase)
+        absent = [c for c in participants if c not in self.nodes]
+        for c in absent:
+            self._drop(phase, c, "no SuperNode holds this client")
+        sent = [c for c in participants if c in self.nodes]
+        self._sent[server_round] = participants  # the noise shares of all sampled clients make up the release
+        state = self.server.global_state
+        return [
+            train_message(self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, len(participants)))
+            for c in sent
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, drop the invalid ones, release the phase through the core server."""
+        phase = self.phase_of(server_round)
+        participants = self._sent.pop(server_round)
+        client_of_node = {n: c for c, n in self.nodes.items()}
+        shapes = {k: self.server.global_state[k].shape for k in self.server.trained_keys(phase)}
+        dp = self.server.dp
+        privatized = dp is not None and dp.placement == "distributed"
+        whiteners = (
+            build_whiteners(
+                self.server.layout, self.server.global_state, list(shapes), self.server.spec.noise, dp.ridge
+            )
+            if privatized
+            else None
+        )
+        updates: dict[int, ClientUpdate] = {}
+        for reply in replies:
+            client = client_of_node.get(reply.metadata.src_node_id)
+            if client is None or client not in participants:
+                logger.warning("ignoring a reply from node %s, not asked in this phase", reply.metadata.src_node_id)
+                continue
+            try:
+                update = read_update_reply(reply, client, shapes)
+                if privatized:
+                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, len(participants))
+            except InvalidClientUpdate as err:
+                self._drop(phase, client, str(err))
+                continue
+            updates[client] = update
+        for c in participants:
+            if c in self.nodes and c not in updates and not self._was_dropped(phase, c):
+                self._drop(phase, c, f"no reply within {self.options.reply_timeout_s:g} s")
+        needed = min(self.options.min_clients_per_phase, len(participants))
+        if len(updates) < needed:
+            raise TooFewClients(
+                f"round {phase.round + 1} phase {''.join(phase.factors)}: {len(updates)} valid updates of "
+                f"{len(participants)} sampled (< min-clients-per-phase {needed}); nothing released. "
+                "Resume with resume=true once the SuperNodes are back."
+            )
+        ordered = [updates[c] for c in sorted(updates)]
+        release = self.server.finish_phase(phase, ordered, len(participants) if privatized else None)
+        self.last_updates, self.last_release = ordered, release
+        metrics = {"participants": len(ordered), "dropped": len(participants) - len(ordered)}
+        if release.effective_noise_multiplier is not None:
+            metrics["effective-noise-multiplier"] = release.effective_noise_multiplier
+        return state_to_record(self.server.global_state), MetricRecord(metrics)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the ServerApp validates on its own held-out split after each round."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        dp = self.server.dp
+        logger.info(
+            "DeerStrategy: method=%s, %d releases, %d clients on %d SuperNodes, DP=%s",
+            self.server.method,
+            len(self.phases),
+            self.server.num_clients,
+            len(self.nodes),
+            "none"
+            if dp is None
+            else f"client-level sigma={dp.noise_multiplier:.4g} C={dp.clip_norm:g} noise={dp.placement}",
+        )
+
+    # -- used by the ServerApp -----------------------------------------------------------------------
+    def release_phase(self, grid: Grid):
+        """The `release_phase` callable for `peft_deer.experiment.run_phases`."""
+
+        def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
+            server_round = self.phases.index(phase) + 1
+            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=self.options.reply_timeout_s) if messages else []
+            self.aggregate_train(server_round, replies)
+            return self.last_updates, self.last_release
+
+        return release
+
+    def deployment_ledger(self) -> dict:
+        """What the privacy ledger adds for a deployment: transport, trust model and dropped updates."""
+        dp = self.server.dp
+        ledger = {
+            "transport": "flower",
+            "dropped_updates": list(self.dropped),
+        }
+        if dp is not None and dp.placement == "distributed":
+            ledger["client_noise"] = (
+                "seeded from the run seed: the server can remove it (testing only, no distributed guarantee)"
+                if self.options.reproducible_client_noise
+                else "drawn by each client from OS entropy; each update carries 1/m of the noise variance"
+            )
+            ledger["secure_aggregation"] = False
+            ledger["note_distributed"] = (
+                "without secure aggregation the server sees each client's update with its noise share only "
+                "(sigma/sqrt(m)); the guarantee against the server itself needs SecAgg+"
+            )
+        return ledger
+
+    def _drop(self, phase: Phase, client: int, reason: str) -> None:
+        logger.warning(
+            "round %d phase %s: dropped client %d: %s", phase.round + 1, "".join(phase.factors), client, reason
+        )
+        self.dropped.append({"round": phase.round, "phase": phase.index, "client": client, "reason": reason})
+
+    def _was_dropped(self, phase: Phase, client: int) -> bool:
+        return any(
+            d["round"] == phase.round and d["phase"] == phase.index and d["client"] == client for d in self.dropped
+        )
+
+
+__all__ = ["DeerStrategy", "TooFewClients"]

