@@ -124,3 +124,86 @@ def test_reference_effective_multiplier_composes_matrices():
     assert reference_effective_multiplier(2.0, {str(i): eye for i in range(36)}) == pytest.approx(2.0 / 6.0)
     big = Whitener(torch.eye(R) * 3.0, "left")  # lambda_max(M) = 9
     assert reference_effective_multiplier(1.0, {"a": big}) == pytest.approx(1.0 / 3.0)
+
+
+def test_client_noise_shares_sum_to_the_central_covariance_and_clipping_holds():
+    """m clients each privatize a zero-signal update: the sum's noise is sigma^2 C^2 M^-1, as central."""
+    from peft_deer.federated import ClientDP, privatize_update
+
+    layout, state = layout_and_state(scale_b=3.0)
+    whiteners = build_whiteners(layout, state, ["m.B"], "regulated", ridge=1e-3)
+    metric = factor_metric(state["m.A"], "A", S, 1e-3)
+    dp = ClientDP(noise_multiplier=1.1, clip_norm=0.6)
+    m, draws = 4, 20_000
+    big = {"m.B": torch.randn(D_OUT, R, generator=torch.Generator().manual_seed(3)) * 50}
+    rows = []
+    for i in range(draws // D_OUT):
+        g = torch.Generator().manual_seed(i)
+        zero_sum = sum(
+            privatize_update({"m.B": torch.zeros(D_OUT, R)}, whiteners, "regulated", dp, m, g)[0]["m.B"]
+            for _ in range(m)
+        )
+        rows.append(zero_sum)
+    cov = empirical_cov(torch.cat(rows))
+    theory = dp.noise_multiplier**2 * dp.clip_norm**2 * torch.linalg.inv(metric)
+    assert float(torch.linalg.matrix_norm(cov - theory) / torch.linalg.matrix_norm(theory)) < 0.05
+    # The clipping inside the client step: without noise (sigma -> tiny) the update has norm C.
+    quiet = ClientDP(noise_multiplier=1e-9, clip_norm=0.6)
+    clipped, before = privatize_update(big, whiteners, "regulated", quiet, m, torch.Generator().manual_seed(0))
+    assert before > 0.6 and metric_norm(clipped, whiteners) == pytest.approx(0.6, rel=1e-5)
+
+
+def test_server_check_accepts_privatized_updates_and_rejects_unclipped_ones():
+    from peft_deer.federated import (
+        ClientDP,
+        ClientUpdate,
+        InvalidClientUpdate,
+        check_privatized_update,
+        privatize_update,
+    )
+
+    layout, state = layout_and_state()
+    whiteners = build_whiteners(layout, state, ["m.A", "head.w"], "regulated", ridge=1e-3)
+    dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0)
+    g = torch.Generator().manual_seed(0)
+    raw = {"m.A": torch.randn(R, D_IN, generator=g) * 100, "head.w": torch.randn(2, 4, generator=g) * 100}
+    for seed in range(200):
+        private, _ = privatize_update(raw, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(seed))
+        check_privatized_update(ClientUpdate(0, private, 10), whiteners, "regulated", dp, 3)  # never a false alarm
+    with pytest.raises(InvalidClientUpdate, match="not clipped"):
+        check_privatized_update(ClientUpdate(7, raw, 10), whiteners, "regulated", dp, 3)
+
+
+def test_missing_noise_shares_lower_the_accounted_sigma():
+    """Distributed placement, 3 shares sent, 2 arrive: the release is accounted at sigma * sqrt(2/3)."""
+    from conftest import random_client_tasks, tiny_deer_model
+
+    from peft_deer.federated import (
+        ClientDP,
+        FederatedServer,
+        LocalTraining,
+        SequentialEngine,
+        adapter_layout,
+        get_adapter_state,
+        iter_phases,
+        privatize_update,
+    )
+
+    model = tiny_deer_model("deer")
+    layout = adapter_layout(model)
+    dp = ClientDP(noise_multiplier=1.2, clip_norm=1.0, delta=1e-3, placement="distributed")
+    server = FederatedServer("deer", layout, get_adapter_state(model, layout), 3, 3, dp)
+    phase = next(iter_phases("deer", 1))
+    tasks = random_client_tasks((6, 6, 6), torch.Generator().manual_seed(0))
+    updates = SequentialEngine(LocalTraining(batch_size=3)).train_clients(
+        model, layout, server.global_state, phase, tasks
+    )
+    keys = server.trained_keys(phase)
+    whiteners = build_whiteners(layout, server.global_state, keys, "regulated", dp.ridge)
+    for u in updates:
+        u.delta, _ = privatize_update(
+            u.delta, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(u.client_id)
+        )
+    release = server.finish_phase(phase, updates[:2], privatized_shares=3)
+    assert release.effective_noise_multiplier == pytest.approx(1.2 * math.sqrt(2 / 3))
+    assert server.ledger()["effective_noise_multipliers"] == [pytest.approx(1.2 * math.sqrt(2 / 3))]

@@ -1,0 +1,245 @@
+"""DEeR on Flower: a real loopback deployment equals the simulation; bad client replies are dropped.
+
+The deployment test starts a real SuperLink and two SuperNodes (subprocesses on 127.0.0.1), runs the
+app with `flwr run`, compares its adapter with `deer-fed`'s for the same partitions and seeds, and
+checks that no process it started is left. The dropping tests drive `DeerStrategy` in-process with
+real Flower messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tomllib
+
+import psutil
+import pytest
+import torch
+from conftest import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from peft_deer.federated import (  # noqa: E402
+    ClientDP,
+    ClientUpdate,
+    FederatedServer,
+    LocalTraining,
+    SequentialEngine,
+    adapter_layout,
+    build_whiteners,
+    get_adapter_state,
+    iter_phases,
+    privatize_update,
+)
+from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
+from peft_deer.flower.protocol import update_reply  # noqa: E402
+from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
+
+
+def flower_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_the_app_config_in_pyproject_is_valid_and_names_real_components():
+    args, options = parse_run_config(flower_config())
+    assert (args.method, args.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
+    components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    from peft_deer.flower import client_app, server_app
+
+    assert components == {
+        "serverapp": "peft_deer.flower.server_app:app",
+        "clientapp": "peft_deer.flower.client_app:app",
+    }
+    assert server_app.app is not None and client_app.app is not None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"rounds": "x"}, "--rounds"),
+        ({"bogus": 1}, "'bogus' is not a setting"),
+        ({"dp": "record", "record-epsilon": 2.0}, "not supported by the Flower app"),
+        ({"dp": "client"}, "needs --epsilon"),
+        ({"min-clients-per-phase": 0}, "min-clients-per-phase"),
+    ],
+)
+def test_bad_run_config_values_raise_one_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        parse_run_config({**flower_config(), **override})
+
+
+# --------------------------------------------------------------------------------- dropping bad replies
+
+
+@pytest.fixture
+def flower_task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture
+def flwr_warnings(caplog):
+    logger = logging.getLogger("flwr")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="flwr")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def phase_setup(num_clients: int, dp: ClientDP | None = None, min_clients: int = 2):
+    """A deer server over `num_clients` clients, a strategy with one fake SuperNode each, phase B trained."""
+    model = tiny_deer_model("deer")
+    layout = adapter_layout(model)
+    state = get_adapter_state(model, layout)
+    server = FederatedServer("deer", layout, state, num_clients, num_clients, dp)
+    reference = FederatedServer("deer", layout, dict(state), num_clients, num_clients, dp)
+    strategy = DeerStrategy(server, {c: 1000 + c for c in range(num_clients)}, 1, DeploymentOptions(min_clients))
+    phase = next(iter_phases("deer", 1))
+    tasks = random_client_tasks((8,) * num_clients, torch.Generator().manual_seed(0))
+    engine = SequentialEngine(LocalTraining(batch_size=4, lr=0.5))
+    updates = engine.train_clients(model, layout, state, phase, tasks)
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), None))
+    return server, reference, strategy, phase, updates, messages
+
+
+def with_delta(update: ClientUpdate, delta: dict) -> ClientUpdate:
+    return ClientUpdate(update.client_id, delta, update.num_examples, update.mean_loss, update.images_seen)
+
+
+def test_malformed_updates_are_dropped_with_a_logged_reason_and_the_round_completes(
+    flower_task_identity, flwr_warnings
+):
+    server, reference, strategy, phase, updates, messages = phase_setup(5)
+    assert [m.metadata.dst_node_id for m in messages] == [1000, 1001, 1002, 1003, 1004]
+    nan = {k: torch.full_like(v, math.nan) for k, v in updates[1].delta.items()}
+    wrong_shape = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in updates[2].delta.items()}
+    replies = [
+        update_reply(messages[0], updates[0]),
+        update_reply(messages[1], with_delta(updates[1], nan)),
+        update_reply(messages[2], with_delta(updates[2], wrong_shape)),
+        Message(Error(code=0, reason="out of memory"), reply_to=messages[3]),
+        update_reply(messages[4], updates[4]),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    reasons = {d["client"]: d["reason"] for d in strategy.dropped}
+    assert set(reasons) == {1, 2, 3}
+    assert "non-finite" in reasons[1] and "shape" in reasons[2] and "out of memory" in reasons[3]
+    for client in (1, 2, 3):
+        assert f"dropped client {client}" in flwr_warnings.text
+    # The round completed with the two valid updates, exactly as the core releases them alone.
+    reference.finish_phase(phase, [updates[0], updates[4]])
+    assert all(torch.equal(server.global_state[k], reference.global_state[k]) for k in reference.global_state)
+    assert metrics["participants"] == 2 and metrics["dropped"] == 3 and len(server.releases) == 1
+    assert set(arrays.to_torch_state_dict()) == set(server.global_state)
+
+
+def test_a_phase_with_too_few_valid_updates_releases_nothing(flower_task_identity, flwr_warnings):
+    dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3)
+    server, _, strategy, _, updates, messages = phase_setup(3, dp, min_clients=2)
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    nan = {k: torch.full_like(v, math.nan) for k, v in updates[1].delta.items()}
+    replies = [update_reply(messages[0], updates[0]), update_reply(messages[1], with_delta(updates[1], nan))]
+    with pytest.raises(TooFewClients, match="1 valid updates of 3 sampled"):
+        strategy.aggregate_train(1, replies)  # client 2 never answered
+    assert "no reply" in flwr_warnings.text
+    assert server.releases == [] and server.accountant.history == []  # nothing applied, nothing accounted
+    assert all(torch.equal(before[k], server.global_state[k]) for k in before)
+
+
+def test_distributed_noise_drops_an_unclipped_update_and_accounts_the_missing_share(flower_task_identity):
+    dp = ClientDP(noise_multiplier=1.0, clip_norm=0.01, delta=1e-3, placement="distributed")
+    server, _, strategy, phase, updates, messages = phase_setup(3, dp, min_clients=1)
+    keys = server.trained_keys(phase)
+    whiteners = build_whiteners(server.layout, server.global_state, keys, "regulated", dp.ridge)
+    private = [
+        with_delta(u, privatize_update(u.delta, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(i))[0])
+        for i, u in enumerate(updates)
+    ]
+    huge = with_delta(updates[2], {k: v * 1e4 for k, v in updates[2].delta.items()})  # skipped clipping
+    replies = [update_reply(m, u) for m, u in zip(messages, [private[0], private[1], huge], strict=True)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert [d["client"] for d in strategy.dropped] == [2] and "not clipped" in strategy.dropped[0]["reason"]
+    assert metrics["effective-noise-multiplier"] == pytest.approx(math.sqrt(2 / 3))
+    assert server.ledger()["effective_noise_multipliers"] == [pytest.approx(math.sqrt(2 / 3))]
+
+
+# --------------------------------------------------------------------------------- a real deployment
+
+
+def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_path, one_thread):
+    """SuperLink + 2 SuperNodes on 127.0.0.1, 2 rounds of deer with client-level DP (distributed noise,
+    seeded as in the simulation): the adapter equals deer-fed's bit for bit, the ledgers agree."""
+    if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
+        pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
+    from peft_deer.flower.local import LocalDeployment
+    from train import fed
+
+    settings = {
+        "model": "tiny-vit",
+        "image-size": 28,
+        "train-subset": 200,
+        "rounds": 2,
+        "dp": "client",
+        "noise-multiplier": 0.8,
+        "clip-norm": 0.5,
+        "noise-placement": "distributed",
+        "delta": 1e-3,
+    }
+    flower_out, sim_out = tmp_path / "flower", tmp_path / "sim"
+    run_config = " ".join(
+        [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items()]
+        + [f'data-dir="{MEDMNIST_DIR}"', f'output-dir="{flower_out}"', "reproducible-client-noise=true"]
+    )
+    # One thread everywhere: float sums then run in the same order in both runs.
+    with LocalDeployment(2, tmp_path / "logs", {"data-dir": f'"{MEDMNIST_DIR}"'}, {"OMP_NUM_THREADS": "1"}) as d:
+        result = d.run(run_config, timeout_s=900)
+        started = d.pids()
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert (flower_out / "summary.json").is_file(), f"flwr run rc={result.returncode}\n{logs}"
+    assert len(started) >= 3
+    psutil.wait_procs([p for p in map(_process, started) if p is not None], timeout=10)
+    left = [p for p in started if _alive(p)]
+    assert not left, f"processes left running: {left}"
+
+    defaults = flower_config()
+    argv = [f"--{k}={v}" for k, v in {**defaults, **settings}.items() if v != "" and not isinstance(v, bool)]
+    argv = [a for a in argv if not a.startswith(("--min-clients", "--node-wait", "--reply-timeout", "--reproducible"))]
+    argv += [f"--data-dir={MEDMNIST_DIR}", f"--output-dir={sim_out}", "--engine=sequential"]
+    assert fed.main(argv) == 0
+
+    flower_adapter = load_file(flower_out / "adapter" / "adapter_model.safetensors")
+    sim_adapter = load_file(sim_out / "adapter" / "adapter_model.safetensors")
+    assert flower_adapter.keys() == sim_adapter.keys()
+    diffs = {k: float((flower_adapter[k] - sim_adapter[k]).abs().max()) for k in sim_adapter}
+    assert max(diffs.values()) == 0.0, diffs
+    flower_ledger = json.loads((flower_out / "privacy.json").read_text())
+    sim_ledger = json.loads((sim_out / "privacy.json").read_text())
+    assert flower_ledger["epsilon"] == pytest.approx(sim_ledger["epsilon"]) and flower_ledger["releases"] == 4
+    assert flower_ledger["transport"] == "flower" and flower_ledger["dropped_updates"] == []
+    assert "testing only" in flower_ledger["client_noise"]
+    # Same output layout: the Gradio app's loader serves the Flower-trained adapter.
+    from app.predict import load_classifier
+
+    clf = load_classifier(flower_out / "adapter")
+    assert clf.privacy["transport"] == "flower" and len(clf.examples) > 0
+    probs = clf.predict(clf.examples[0].path)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    p = _process(pid)
+    return p is not None and p.status() != psutil.STATUS_ZOMBIE
