@@ -8,6 +8,10 @@ Random weights of the model's shape (configs are built, nothing is downloaded), 
 runs under bf16 autocast (on CPU, where bf16 can be slow, both fp32 and bf16 are measured and the
 faster is reported as `batched_img_s`, named by `batched_precision`). The last line printed is one
 JSON object: sequential_img_s, batched_img_s, ratio (batched / sequential), mfu, device.
+`--baseline FILE` also times the `BatchedEngine` of another copy of `batched.py` (e.g. the one before
+a change) in the same process, under the same precision: `baseline_img_s`. On a GPU,
+`staged_img_s` is the batched engine with the data staged on the device (`stage_on_device=True`)
+instead of each step's batch gathered on the host and copied over (the default).
 
 MFU (GPU only, else null) = batched img/s × 2 × forward FLOPs per image ÷ the device's bf16 matmul
 rate, measured here with an 8192³ bf16 matmul. Factor 2: the backbone is frozen, so a training step
@@ -18,8 +22,10 @@ gradients are negligible. Forward FLOPs come from `torch.utils.flop_counter` on 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -77,13 +83,27 @@ def bf16_matmul_flops_per_s(device: torch.device, n: int = 8192, repeats: int = 
 
 
 def images_per_s(engine, model, layout, state, phase, tasks, device) -> float:
-    engine.train_clients(model, layout, state, phase, tasks[: min(2, len(tasks))])  # warm-up
+    # warm-up; on a GPU the batched engine warms up on all clients, so that allocator growth and kernel
+    # selection for the full stacked batch stay out of the timed run (2 clients give smaller shapes)
+    full = device.type == "cuda" and isinstance(engine, BatchedEngine)
+    engine.train_clients(model, layout, state, phase, tasks if full else tasks[: min(2, len(tasks))])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     updates = engine.train_clients(model, layout, state, phase, tasks)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return sum(u.images_seen for u in updates) / seconds
+
+
+def load_batched_engine(path: str) -> type:
+    """`BatchedEngine` from another copy of peft_deer/federated/batched.py (its relative imports resolve there)."""
+    spec = importlib.util.spec_from_file_location("peft_deer.federated._baseline_batched", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.BatchedEngine
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--baseline", default=None, help="another batched.py to time as well (baseline_img_s)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,6 +161,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"batched {precision}: {rate:.1f} img/s", flush=True)
     best = max(batched_by_precision, key=batched_by_precision.get)
     batched = batched_by_precision[best]
+    staged = None
+    if device.type == "cuda":
+        engine = BatchedEngine(training("bf16"), stage_on_device=True)
+        staged = images_per_s(engine, model, layout, state, phase, tasks, device)
+        print(f"batched bf16, staged on the device: {staged:.1f} img/s", flush=True)
+    baseline = None
+    if args.baseline:
+        engine = load_batched_engine(args.baseline)(training("no" if best == "fp32" else "bf16"))
+        baseline = images_per_s(engine, model, layout, state, phase, tasks, device)
+        print(f"baseline batched {best}: {baseline:.1f} img/s", flush=True)
 
     flops = forward_flops_per_image(model, channels, size, device)
     mfu, peak = None, None
@@ -162,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batched_precision": best,
         "batched_img_s_by_precision": {k: round(v, 2) for k, v in batched_by_precision.items()},
         "ratio": round(batched / sequential, 3),
+        "staged_img_s": None if staged is None else round(staged, 2),
+        "baseline_img_s": None if baseline is None else round(baseline, 2),
         "forward_gflops_per_image": float(f"{flops / 1e9:.4g}"),
         "bf16_matmul_tflops": None if peak is None else round(peak / 1e12, 1),
         "mfu": None if mfu is None else round(mfu, 4),

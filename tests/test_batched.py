@@ -7,7 +7,7 @@ import torch
 from conftest import random_client_tasks, tiny_deer_model, tiny_vit
 from peft import get_peft_model
 from safetensors.torch import load_file
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from peft_deer import DeerLoraConfig
 from peft_deer.federated import (
@@ -21,7 +21,13 @@ from peft_deer.federated import (
     get_adapter_state,
     iter_phases,
 )
-from peft_deer.federated.batched import batched_unsupported_reason, select_engine
+from peft_deer.federated.batched import (
+    _schedule,
+    _StepData,
+    batched_unsupported_reason,
+    client_order,
+    select_engine,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,3 +179,32 @@ def test_model_is_restored_after_an_error():
             model, layout, get_adapter_state(model, layout), next(iter_phases("deer", 1)), bad
         )
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_staged_batches_equal_host_gathered_batches():
+    # the device-staged gather (used on GPUs) gives each step exactly the host path's batch
+    _, _, tasks = make("deer")
+    steps = _schedule([client_order(t, SGD) for t in tasks], torch.device("cpu"))
+    host, staged = _StepData(tasks, steps, torch.device("cpu")), _StepData(tasks, steps, torch.device("cpu"))
+    staged._stage()
+    assert host.staged is None and staged.staged is not None
+    # 7, 12 and 20 samples, 2 epochs at batch 4: client 0 has batches of 4 and 3, and is done after step 3
+    assert [len(s.groups) for s in steps] == [1, 2, 1, 2, 1, 1, 1, 1, 1, 1]
+    assert [None if s.active is None else s.active.tolist() for s in steps[3:7]] == [
+        None,
+        [False, True, True],
+        [False, True, True],
+        [False, False, True],
+    ]
+    for s in range(len(steps)):
+        for a, b in zip(host(s), staged(s), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_non_tensor_datasets_are_read_sample_by_sample():
+    model, layout, tasks = make("deer")
+    wrapped = [ClientTask(t.client_id, Subset(t.dataset, range(len(t.dataset))), t.seed) for t in tasks]
+    state, phase = get_adapter_state(model, layout), next(iter_phases("deer", 1))
+    seq = SequentialEngine(SGD).train_clients(model, layout, state, phase, tasks)
+    bat = BatchedEngine(SGD).train_clients(model, layout, state, phase, wrapped)
+    assert_close_updates([seq], [bat])
