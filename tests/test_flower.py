@@ -73,6 +73,18 @@ def test_bad_run_config_values_raise_one_clear_error(override, message):
         parse_run_config({**flower_config(), **override})
 
 
+def test_a_failed_server_app_is_reported_although_flwr_run_exits_0():
+    from peft_deer.flower.local import server_app_error
+
+    streamed = (
+        'INFO :      Start `flwr-serverapp` process\n  File "settings.py", line 29, in error\n'
+        "ValueError: --rounds 0 must be >= 1\nERROR :     Exit Code: 201\n"
+        "An unhandled exception occurred in the ServerApp.\n"
+    )
+    assert server_app_error(streamed) == "ValueError: --rounds 0 must be >= 1"
+    assert server_app_error("INFO :      done: deer test acc 0.7196 auc 0.9004 -> runs/x\n") is None
+
+
 # --------------------------------------------------------------------------------- dropping bad replies
 
 
@@ -175,10 +187,11 @@ def test_distributed_noise_drops_an_unclipped_update_and_accounts_the_missing_sh
 
 def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_path, one_thread):
     """SuperLink + 2 SuperNodes on 127.0.0.1, 2 rounds of deer with client-level DP (distributed noise,
-    seeded as in the simulation): the adapter equals deer-fed's bit for bit, the ledgers agree."""
+    seeded as in the simulation): the adapter equals deer-fed's bit for bit, the ledgers agree, and
+    the run interrupted after 2 phases and resumed ends with the same adapter and ledger."""
     if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
         pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
-    from peft_deer.flower.local import LocalDeployment
+    from peft_deer.flower.local import LocalDeployment, server_app_error
     from train import fed
 
     settings = {
@@ -192,7 +205,7 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
         "noise-placement": "distributed",
         "delta": 1e-3,
     }
-    flower_out, sim_out = tmp_path / "flower", tmp_path / "sim"
+    flower_out, sim_out, resumed_out = tmp_path / "flower", tmp_path / "sim", tmp_path / "resumed"
     run_config = " ".join(
         [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items()]
         + [f'data-dir="{MEDMNIST_DIR}"', f'output-dir="{flower_out}"', "reproducible-client-noise=true"]
@@ -200,9 +213,16 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     # One thread everywhere: float sums then run in the same order in both runs.
     with LocalDeployment(2, tmp_path / "logs", {"data-dir": f'"{MEDMNIST_DIR}"'}, {"OMP_NUM_THREADS": "1"}) as d:
         result = d.run(run_config, timeout_s=900)
+        # The same run interrupted after 2 of its 4 phases, then resumed from its checkpoint.
+        resumed_config = run_config.replace(f'output-dir="{flower_out}"', f'output-dir="{resumed_out}"')
+        interrupted = d.run(resumed_config + " max-phases=2", timeout_s=900)
+        assert (resumed_out / "checkpoint.pt").is_file() and not (resumed_out / "summary.json").exists()
+        resumed = d.run(resumed_config + " resume=true", timeout_s=900)
         started = d.pids()
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
     assert (flower_out / "summary.json").is_file(), f"flwr run rc={result.returncode}\n{logs}"
+    for r in (result, interrupted, resumed):
+        assert server_app_error(r.stdout + r.stderr) is None
     assert len(started) >= 3
     psutil.wait_procs([p for p in map(_process, started) if p is not None], timeout=10)
     left = [p for p in started if _alive(p)]
@@ -219,7 +239,10 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     assert flower_adapter.keys() == sim_adapter.keys()
     diffs = {k: float((flower_adapter[k] - sim_adapter[k]).abs().max()) for k in sim_adapter}
     assert max(diffs.values()) == 0.0, diffs
+    resumed_adapter = load_file(resumed_out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed_adapter[k], flower_adapter[k]) for k in flower_adapter)
     flower_ledger = json.loads((flower_out / "privacy.json").read_text())
+    assert json.loads((resumed_out / "privacy.json").read_text()) == flower_ledger
     sim_ledger = json.loads((sim_out / "privacy.json").read_text())
     assert flower_ledger["epsilon"] == pytest.approx(sim_ledger["epsilon"]) and flower_ledger["releases"] == 4
     assert flower_ledger["transport"] == "flower" and flower_ledger["dropped_updates"] == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -169,6 +170,16 @@ class LocalDeployment(AbstractContextManager):
         return out
 
 
+def server_app_error(output: str) -> str | None:
+    """The ServerApp's failure in `flwr run --stream` output (whose exit code is 0 even then), or None."""
+    if "Exit Code:" not in output or "ServerApp" not in output:
+        return None
+    errors = [
+        line.strip() for line in output.splitlines() if re.match(r"^\w*(Error|Exception|Exceeded|Clients)\b.*: ", line)
+    ]
+    return errors[-1] if errors else "the ServerApp failed (see the log above)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m peft_deer.flower.local",
@@ -193,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     print(result.stdout[-4000:], end="")
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)
-    return result.returncode
+        return result.returncode
+    error = server_app_error(result.stdout + result.stderr)
+    if error is not None:
+        print(f"deer-flower: error: {error} (logs in {Path(args.log_dir).resolve()})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
