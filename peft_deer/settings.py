@@ -171,27 +171,37 @@ def config_to_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
         parser.error(f"--config {path} is not valid YAML/JSON: {str(err).splitlines()[0]}")
     if not isinstance(values, dict):
         parser.error(f"--config {path} must hold a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(actions))
+    unknown = sorted(set(values) - set(_setting_actions(parser)))
     if unknown:
         parser.error(f"--config {path}: unknown keys {unknown}")
+    return values_to_argv(values, parser, f"--config {path}")
+
+
+def _setting_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The parser's settings by dest (every flag but --help and --config)."""
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+
+
+def values_to_argv(values: Mapping[str, Any], parser: argparse.ArgumentParser, where: str) -> list[str]:
+    """Command-line tokens for {dest: value} of known settings; `where` names the source in errors."""
+    actions = _setting_actions(parser)
     tokens: list[str] = []
     for key, value in values.items():
         action, flag = actions[key], actions[key].option_strings[-1]
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
-                parser.error(f"--config {path}: {key} must be true or false, got {value!r}")
+                parser.error(f"{where}: {key} must be true or false, got {value!r}")
             tokens += [flag] if value else []
         elif value is None:
             if action.default is not None:
-                parser.error(f"--config {path}: {key} needs a value")
+                parser.error(f"{where}: {key} needs a value")
         elif isinstance(value, list):
             if action.nargs != "+" or not value:
-                parser.error(f"--config {path}: {key} takes a single value, got {value!r}")
+                parser.error(f"{where}: {key} takes a single value, got {value!r}")
             tokens += [flag, *(str(v) for v in value)]
         elif isinstance(value, dict):
-            parser.error(f"--config {path}: {key} takes a single value, got {value!r}")
+            parser.error(f"{where}: {key} takes a single value, got {value!r}")
         else:
             tokens.append(f"{flag}={value}")  # '=' keeps values such as -1 from reading as flags
     return tokens
@@ -254,21 +264,18 @@ def run_config_to_args(run_config: Mapping[str, Any], prog: str = "deer-flower")
     null). A bad value raises ValueError naming the setting, checked as on the command line.
     """
     parser = build_parser(prog, RaisingParser)
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    tokens: list[str] = []
+    actions = _setting_actions(parser)
+    values: dict[str, Any] = {}
     for key, value in run_config.items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
             parser.error(f"run config key {key!r} is not a setting (see deer-fed --help)")
-        action, flag = actions[dest], actions[dest].option_strings[-1]
         if value == "" or value is None:
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
-            tokens += [flag] if value is True else []
-        elif action.nargs == "+":
-            tokens += [flag, *str(value).replace(",", " ").split()]
-        else:
-            tokens.append(f"{flag}={str(value).lower() if isinstance(value, bool) else value}")
+            continue  # unset: the setting's default
+        if actions[dest].nargs == "+" and isinstance(value, str):
+            value = value.replace(",", " ").split()
+        values[dest] = value
+    tokens = values_to_argv(values, parser, "run config")
     args = parser.parse_args(tokens)
     validate_args(args, parser)
     return args

@@ -8,6 +8,7 @@ real Flower messages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -121,7 +122,7 @@ def phase_setup(num_clients: int, dp: ClientDP | None = None, min_clients: int =
 
 
 def with_delta(update: ClientUpdate, delta: dict) -> ClientUpdate:
-    return ClientUpdate(update.client_id, delta, update.num_examples, update.mean_loss, update.images_seen)
+    return dataclasses.replace(update, delta=delta)
 
 
 def test_malformed_updates_are_dropped_with_a_logged_reason_and_the_round_completes(

@@ -103,8 +103,7 @@ def clip_client_update(
 ) -> tuple[AdapterState, float]:
     """Clip one client's whole update as the mechanism prescribes; returns (clipped, norm before clipping)."""
     if noise_kind == "reference":
-        norm = math.sqrt(sum(float(v.double().square().sum()) for v in delta.values()))
-        return clip_per_matrix(delta, clip_norm), norm
+        return clip_per_matrix(delta, clip_norm), _frobenius(delta)
     return clip_update(delta, whiteners, clip_norm)
 
 
@@ -182,7 +181,7 @@ def aggregate_phase(
         for u in updates:
             for k in shapes:
                 delta[k] += u.delta[k].float() * (u.num_examples / total)
-        norms = [math.sqrt(sum(float(v.double().square().sum()) for v in u.delta.values())) for u in updates]
+        norms = [_frobenius(u.delta) for u in updates]
         return PhaseRelease(delta, participants, None, _mean(norms), 0.0)
 
     whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.ridge)
@@ -217,6 +216,11 @@ def aggregate_phase(
     if privatized_shares is not None:
         sigma_eff *= math.sqrt(len(updates) / privatized_shares)  # shares of dropped clients are missing
     return PhaseRelease(delta, participants, sigma_eff, _mean(norms), clipped / max(1, len(updates)))
+
+
+def _frobenius(delta: AdapterState) -> float:
+    """sqrt(sum of squares) over all of an update's tensors (factor-space norm)."""
+    return math.sqrt(sum(float(v.double().square().sum()) for v in delta.values()))
 
 
 def _mean(values: list[float]) -> float:

@@ -14,6 +14,7 @@ update in the metric and adds its noise share (`privatize_update`) before anythi
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 
 import torch
@@ -23,7 +24,6 @@ from flwr.clientapp import ClientApp
 from ..experiment import build_model, client_dataset, client_dp, load_run_backbone, load_run_data, local_training
 from ..federated import (
     ClientTask,
-    ClientUpdate,
     Phase,
     build_whiteners,
     derive_seed,
@@ -88,14 +88,12 @@ def train(msg: Message, context: Context) -> Message:
         delta, _ = privatize_update(
             update.delta, whiteners, noise, dp, work.num_shares, torch.Generator().manual_seed(seed)
         )
-        update = ClientUpdate(
-            client_id, delta, update.num_examples, update.mean_loss, update.images_seen, update.seconds
-        )
+        update = dataclasses.replace(update, delta=delta)
     return update_reply(msg, update)
 
 
 def _phase(method: str, rounds: int, round_index: int, phase_index: int) -> Phase:
-    for phase in iter_phases(method, rounds, (round_index, phase_index)):
-        if phase.step == (round_index, phase_index):
-            return phase
-    raise ValueError(f"round {round_index} phase {phase_index} is not in the run's schedule")
+    phase = next(iter_phases(method, rounds, (round_index, phase_index)), None)
+    if phase is None or phase.step != (round_index, phase_index):
+        raise ValueError(f"round {round_index} phase {phase_index} is not in the run's schedule")
+    return phase
