@@ -59,12 +59,22 @@ def _privacy_md(privacy: dict[str, Any] | None) -> str:
         level, f"one {level}"
     )
     eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    if privacy.get("reproducible_noise"):
+        return (
+            f"**Privacy: NO guarantee.** The run's DP noise was derived from its public seed "
+            f"(`--reproducible-noise`, for tests and debugging): anyone with the seed can remove it. The ledger's "
+            f"ε = {_num(eps, '.3g')}, δ = {_num(delta, 'g')} would hold only for secret noise."
+        )
     lines = [
         f"**Privacy: {level}-level (ε, δ)-DP with ε = {_num(eps, '.3g')}, δ = {_num(delta, 'g')}** — "
         f"the released adapter is almost equally likely whether or not {unit} took part.",
         f"- mechanism: {privacy.get('mechanism', 'n/a')}",
         f"- trust model: {privacy.get('trust_model', 'n/a')}",
     ]
+    if privacy.get("neighbouring_relation"):
+        lines.append(f"- neighbouring datasets: {privacy['neighbouring_relation']}")
+    if privacy.get("epsilon_semantics") == "running tally":
+        lines.append("- ε is a running tally of the releases made (reproduction of the published mechanism)")
     if privacy.get("accountant"):
         lines.append(f"- accountant: {privacy['accountant']}")
     if privacy.get("noise_multiplier") is not None:

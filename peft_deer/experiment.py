@@ -7,8 +7,10 @@ and the output layout (`finalize`). They differ only in `release_phase`: how a p
 updates are produced and handed to `FederatedServer.finish_phase`.
 
 Output layout of a run directory: adapter/, adapter-best/, adapter-lora/ (plain LoRA export),
-privacy.json, metrics.jsonl, summary.json (written last), curves.png, label_counts.{txt,json,png},
-examples/, base-model/ (random backbones only), checkpoint.pt (while unfinished).
+privacy.json, metrics.jsonl, summary.json (written last), curves.png, examples/, base-model/ (random
+backbones only) -- all of it publishable: nothing in it is computed from a client's data without noise.
+`server-private/` holds what is (training losses, update norms, participants, per-client label counts,
+dropped updates); `checkpoint.pt` (while unfinished) also holds the run's DP secret. Never publish either.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .federated import (
     ClientDP,
     ClientTask,
     ClientUpdate,
+    DPRandomness,
     FederatedServer,
     LocalTraining,
     Phase,
@@ -71,6 +74,7 @@ from .reporting import model_card, plot_curves
 from .settings import run_fingerprint
 
 CHECKPOINT = "checkpoint.pt"
+PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
 OFFLINE_DINOV2 = ("dinov2-s", "dinov2-small-imgfocus")
 
 # (phase, participating client ids) -> (the updates that were aggregated, the release)
@@ -290,13 +294,27 @@ class Experiment:
         self.base_copy = None
 
 
+def run_randomness(args: argparse.Namespace) -> DPRandomness:
+    """The run's DP randomness: a fresh OS secret with DP, unless --reproducible-noise (or no DP) asks for
+    draws derived from --seed (then nothing is private: the ledger says so)."""
+    if args.dp != "none" and not args.reproducible_noise:
+        return DPRandomness.secret()
+    return DPRandomness.from_seed(args.seed)
+
+
 def build_experiment(
-    args: argparse.Namespace, device: torch.device, with_client_data: bool = True, say: Callable = print
+    args: argparse.Namespace,
+    device: torch.device,
+    with_client_data: bool = True,
+    say: Callable = print,
+    share: Callable[[DPRandomness], DPRandomness] = lambda r: r,
 ) -> Experiment:
     """Load data, backbone and model and set up the server; touches no output file.
 
     Bad settings or data raise ValueError, RuntimeError or FileNotFoundError with a one-line message.
-    `with_client_data=False` (a Flower server) keeps no client training images in memory.
+    `with_client_data=False` (a Flower server) keeps no client training images in memory. `share` makes
+    every process use the main process's DP randomness (a broadcast; identity in one process); a
+    resumed run replaces it with the checkpoint's.
     """
     data = load_run_data(args)
     backbone = load_run_backbone(args, data.splits)
@@ -318,7 +336,7 @@ def build_experiment(
         args.num_clients,
         clients_per_phase,
         dp,
-        args.seed,
+        share(run_randomness(args)),
         record,
     )
     engine = select_engine(args.engine, SequentialEngine(local_training(args, record)), model, layout, say)
@@ -350,8 +368,14 @@ def simulated_release(
     """
 
     def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
+        randomness = exp.server.randomness
         tasks = [
-            ClientTask(c, exp.client_data[c], derive_seed(exp.args.seed, *phase.step, c, "train"))
+            ClientTask(
+                c,
+                exp.client_data[c],
+                derive_seed(exp.args.seed, *phase.step, c, "train"),
+                dp_seed=randomness.seed(*phase.step, c, "record-dp"),
+            )
             for c in participants[rank::world]
         ]
         local = exp.engine.train_clients(exp.model, exp.layout, exp.server.global_state, phase, tasks)
@@ -415,9 +439,25 @@ class RunProgress:
     """What the phase loop carries between phases and across a resume."""
 
     next_phase: tuple[int, int] = (0, 0)
-    rows: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished round
+    rows: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished round (public)
     best: dict | None = None  # {"score", "round", "state"} of the best validated round
-    round_acc: dict = field(default_factory=lambda: {"loss": 0.0, "images": 0, "seconds": 0.0, "n": 0})
+    round_acc: dict = field(default_factory=lambda: _new_round_acc())
+    private_rows: list[dict] = field(default_factory=list)  # server-private/diagnostics.jsonl rows
+
+
+def _new_round_acc() -> dict:
+    """What a round's phases add up for its diagnostics (all of it computed from client data, un-noised)."""
+    return {"loss": 0.0, "images": 0, "seconds": 0.0, "n": 0, "update_norms": [], "participants": []}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Callable = print) -> RunProgress:
@@ -426,27 +466,34 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
     Raises `SettingsMismatch` if the checkpoint was written with other settings.
     """
     args = exp.args
+    private = out / PRIVATE_DIR
     if args.resume:
         ckpt = torch.load(out / CHECKPOINT, weights_only=False)
         if ckpt["fingerprint"] != run_fingerprint(args):
             changed = sorted(k for k in ckpt["fingerprint"] if ckpt["fingerprint"][k] != vars(args).get(k))
             raise SettingsMismatch(f"--resume with different settings {changed}")
         exp.server.load_state_dict(ckpt["server"])
-        progress = RunProgress(tuple(ckpt["next_phase"]), ckpt["rows"], ckpt["best"], ckpt["round_acc"])
+        progress = RunProgress(
+            tuple(ckpt["next_phase"]), ckpt["rows"], ckpt["best"], ckpt["round_acc"], ckpt["private_rows"]
+        )
     else:
         progress = RunProgress()
         if main_proc:
+            # Per-client label counts are client statistics: server-private, and printed only without DP.
+            private.mkdir(parents=True, exist_ok=True)
             splits = exp.data.splits
             label_rows = label_count_table(exp.data.train_labels, exp.data.partitions, splits.class_names)
             table = format_label_table(label_rows)
-            (out / "label_counts.txt").write_text(table + "\n")
-            write_json_atomic(out / "label_counts.json", label_rows)
-            plot_label_counts(label_rows, splits.class_names, out / "label_counts.png")
+            (private / "label_counts.txt").write_text(table + "\n")
+            write_json_atomic(private / "label_counts.json", label_rows)
+            plot_label_counts(label_rows, splits.class_names, private / "label_counts.png")
             save_example_images(splits.test, out / "examples")
-            say(table)
+            if args.dp == "none":
+                say(table)
     if main_proc:
-        with open(out / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in progress.rows)
+        private.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(out / "metrics.jsonl", progress.rows)
+        _write_jsonl(private / "diagnostics.jsonl", progress.private_rows)
     return progress
 
 
@@ -493,13 +540,14 @@ def run_phases(
         acc["images"] += sum(u.images_seen for u in updates)
         acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates)
         acc["n"] += sum(u.images_seen for u in updates)
-        acc.setdefault("update_norms", []).append(release.mean_update_norm)
+        acc["update_norms"].append(release.mean_update_norm)
+        acc["participants"].append(len(release.participants))
         done_this_call += 1
         last_of_round = phase.index == spec.releases_per_round - 1
         if last_of_round and main_proc:
             _validate_round(exp, out, progress, phase, acc, bar.write)
         if last_of_round:
-            acc = progress.round_acc = {"loss": 0.0, "images": 0, "seconds": 0.0, "n": 0}
+            acc = progress.round_acc = _new_round_acc()
         progress.next_phase = _next_step(phase, spec.releases_per_round)
         if main_proc:
             save_checkpoint(
@@ -511,6 +559,7 @@ def run_phases(
                     "rows": progress.rows,
                     "best": progress.best,
                     "round_acc": acc,
+                    "private_rows": progress.private_rows,
                 },
             )
         barrier()
@@ -527,40 +576,54 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     )
     # RDP only (the budget's accountant): server.epsilon() also runs PRV, seconds per call.
     eps = server.accountant.epsilon(server.dp.delta, "rdp") if server.dp else None
-    norms = [n for n in acc.get("update_norms", []) if not math.isnan(n)]
+    norms = [n for n in acc["update_norms"] if not math.isnan(n)]
+    # Public: the server's own validation split, the guarantee spent, wall time.
     row = {
         "round": phase.round,
-        "train_loss": acc["loss"] / max(acc["n"], 1),
         **{f"val_{k}": v for k, v in val.items()},
         "epsilon": eps,
         **({"record_epsilon_max": server.record.epsilon_max()} if server.record else {}),
         "seconds": acc["seconds"],
+    }
+    # Server-private: computed from the clients' data without noise.
+    private = {
+        "round": phase.round,
+        "train_loss": acc["loss"] / max(acc["n"], 1),
         "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
         "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
+        "participants_per_phase": list(acc["participants"]),
     }
     progress.rows.append(row)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    progress.private_rows.append(private)
+    _append_jsonl(out / "metrics.jsonl", row)
+    _append_jsonl(out / PRIVATE_DIR / "diagnostics.jsonl", private)
     score = val["auc"] if val["auc"] is not None else val["accuracy"]
     if progress.best is None or score > progress.best["score"]:
         progress.best = {"score": score, "round": phase.round, "state": dict(server.global_state)}
     auc = "n/a" if val["auc"] is None else f"{val['auc']:.3f}"
     eps_text = "" if eps is None else f" eps {eps:.2f}"
-    say(
-        f"round {phase.round + 1}/{args.rounds}: loss {row['train_loss']:.4f} val acc {val['accuracy']:.3f} "
-        f"auc {auc}{eps_text} | {row['images_per_s']:.1f} img/s"
-    )
+    # Logs are public: the training loss is a client statistic, shown only when nothing is private.
+    loss_text = ""
+    if args.dp == "none":
+        loss_text = f" (train loss {private['train_loss']:.4f}, {private['images_per_s']:.1f} img/s)"
+    say(f"round {phase.round + 1}/{args.rounds}: val acc {val['accuracy']:.3f} auc {auc}{eps_text}{loss_text}")
 
 
 # ----------------------------------------------------------------------------- final outputs
 
 
 def finalize(
-    exp: Experiment, out: Path, progress: RunProgress, stopped: str | None, extra_privacy: dict | None = None
+    exp: Experiment,
+    out: Path,
+    progress: RunProgress,
+    stopped: str | None,
+    extra_privacy: dict | None = None,
+    private_extra: dict | None = None,
 ) -> dict[str, Any]:
     """Write adapters, ledger, test metrics, curves and the model card; `summary.json` last. Returns the summary.
 
-    `extra_privacy` is merged into the ledger (a deployment states its transport and trust model there).
+    `extra_privacy` is merged into the ledger (a deployment states its transport and trust model there);
+    `private_extra` goes to `server-private/deployment.json` (e.g. which clients' updates were dropped).
     """
     args, model, server, splits, backbone = exp.args, exp.model, exp.server, exp.data.splits, exp.backbone
     test = {}
@@ -598,6 +661,8 @@ def finalize(
 
     ledger = {**server.ledger(), "dataset": args.dataset, **(extra_privacy or {})}
     write_json_atomic(out / "privacy.json", ledger)
+    if private_extra:
+        write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)
     if progress.rows:
         plot_curves(progress.rows, out / "curves.png")
     rounds_done = len(server.releases) // method_spec(args.method).releases_per_round

@@ -42,14 +42,19 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 def model_card(info: dict[str, Any]) -> str:
     """Markdown model card for the adapter dir: base model, data, method, privacy, test metrics."""
     privacy = info["privacy"]
-    if privacy.get("level") in ("client", "client+record"):
+    if privacy.get("reproducible_noise"):
+        guarantee = (
+            "**none**: the DP noise was derived from the public seed (`--reproducible-noise`, tests and "
+            "debugging only), so anyone holding the seed can remove it"
+        )
+    elif privacy.get("level") in ("client", "client+record"):
         guarantee = (
             f"client-level ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP, mechanism: {privacy['mechanism']}, "
             f"trust model: {privacy['trust_model']}, {privacy['releases']} releases (opacus RDP accountant)"
         )
     elif privacy.get("level") != "record":
         guarantee = "none: trained without differential privacy"
-    if "record" in privacy:
+    if "record" in privacy and not privacy.get("reproducible_noise"):
         rec = privacy["record"]
         record = (
             f"record-level ({rec['epsilon_max']:.3f}, {rec['delta']:g})-DP for every client's patients (max over "

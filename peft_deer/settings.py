@@ -8,6 +8,7 @@ Both go through the same parser and `validate_args`, so a value is checked the s
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +19,9 @@ import yaml
 from .config import METHODS
 from .federated import check_delta
 
-# Flags that may differ between a run and its resumption; all others must match.
-RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config", "engine"}
+# Flags that may differ between a run and its resumption; all others must match. A run directory may be
+# moved or copied (or named by a relative instead of an absolute path) before it is resumed.
+RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config", "engine", "output_dir"}
 
 
 class RaisingParser(argparse.ArgumentParser):
@@ -117,6 +119,12 @@ def build_parser(
     g.add_argument("--clip-norm", type=float, default=1.0, help="C: bound on a client update's (metric) norm")
     g.add_argument("--regulator-ridge", type=float, default=1e-6, help="lambda in M = s^2 Y^T Y + lambda I")
     g.add_argument("--noise-placement", choices=["central", "distributed"], default="central")
+    g.add_argument(
+        "--reproducible-noise",
+        action="store_true",
+        help="derive the DP noise, client sampling and DP-SGD batches from --seed instead of an OS secret: "
+        "bit-reproducible runs for tests and debugging, with NO privacy guarantee (every output says so)",
+    )
     g = p.add_argument_group("record-level differential privacy (--dp record: DP-SGD inside each client)")
     g.add_argument(
         "--record-epsilon",
@@ -224,16 +232,16 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if "client" in levels:
         if args.epsilon is None and args.noise_multiplier is None:
             parser.error("--dp client needs --epsilon (calibrates sigma) or --noise-multiplier (or both: a budget)")
-        if args.epsilon is not None and args.epsilon <= 0:
-            parser.error(f"--epsilon {args.epsilon} must be > 0")
-        if args.noise_multiplier is not None and args.noise_multiplier <= 0:
-            parser.error(f"--noise-multiplier {args.noise_multiplier} must be > 0")
+        for name in ("epsilon", "noise_multiplier"):
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                parser.error(f"--{name.replace('_', '-')} {value} must be a finite number > 0")
         try:
             check_delta(args.delta, args.num_clients)
         except ValueError as err:
             parser.error(str(err))
-        if args.clip_norm <= 0:
-            parser.error(f"--clip-norm {args.clip_norm} must be > 0")
+        if not (math.isfinite(args.clip_norm) and args.clip_norm > 0):
+            parser.error(f"--clip-norm {args.clip_norm} must be a finite number > 0")
     elif args.epsilon is not None or args.noise_multiplier is not None:
         parser.error("--epsilon/--noise-multiplier need --dp client")
     if "record" in levels:
@@ -241,8 +249,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error("--dp record needs --record-epsilon or --record-noise-multiplier")
         for name in ("record_epsilon", "record_noise_multiplier", "record_clip_norm"):
             value = getattr(args, name)
-            if value is not None and not value > 0:
-                parser.error(f"--{name.replace('_', '-')} {value} must be > 0")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                parser.error(f"--{name.replace('_', '-')} {value} must be a finite number > 0")
         if not 0 < args.record_delta < 1:
             parser.error(f"--record-delta {args.record_delta} must be in (0, 1)")
         if args.max_physical_batch_size is not None and args.max_physical_batch_size < 1:

@@ -9,6 +9,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from peft_deer.federated import (
     ClientDP,
     ClientUpdate,
+    DPRandomness,
     FederatedServer,
     PrivacyBudgetExceeded,
     calibrate_noise_multiplier,
@@ -26,7 +27,7 @@ def toy_server(method: str, dp: ClientDP | None, num_clients: int = 4, per_phase
         "m.B": torch.randn(4, 2, generator=g) * b_scale,
         "h": torch.zeros(3),
     }
-    return FederatedServer(method, layout, state, num_clients, per_phase, dp, seed=0)
+    return FederatedServer(method, layout, state, num_clients, per_phase, dp, DPRandomness.from_seed(0))
 
 
 def fake_updates(server: FederatedServer, phase, participants):
@@ -64,7 +65,7 @@ def test_calibrated_sigma_meets_the_target():
     rdp.history = [(sigma, 0.5, 20)]
     eps = rdp.get_epsilon(1e-5)
     assert 1.95 <= eps <= 2.0
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match="must be finite and > 0"):
         calibrate_noise_multiplier(0.0, 1e-5, 0.5, 20)
 
 
@@ -100,3 +101,34 @@ def test_no_dp_ledger_says_so():
     run(server, rounds=1)
     ledger = server.ledger()
     assert ledger["level"] == "none" and ledger["releases"] == 2
+
+
+def test_a_large_delta_is_refused_or_warned_about_with_the_reason():
+    import warnings
+
+    from peft_deer.federated.accountant import WeakDeltaWarning, check_delta
+
+    with pytest.raises(ValueError, match="must be in"):
+        check_delta(0.2, 6)  # >= 1/N: one client may be revealed outright
+    with pytest.raises(ValueError, match="must be in"):
+        check_delta(float("nan"), 6)
+    with pytest.warns(WeakDeltaWarning, match=r"above 1/\(10 num_clients\).*probability up to 0\.96"):
+        check_delta(0.16, 6)  # < 1/6, but 6 clients x 0.16: nearly certain exposure is allowed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_delta(1e-5, 6)  # the default: no warning
+
+
+def test_secret_randomness_is_fresh_per_run_and_reproducible_only_when_asked():
+    from peft_deer.federated import DPRandomness
+
+    a, b = DPRandomness.secret(), DPRandomness.secret()
+    assert a.key != b.key and a.seed(0, 0, "noise") != b.seed(0, 0, "noise") and not a.reproducible
+    assert "key" not in repr(a) and a.key.hex() not in repr(a)
+    again = DPRandomness.from_state_dict(a.state_dict())  # what the checkpoint keeps
+    assert again == a and again.seed(1, 0, 3, "noise") == a.seed(1, 0, 3, "noise")
+    public = DPRandomness.from_seed(0)
+    assert public == DPRandomness.from_seed(0) and public.reproducible and "NO privacy" in public.guarantee_note
+    # Every draw has its own seed: rounds, phases, clients and purposes never share one.
+    seeds = {a.seed(r, p, c, what) for r in range(4) for p in range(2) for c in range(6) for what in ("noise", "x")}
+    assert len(seeds) == 4 * 2 * 6 * 2

@@ -14,6 +14,7 @@ from peft_deer.federated import (
     BatchedEngine,
     ClientDP,
     ClientTask,
+    DPRandomness,
     FederatedServer,
     LocalTraining,
     SequentialEngine,
@@ -40,7 +41,8 @@ def make(method: str, sizes=(7, 12, 20), seed=0):
 
 def run(method, engine_cls, training, dp=None, rounds=1):
     model, layout, tasks = make(method)
-    server = FederatedServer(method, layout, get_adapter_state(model, layout), len(tasks), len(tasks), dp, seed=3)
+    state = get_adapter_state(model, layout)
+    server = FederatedServer(method, layout, state, len(tasks), len(tasks), dp, DPRandomness.from_seed(3))
     engine = engine_cls(training)
     per_phase = []
     for phase in iter_phases(method, rounds):

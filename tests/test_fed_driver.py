@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +34,18 @@ METHODS = ("deer", "rolora", "ffa", "lora", "deer-reference")
 RELEASES_PER_ROUND = {"deer": 2, "rolora": 2, "deer-reference": 2, "lora": 1, "ffa": 1}
 DP = ["--dp", "client", "--noise-multiplier", "1.0", "--delta", "1e-3"]
 # Per method: DP or not, and the client setup. `lora` samples 2 of 4 clients per phase (Poisson, q = 0.5).
+# deer's run is compared bit for bit with separate runs (resume, 2 processes), so its DP draws come from
+# the public seed (--reproducible-noise: no guarantee); the other methods draw from the OS secret.
 METHOD_FLAGS = {
-    "deer": DP,
+    "deer": [*DP, "--reproducible-noise"],
     "rolora": DP,
     "ffa": ["--dp", "none"],
     "lora": [*DP, "--num-clients", "4", "--clients-per-round", "2"],
     "deer-reference": DP,
 }
-ROW_KEYS = {"round", "train_loss", "val_accuracy", "val_auc", "epsilon", "seconds", "images_per_s"}
+ROW_KEYS = {"round", "val_accuracy", "val_auc", "epsilon", "seconds"}
+# Computed from the clients' data without noise: only in server-private/, never in what ships with the adapter.
+PRIVATE_KEYS = {"train_loss", "images_per_s", "mean_update_norm", "participants_per_phase"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,8 +77,8 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
-def metrics_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def metrics_rows(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines() if line.strip()]
 
 
 def exit_code(call) -> tuple[int, str]:
@@ -118,8 +123,9 @@ def test_end_to_end_outputs(method, finished_run, medmnist_dir):
 
     out = finished_run(method, medmnist_dir)
     for name in (
-        "privacy.json", "metrics.jsonl", "summary.json", "curves.png",
-        "label_counts.txt", "label_counts.json", "label_counts.png", "examples/examples.json",
+        "privacy.json", "metrics.jsonl", "summary.json", "curves.png", "examples/examples.json",
+        "server-private/label_counts.txt", "server-private/label_counts.json", "server-private/label_counts.png",
+        "server-private/diagnostics.jsonl",
     ):  # fmt: skip
         assert (out / name).is_file(), name
     assert not (out / CHECKPOINT).exists()
@@ -135,14 +141,25 @@ def test_end_to_end_outputs(method, finished_run, medmnist_dir):
     assert examples and {e["label"] for e in examples} == {0, 1}
     for e in examples:
         assert (out / "examples" / e["file"]).is_file()
-    label_rows = read_json(out / "label_counts.json")
+    label_rows = read_json(out / "server-private" / "label_counts.json")
     assert len(label_rows) == (4 if method == "lora" else 3) and sum(r["n"] for r in label_rows) == 200
 
     rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1]
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
-        assert math.isfinite(r["train_loss"]) and 0 <= r["val_accuracy"] <= 1 and r["images_per_s"] > 0
+        assert not PRIVATE_KEYS & set(r), PRIVATE_KEYS & set(r)
+        assert 0 <= r["val_accuracy"] <= 1
+    private_rows = metrics_rows(out, "server-private/diagnostics.jsonl")
+    assert [r["round"] for r in private_rows] == [0, 1]
+    for r in private_rows:
+        assert PRIVATE_KEYS <= set(r) and math.isfinite(r["train_loss"]) and r["images_per_s"] > 0
+    # Nothing published names a client statistic or who took part.
+    published = [out / n for n in ("privacy.json", "summary.json", "metrics.jsonl", "adapter/README.md")]
+    for path in published:
+        text = path.read_text()
+        for word in (*PRIVATE_KEYS, "label_counts", "participants", 'dropped_updates"'):
+            assert word not in text, f"{word} in {path.name}"
 
     privacy = read_json(out / "privacy.json")
     assert privacy["method"] == method
@@ -155,6 +172,12 @@ def test_end_to_end_outputs(method, finished_run, medmnist_dir):
     else:
         assert privacy["level"] == "client" and privacy["noise_multiplier"] == 1.0
         assert rows[-1]["epsilon"] == pytest.approx(privacy["epsilon"])
+        assert privacy["neighbouring_relation"].startswith("add/remove one client") and privacy["trust_model"]
+        reproducible = "--reproducible-noise" in METHOD_FLAGS[method]
+        assert privacy["reproducible_noise"] is reproducible
+        assert privacy["guarantee"].startswith("NONE" if reproducible else "holds")
+        card = (out / "adapter" / "README.md").read_text()
+        assert ("**none**" in card) is reproducible and ("client-level (" in card) is not reproducible
 
     # The adapter loads on its saved base model with plain PEFT + transformers and classifies an image.
     info = read_json(out / "adapter" / "peft_deer_run.json")
@@ -195,6 +218,7 @@ def test_ledger_epsilon_matches_opacus(method, finished_run, medmnist_dir):
         assert len(privacy["effective_noise_multipliers"]) == releases
         assert privacy["epsilon"] == pytest.approx(true.get_epsilon(delta), rel=1e-9)
         assert privacy["nominal_epsilon"] == pytest.approx(nominal.get_epsilon(delta), rel=1e-9)
+        assert privacy["epsilon_semantics"] == "running tally" and "does not hold" in privacy["note"]
     else:
         assert privacy["effective_noise_multipliers"] == [sigma] * releases
         assert privacy["epsilon"] == pytest.approx(nominal.get_epsilon(delta), rel=1e-9)
@@ -271,6 +295,36 @@ def test_resume_equals_uninterrupted(tmp_path, finished_run, medmnist_dir, capsy
     assert read_json(b / "summary.json")["rounds_completed"] == 1 and len(metrics_rows(b)) == 1
 
 
+def test_secret_noise_differs_between_runs_and_survives_resume(tmp_path, medmnist_dir):
+    """With DP the noise, sampling and DP-SGD draws come from an OS secret, not --seed: two runs with the same
+    seed release different adapters. The secret lives in the checkpoint only: resuming two copies of one
+    checkpoint gives the same adapter, and once the run ends the key is in none of its files."""
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return run_argv(medmnist_dir, out, "rolora", *DP, "--rounds", "1", *extra)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert fed.main(argv(first)) == 0 and fed.main(argv(second)) == 0
+    ta, tb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (first, second))
+    assert any(not torch.equal(ta[k], tb[k]) for k in ta), "same --seed gave the same DP noise"
+    assert read_json(first / "privacy.json")["epsilon"] == read_json(second / "privacy.json")["epsilon"]
+
+    part = tmp_path / "part"
+    assert fed.main(argv(part, "--max-phases", "1")) == 0
+    key = torch.load(part / CHECKPOINT, weights_only=False)["server"]["randomness"]["key"]
+    assert len(bytes.fromhex(key)) == 32
+    shutil.copytree(part, tmp_path / "copy")
+    assert fed.main(argv(part, "--resume")) == 0 and fed.main(argv(tmp_path / "copy", "--resume")) == 0
+    tp, tc = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (part, tmp_path / "copy"))
+    assert all(torch.equal(tp[k], tc[k]) for k in tp)
+    assert any(not torch.equal(tp[k], ta[k]) for k in tp)
+    files = [p for p in part.rglob("*") if p.is_file()]
+    assert files and not (part / CHECKPOINT).exists()
+    for path in files:
+        data = path.read_bytes()
+        assert key.encode() not in data and bytes.fromhex(key) not in data, f"the DP secret is in {path}"
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. One process vs two
 
@@ -308,9 +362,11 @@ def test_one_and_two_processes_agree(tmp_path, finished_run, medmnist_dir):
         for k in t1:
             assert torch.equal(t1[k], t2[k]), f"{name}: {k}"
     assert read_json(one / "privacy.json")["epsilon"] == read_json(two / "privacy.json")["epsilon"]
-    keys = ("round", "train_loss", "val_accuracy", "val_auc", "epsilon")
+    keys = ("round", "val_accuracy", "val_auc", "epsilon")
     rows = [[{k: r[k] for k in keys} for r in metrics_rows(d)] for d in (one, two)]
     assert rows[0] == rows[1]
+    losses = [[r["train_loss"] for r in metrics_rows(d, "server-private/diagnostics.jsonl")] for d in (one, two)]
+    assert losses[0] == losses[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,8 +396,8 @@ BAD_INPUTS = {
     "unknown-model": (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     "unknown-method": (["--method", "fedprox"], "argument --method: invalid choice: 'fedprox'"),
     "clients-exceed-examples": (["--train-subset", "10", "--num-clients", "50"], "--num-clients 50 exceeds the 10"),
-    "epsilon-zero": (["--dp", "client", "--epsilon", "0", "--delta", "1e-3"], "--epsilon 0.0 must be > 0"),
-    "epsilon-negative": (["--dp", "client", "--epsilon", "-1", "--delta", "1e-3"], "--epsilon -1.0 must be > 0"),
+    "epsilon-zero": (["--dp", "client", "--epsilon", "0", "--delta", "1e-3"], "--epsilon 0.0 must be a finite"),
+    "epsilon-negative": (["--dp", "client", "--epsilon", "-1", "--delta", "1e-3"], "--epsilon -1.0 must be a finite"),
     "epsilon-unreachable": (["--dp", "client", "--epsilon", "1e-9", "--delta", "1e-3"], "privacy budget is too low"),
     "delta-too-large": (
         ["--dp", "client", "--noise-multiplier", "1", "--delta", "0.5", "--num-clients", "4"],

@@ -8,6 +8,7 @@ from conftest import random_client_tasks, tiny_deer_model
 
 from peft_deer.federated import (
     ClientDP,
+    DPRandomness,
     FederatedServer,
     InvalidClientUpdate,
     LocalTraining,
@@ -26,7 +27,7 @@ def setup(method: str, dp: ClientDP | None = None, sizes=(7, 12, 20), seed=0):
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
     tasks = random_client_tasks(sizes, torch.Generator().manual_seed(seed + 1))
-    server = FederatedServer(method, layout, state, len(sizes), len(sizes), dp, seed=seed)
+    server = FederatedServer(method, layout, state, len(sizes), len(sizes), dp, DPRandomness.from_seed(seed))
     engine = SequentialEngine(LocalTraining(local_epochs=1, batch_size=4, lr=0.5, momentum=0.9))
     return model, layout, server, engine, tasks
 
@@ -137,7 +138,7 @@ def test_distributed_noise_has_the_same_total_variance_as_central():
         ]
         variances = []
         for s in range(30):
-            server.seed = s
+            server.randomness = DPRandomness.from_seed(s)
             release = server.finish_phase(phase, zero)
             variances.append(sum(float(v.square().sum()) for v in release.delta.values()))
         totals[placement] = sum(variances) / len(variances)

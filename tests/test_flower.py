@@ -38,7 +38,7 @@ from peft_deer.federated import (  # noqa: E402
     privatize_update,
 )
 from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
-from peft_deer.flower.protocol import update_reply  # noqa: E402
+from peft_deer.flower.protocol import read_train_message, update_reply  # noqa: E402
 from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
 
 
@@ -166,21 +166,29 @@ def test_a_phase_with_too_few_valid_updates_releases_nothing(flower_task_identit
     assert all(torch.equal(before[k], server.global_state[k]) for k in before)
 
 
-def test_distributed_noise_drops_an_unclipped_update_and_accounts_the_missing_share(flower_task_identity):
+def test_distributed_noise_drops_an_unclipped_update_and_keeps_the_noise_floor(flower_task_identity):
+    """min-clients-per-phase = 2 of 3 sampled: each client is asked for 1/2 of the noise variance, so the two
+    valid updates left after a drop still carry the full noise, and the release is accounted at sigma."""
     dp = ClientDP(noise_multiplier=1.0, clip_norm=0.01, delta=1e-3, placement="distributed")
-    server, _, strategy, phase, updates, messages = phase_setup(3, dp, min_clients=1)
+    server, _, strategy, phase, updates, messages = phase_setup(3, dp, min_clients=2)
+    assert {read_train_message(m).num_shares for m in messages} == {2}
     keys = server.trained_keys(phase)
     whiteners = build_whiteners(server.layout, server.global_state, keys, "regulated", dp.ridge)
     private = [
-        with_delta(u, privatize_update(u.delta, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(i))[0])
+        with_delta(u, privatize_update(u.delta, whiteners, "regulated", dp, 2, torch.Generator().manual_seed(i))[0])
         for i, u in enumerate(updates)
     ]
     huge = with_delta(updates[2], {k: v * 1e4 for k, v in updates[2].delta.items()})  # skipped clipping
     replies = [update_reply(m, u) for m, u in zip(messages, [private[0], private[1], huge], strict=True)]
     _, metrics = strategy.aggregate_train(1, replies)
     assert [d["client"] for d in strategy.dropped] == [2] and "not clipped" in strategy.dropped[0]["reason"]
-    assert metrics["effective-noise-multiplier"] == pytest.approx(math.sqrt(2 / 3))
-    assert server.ledger()["effective_noise_multipliers"] == [pytest.approx(math.sqrt(2 / 3))]
+    assert metrics["effective-noise-multiplier"] == pytest.approx(1.0)
+    assert server.ledger()["effective_noise_multipliers"] == [pytest.approx(1.0)]
+    # Which client was dropped is server-private; the published ledger only counts the drops.
+    public = strategy.deployment_ledger()
+    assert public["dropped_updates_count"] == 1 and "dropped_updates" not in public
+    assert "1/2 of the noise variance" in public["client_noise"] and "roster" in public["neighbouring_relation"]
+    assert strategy.private_ledger()["dropped_updates"][0]["client"] == 2
 
 
 # --------------------------------------------------------------------------------- a real deployment
@@ -209,7 +217,8 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     flower_out, sim_out, resumed_out = tmp_path / "flower", tmp_path / "sim", tmp_path / "resumed"
     run_config = " ".join(
         [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items()]
-        + [f'data-dir="{MEDMNIST_DIR}"', f'output-dir="{flower_out}"', "reproducible-client-noise=true"]
+        + [f'data-dir="{MEDMNIST_DIR}"', f'output-dir="{flower_out}"']
+        + ["reproducible-noise=true", "min-clients-per-phase=2"]
     )
     # One thread everywhere: float sums then run in the same order in both runs.
     with LocalDeployment(2, tmp_path / "logs", {"data-dir": f'"{MEDMNIST_DIR}"'}, {"OMP_NUM_THREADS": "1"}) as d:
@@ -232,7 +241,7 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     defaults = flower_config()
     argv = [f"--{k}={v}" for k, v in {**defaults, **settings}.items() if v != "" and not isinstance(v, bool)]
     argv = [a for a in argv if not a.startswith(("--min-clients", "--node-wait", "--reply-timeout", "--reproducible"))]
-    argv += [f"--data-dir={MEDMNIST_DIR}", f"--output-dir={sim_out}", "--engine=sequential"]
+    argv += [f"--data-dir={MEDMNIST_DIR}", f"--output-dir={sim_out}", "--engine=sequential", "--reproducible-noise"]
     assert fed.main(argv) == 0
 
     flower_adapter = load_file(flower_out / "adapter" / "adapter_model.safetensors")
@@ -246,7 +255,8 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     assert json.loads((resumed_out / "privacy.json").read_text()) == flower_ledger
     sim_ledger = json.loads((sim_out / "privacy.json").read_text())
     assert flower_ledger["epsilon"] == pytest.approx(sim_ledger["epsilon"]) and flower_ledger["releases"] == 4
-    assert flower_ledger["transport"] == "flower" and flower_ledger["dropped_updates"] == []
+    assert flower_ledger["transport"] == "flower" and flower_ledger["dropped_updates_count"] == 0
+    assert json.loads((flower_out / "server-private" / "deployment.json").read_text())["dropped_updates"] == []
     assert "testing only" in flower_ledger["client_noise"]
     # Same output layout: the Gradio app's loader serves the Flower-trained adapter.
     from app.predict import load_classifier

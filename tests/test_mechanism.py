@@ -174,8 +174,9 @@ def test_server_check_accepts_privatized_updates_and_rejects_unclipped_ones():
         check_privatized_update(ClientUpdate(7, raw, 10), whiteners, "regulated", dp, 3)
 
 
-def test_missing_noise_shares_lower_the_accounted_sigma():
-    """Distributed placement, 3 shares sent, 2 arrive: the release is accounted at sigma * sqrt(2/3)."""
+def test_privatized_releases_keep_the_noise_floor_whatever_arrives():
+    """Distributed placement with noise floor k: fewer than k privatized updates are refused (they would carry
+    less than sigma), k or more are accounted at sigma, and their noise really is sigma*C*sqrt(r/k)."""
     from conftest import random_client_tasks, tiny_deer_model
 
     from peft_deer.federated import (
@@ -204,6 +205,22 @@ def test_missing_noise_shares_lower_the_accounted_sigma():
         u.delta, _ = privatize_update(
             u.delta, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(u.client_id)
         )
-    release = server.finish_phase(phase, updates[:2], privatized_shares=3)
-    assert release.effective_noise_multiplier == pytest.approx(1.2 * math.sqrt(2 / 3))
-    assert server.ledger()["effective_noise_multipliers"] == [pytest.approx(1.2 * math.sqrt(2 / 3))]
+    with pytest.raises(ValueError, match="less noise than sigma"):
+        server.finish_phase(phase, updates[:2], privatized_shares=3)
+    assert server.releases == [] and server.accountant.history == []
+    release = server.finish_phase(phase, updates, privatized_shares=3)
+    assert release.effective_noise_multiplier == pytest.approx(1.2)
+    assert server.ledger()["effective_noise_multipliers"] == [pytest.approx(1.2)]
+    # Each update carried 1/2 of the variance (floor k = 2); 3 arrive: the noise is 1.5x the floor's variance.
+    zero = {k: torch.zeros_like(v) for k, v in updates[0].delta.items()}
+    draws = []
+    for seed in range(300):
+        shares = [
+            privatize_update(zero, whiteners, "regulated", dp, 2, torch.Generator().manual_seed(seed * 3 + i))[0]
+            for i in range(3)
+        ]
+        total = {k: sum(s[k] for s in shares) for k in zero}
+        draws.append(sum(float(whiteners[k].whiten(total[k]).square().sum()) for k in total))
+    dim = sum(v.numel() for v in zero.values())
+    per_coordinate = sum(draws) / len(draws) / dim
+    assert per_coordinate == pytest.approx((1.2 * 1.0) ** 2 * 3 / 2, rel=0.05)

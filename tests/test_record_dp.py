@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from peft_deer.federated import (
     ClientTask,
     ClientUpdate,
+    DPRandomness,
     FederatedServer,
     LocalTraining,
     Phase,
@@ -227,7 +228,14 @@ def test_epsilon_per_client_equals_a_fresh_opacus_rdp_accountant():
 def test_server_state_round_trip_keeps_record_epsilon():
     model, layout, state, _ = setup("deer")
     make = lambda: FederatedServer(  # noqa: E731
-        "deer", layout, state, 3, 3, None, 0, record=RecordLevel(RecordDP((1.0, 1.2, 0.8), 1.0, 1e-5), 8, 1)
+        "deer",
+        layout,
+        state,
+        3,
+        3,
+        None,
+        DPRandomness.from_seed(0),
+        record=RecordLevel(RecordDP((1.0, 1.2, 0.8), 1.0, 1e-5), 8, 1),
     )
     server = make()
     zero = {k: torch.zeros_like(state[k]) for k in layout.trained_keys(("B",))}
@@ -263,7 +271,7 @@ def test_phase_switch_b_then_a_trains_under_opacus_and_cleans_up():
     hooks = _hooks(model)
     record = RecordDP((1.0,), 1.0, 1e-5, "regulated")
     training = LocalTraining(1, 8, 0.05, record_dp=record)
-    task = ClientTask(0, data, 7)
+    task = ClientTask(0, data, 7, dp_seed=7)
     for phase in (Phase(0, 0, ("B",)), Phase(0, 1, ("A",)), Phase(1, 0, ("B",))):  # no IndexError: pop from empty
         update = train_client(model, layout, state, phase, task, training)
         assert set(update.delta) == set(layout.trained_keys(phase.factors))
@@ -297,14 +305,14 @@ def test_empty_poisson_batches_are_noise_only_steps():
     batches = list(sampler)
     assert any(len(b) == 0 for b in batches)
     training = LocalTraining(1, 1, 0.01, record_dp=record)
-    update = train_client(model, layout, state, Phase(0, 0, ("B",)), ClientTask(0, data, 3), training)
+    update = train_client(model, layout, state, Phase(0, 0, ("B",)), ClientTask(0, data, 3, dp_seed=3), training)
     assert update.images_seen == sum(len(b) for b in batches)
     assert all(torch.isfinite(v).all() for v in update.delta.values())
 
 
 def test_batch_memory_manager_gives_the_same_update_and_bf16_runs():
     model, layout, state, data = setup("deer")
-    phase, task = Phase(0, 1, ("A",)), ClientTask(1, data, 11)
+    phase, task = Phase(0, 1, ("A",)), ClientTask(1, data, 11, dp_seed=11)
 
     def run(**kw):
         mp = kw.pop("mixed_precision", "no")
@@ -337,7 +345,8 @@ def test_driver_record_dp_resume_equals_uninterrupted(tmp_path, medmnist_dir):
 
     from train import fed
 
-    flags = ["--dp", "record", "--record-noise-multiplier", "1.0", "--record-delta", "1e-4"]
+    # Two separate runs compared bit for bit: their DP draws must come from the public seed.
+    flags = ["--dp", "record", "--record-noise-multiplier", "1.0", "--record-delta", "1e-4", "--reproducible-noise"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert fed.main(_argv(medmnist_dir, whole, *flags)) == 0
     assert fed.main(_argv(medmnist_dir, parts, *flags, "--max-phases", "1")) == 0
@@ -352,7 +361,10 @@ def test_driver_record_dp_resume_equals_uninterrupted(tmp_path, medmnist_dir):
         torch.testing.assert_close(ta[k], tb[k])
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["record_epsilon_max"] == pytest.approx(a["epsilon"])
-    assert "record-level" in (whole / "adapter" / "README.md").read_text()
+    # --reproducible-noise: every output says there is no guarantee
+    card = (whole / "adapter" / "README.md").read_text()
+    assert "**none**" in card and "reproducible-noise" in card and "record-level (" not in card
+    assert a["reproducible_noise"] is True and a["guarantee"].startswith("NONE")
 
     both = tmp_path / "both"
     flags2 = ["--dp", "client,record", "--noise-multiplier", "1.0", "--delta", "1e-3", "--record-epsilon", "8"]
@@ -370,7 +382,10 @@ def test_driver_record_dp_resume_equals_uninterrupted(tmp_path, medmnist_dir):
     [
         (["--dp", "record"], "--dp record needs --record-epsilon or --record-noise-multiplier"),
         (["--record-epsilon", "3"], "--record-epsilon/--record-noise-multiplier need --dp record"),
-        (["--dp", "record", "--record-noise-multiplier", "0"], "--record-noise-multiplier 0.0 must be > 0"),
+        (
+            ["--dp", "record", "--record-noise-multiplier", "0"],
+            "--record-noise-multiplier 0.0 must be a finite",
+        ),
         (["--dp", "client,record", "--record-epsilon", "3"], "--dp client needs --epsilon"),
     ],
 )

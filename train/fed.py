@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from peft_deer.experiment import (
     SettingsMismatch,
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything that bad inputs can make fail happens before the output dir is touched.
     try:
-        exp = build_experiment(args, accelerator.device, say=accelerator.print)
+        exp = build_experiment(args, accelerator.device, say=accelerator.print, share=_from_main_process)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"deer-fed: error: {err}", file=sys.stderr)
         return 1
@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(final_line(finalize(exp, out, progress, stopped), out))
     accelerator.wait_for_everyone()
     return 0
+
+
+def _from_main_process(value):
+    """The main process's `value` on every process (the run's DP secret must be one per run)."""
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .aggregate import (
 from .batched import BatchedEngine
 from .client import ClientEngine, ClientTask, ClientUpdate, LocalTraining, SequentialEngine, train_client
 from .mechanism import Whitener, build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
+from .randomness import DPRandomness
 from .schedule import METHOD_SPECS, MethodSpec, Phase, iter_phases, method_spec
 from .seeding import derive_seed
 from .server import FederatedServer
@@ -37,6 +38,7 @@ __all__ = [
     "ClientDP",
     "ClientEngine",
     "ClientTask",
+    "DPRandomness",
     "ClientUpdate",
     "FederatedServer",
     "InvalidClientUpdate",

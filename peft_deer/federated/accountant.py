@@ -14,12 +14,29 @@ class PrivacyBudgetExceeded(RuntimeError):
     """The next release would push epsilon past the run's target."""
 
 
+class WeakDeltaWarning(UserWarning):
+    """delta is allowed but large enough to make the guarantee weak."""
+
+
 def check_delta(delta: float, num_clients: int) -> None:
-    """Client-level DP needs delta < 1/num_clients (else one client may be revealed outright)."""
-    if not 0 < delta < 1.0 / num_clients:
+    """Client-level DP needs delta < 1/num_clients (else one client may be revealed outright).
+
+    Warns (`WeakDeltaWarning`) above 1/(10 num_clients): (epsilon, delta)-DP allows a mechanism that
+    publishes a randomly chosen client's whole data with probability delta per client, so with delta
+    near 1/N one of the N clients is exposed with probability near N delta.
+    """
+    if not (math.isfinite(delta) and 0 < delta < 1.0 / num_clients):
         raise ValueError(
             f"--delta {delta:g} must be in (0, 1/num_clients) (= {1.0 / num_clients:.3g} for {num_clients} "
             "clients); use e.g. 1e-5"
+        )
+    if delta > 0.1 / num_clients:
+        warnings.warn(
+            f"--delta {delta:g} is above 1/(10 num_clients) = {0.1 / num_clients:.3g}: (epsilon, delta)-DP then "
+            f"still allows exposing one of the {num_clients} clients outright with probability up to "
+            f"{num_clients * delta:.2g}; use e.g. 1e-5",
+            WeakDeltaWarning,
+            stacklevel=2,
         )
 
 
@@ -27,8 +44,8 @@ def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, releases: int, accountant: str = "rdp"
 ) -> float:
     """Smallest sigma (to opacus's tolerance) whose `releases` releases at rate q stay within target_epsilon."""
-    if target_epsilon <= 0:
-        raise ValueError(f"--epsilon {target_epsilon} must be > 0")
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"--epsilon {target_epsilon} must be finite and > 0")
     if releases < 1:
         raise ValueError(f"releases={releases} must be >= 1")
     return get_noise_multiplier(

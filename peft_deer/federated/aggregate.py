@@ -28,7 +28,7 @@ from .mechanism import (
     reference_effective_multiplier,
     sample_noise,
 )
-from .seeding import derive_seed
+from .randomness import DPRandomness
 
 
 class InvalidClientUpdate(ValueError):
@@ -159,20 +159,26 @@ def aggregate_phase(
     noise_kind: str,
     dp: ClientDP | None,
     denominator: float,
-    seed: int,
+    randomness: DPRandomness,
     phase_step: tuple[int, int],
     privatized_shares: int | None = None,
 ) -> PhaseRelease:
     """Aggregate `updates` of `trained_keys` into one delta (nothing else is touched).
 
     `denominator` is the public q * num_clients used with DP; without DP the weights are example
-    counts. Noise is seeded from (seed, round, phase[, client]) so any process count gives the same release.
-    `privatized_shares` = m says the updates arrive privatized by their clients, each with 1/m of the
-    noise variance (distributed placement in a deployment): they are checked and summed, nothing is
-    added; if fewer than m arrive, the release's effective sigma is sigma * sqrt(len(updates) / m).
+    counts. Noise draws from `randomness` for (round, phase[, client]), so any process count gives the
+    same release. `privatized_shares` = k says the updates arrive privatized by their clients, each with
+    1/k of the noise variance (distributed placement in a deployment): they are checked and summed,
+    nothing is added. At least k must arrive (else ValueError: the release would carry less noise than
+    sigma); r >= k give noise of std sigma * C * sqrt(r / k) >= sigma * C, accounted as sigma.
     """
     shapes = {k: global_state[k].shape for k in trained_keys}
     validate_updates(updates, shapes)
+    if dp is not None and privatized_shares is not None and len(updates) < privatized_shares:
+        raise ValueError(
+            f"{len(updates)} privatized updates carry less noise than sigma: each holds 1/{privatized_shares} "
+            "of the noise variance; nothing released"
+        )
     updates = sorted(updates, key=lambda u: u.client_id)
     participants = [u.client_id for u in updates]
     if dp is None:
@@ -194,7 +200,7 @@ def aggregate_phase(
             private, norm = u.delta, math.nan  # the norm before clipping stays with the client
         elif dp.placement == "distributed":
             # Simulate each client's own step: under secure aggregation only the sum is seen.
-            generator = torch.Generator().manual_seed(derive_seed(seed, *phase_step, u.client_id, "noise"))
+            generator = randomness.generator(*phase_step, u.client_id, "noise")
             private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, len(updates), generator)
         else:
             private, norm = clip_client_update(u.delta, whiteners, noise_kind, dp.clip_norm)
@@ -203,7 +209,7 @@ def aggregate_phase(
         for k in shapes:
             total[k] += private[k].float()
     if dp.placement == "central" and privatized_shares is None:
-        generator = torch.Generator().manual_seed(derive_seed(seed, *phase_step, "noise"))
+        generator = randomness.generator(*phase_step, "noise")
         for k, n in sample_noise(whiteners, shapes, std, generator).items():
             total[k] += n
 
@@ -213,8 +219,8 @@ def aggregate_phase(
         if noise_kind == "reference"
         else dp.noise_multiplier
     )
-    if privatized_shares is not None:
-        sigma_eff *= math.sqrt(len(updates) / privatized_shares)  # shares of dropped clients are missing
+    # With privatized updates r >= k shares arrived: the noise has std sigma*C*sqrt(r/k) >= sigma*C. The
+    # release is accounted at the floor sigma, so the budget holds whatever arrives and r stays unpublished.
     return PhaseRelease(delta, participants, sigma_eff, _mean(norms), clipped / max(1, len(updates)))
 
 

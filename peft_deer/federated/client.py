@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -53,11 +53,17 @@ class LocalTraining:
 
 @dataclass(frozen=True)
 class ClientTask:
-    """One client's work in a phase: its id, its local dataset of (pixel_values, label), its seed."""
+    """One client's work in a phase: its id, its local dataset of (pixel_values, label) and two seeds.
+
+    `seed` (public, from --seed) fixes the data order and dropout. `dp_seed` seeds the draws behind
+    record-level DP (Poisson batches, DP-SGD noise) and must be secret: the server derives it from the
+    run's `DPRandomness`; None draws a fresh one from the OS.
+    """
 
     client_id: int
     dataset: Dataset
     seed: int
+    dp_seed: int | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -187,6 +188,8 @@ class RecordLevel:
             "epsilon_per_client": {str(c): e for c, e in eps.items()},
             "epsilon_max": max(eps.values(), default=0.0),
             "accountant": "opacus RDP, one per client",
+            "neighbouring_relation": "add/remove one record (one patient's image) in one client's data",
+            "trust_model": "each client is trusted with its own records; what leaves it is DP-SGD output",
         }
 
     def state_dict(self) -> dict:
@@ -305,8 +308,9 @@ def train_client_record(
     q = record_sample_rate(n, training.batch_size)
     sigma = record.noise_multiplier(task.client_id)
     torch.manual_seed(task.seed)  # dropout and any other stochastic layers
-    sample_gen = torch.Generator().manual_seed(derive_seed(task.seed, "poisson"))
-    noise_gen = torch.Generator(device=device).manual_seed(derive_seed(task.seed, "record-noise"))
+    dp_seed = secrets.randbits(63) if task.dp_seed is None else task.dp_seed  # never the public task.seed
+    sample_gen = torch.Generator().manual_seed(derive_seed(dp_seed, "poisson"))
+    noise_gen = torch.Generator(device=device).manual_seed(derive_seed(dp_seed, "record-noise"))
     autocast = autocast_for(device, training.mixed_precision)
     loss_sum, seen = 0.0, 0
     model.train()

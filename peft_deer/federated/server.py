@@ -6,7 +6,7 @@ history, release log); `state_dict()` / `load_state_dict()` round-trip it exactl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,18 +15,19 @@ from .adapter_state import AdapterLayout, AdapterState, add_delta
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase
 from .client import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
+from .randomness import DPRandomness
 from .record_dp import RecordLevel, merge_ledgers
 from .schedule import MethodSpec, Phase, method_spec
-from .seeding import derive_seed
 
 
 @dataclass
 class FederatedServer:
     """Global adapter and privacy state of one federated run of `method` over `num_clients` clients.
 
-    `clients_per_phase` clients take part in each phase (each release): a seeded fixed-size sample
-    without DP, Poisson sampling at rate q = clients_per_phase / num_clients with DP (the sampling
-    the accountant's amplification assumes), everyone when q = 1.
+    `clients_per_phase` clients take part in each phase (each release): a fixed-size sample without
+    DP, Poisson sampling at rate q = clients_per_phase / num_clients with DP (the sampling the
+    accountant's amplification assumes), everyone when q = 1. Sampling and noise draw from
+    `randomness` (a fresh OS secret unless given; see `randomness.py`).
     """
 
     method: str
@@ -35,7 +36,7 @@ class FederatedServer:
     num_clients: int
     clients_per_phase: int
     dp: ClientDP | None = None
-    seed: int = 0
+    randomness: DPRandomness = field(default_factory=DPRandomness.secret)
     record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
 
     def __post_init__(self) -> None:
@@ -58,10 +59,10 @@ class FederatedServer:
         return self.clients_per_phase / self.num_clients
 
     def participants(self, phase: Phase) -> list[int]:
-        """Client ids taking part in `phase` (sorted), drawn from (seed, round, phase) only."""
+        """Client ids taking part in `phase` (sorted), drawn from the run's randomness for (round, phase)."""
         if self.clients_per_phase == self.num_clients:
             return list(range(self.num_clients))
-        rng = np.random.default_rng(derive_seed(self.seed, *phase.step, "sample"))
+        rng = self.randomness.numpy(*phase.step, "sample")
         if self.dp is not None:
             return [int(i) for i in np.flatnonzero(rng.random(self.num_clients) < self.sample_rate)]
         return sorted(int(i) for i in rng.choice(self.num_clients, self.clients_per_phase, replace=False))
@@ -108,7 +109,7 @@ class FederatedServer:
             self.spec.noise,
             self.dp,
             denominator=self.sample_rate * self.num_clients,
-            seed=self.seed,
+            randomness=self.randomness,
             phase_step=phase.step,
             privatized_shares=privatized_shares,
         )
@@ -138,9 +139,24 @@ class FederatedServer:
         }
 
     def ledger(self) -> dict:
-        """The privacy ledger (`privacy.json`): what was released, under which mechanism, and its epsilon."""
+        """The privacy ledger (`privacy.json`): what was released, under which mechanism, and its epsilon.
+
+        It names the neighbouring relation and trust model, and where the noise came from: with
+        reproducible randomness (`DPRandomness.from_seed`) it states that there is no guarantee.
+        """
         ledger = self._client_ledger()
-        return ledger if self.record is None else merge_ledgers(ledger, self.record)
+        ledger = ledger if self.record is None else merge_ledgers(ledger, self.record)
+        if ledger["level"] != "none":
+            ledger["noise_randomness"] = self.randomness.guarantee_note
+            ledger["reproducible_noise"] = self.randomness.reproducible
+            if self.randomness.reproducible:
+                ledger["guarantee"] = (
+                    "NONE: the noise is reproducible from the public seed; the epsilon values say what a "
+                    "secret noise source would have given"
+                )
+            else:
+                ledger["guarantee"] = "holds as stated (secret noise, opacus accounting)"
+        return ledger
 
     def _client_ledger(self) -> dict:
         base = {
@@ -168,6 +184,11 @@ class FederatedServer:
                 "reference": "authors' mechanism (per-matrix clipping, unscaled (Y^T Y)^-1 noise)",
             }[self.spec.noise],
             "trust_model": self.dp.placement,
+            "trust_model_description": TRUST_MODELS[self.dp.placement],
+            "neighbouring_relation": (
+                "add/remove one client's entire data (client-level); Poisson sampling of clients at rate q "
+                "(q = 1: every client in every release); the total noise does not depend on who takes part"
+            ),
             "noise_multiplier": self.dp.noise_multiplier,
             "clip_norm": self.dp.clip_norm,
             "regulator_ridge": self.dp.ridge,
@@ -183,9 +204,12 @@ class FederatedServer:
         }
         if self.spec.noise == "reference":
             ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, "rdp")
+            ledger["epsilon_semantics"] = "running tally"
             ledger["note"] = (
-                "reproduction only: 'epsilon' is the true guarantee from the effective "
-                "multipliers; 'nominal_epsilon' is what sigma alone would suggest"
+                "reproduction only: 'epsilon' composes the effective multiplier of each release as it was made "
+                "(a running tally, not a budget fixed in advance: each multiplier depends on the frozen factor, "
+                "which earlier releases shaped); 'nominal_epsilon' is what sigma alone would suggest, and does "
+                "not hold"
             )
         return ledger
 
@@ -198,6 +222,7 @@ class FederatedServer:
             "releases": list(self.releases),
             "stopped_by_budget": self.stopped_by_budget,
             "record": None if self.record is None else self.record.state_dict(),
+            "randomness": self.randomness.state_dict(),  # the run's DP secret: the checkpoint only
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -206,8 +231,19 @@ class FederatedServer:
         self.nominal_accountant.load_state_dict(state["nominal_accountant"])
         self.releases = list(state["releases"])
         self.stopped_by_budget = bool(state["stopped_by_budget"])
+        if "randomness" not in state:
+            raise ValueError("the checkpoint holds no DP randomness (written by an older version); start again")
+        self.randomness = DPRandomness.from_state_dict(state["randomness"])
         if self.record is not None:
             self.record.load_state_dict(state["record"])
+
+
+TRUST_MODELS = {
+    "central": "the server is trusted with each client's raw update; it clips, sums and adds the noise, and the "
+    "released adapter (and everything published with it) is DP",
+    "distributed": "each client clips its update and adds its share of the noise before sending it; the sum "
+    "carries the full noise. Without secure aggregation the server still sees each update with only its share",
+}
 
 
 def _prv_or_none(accountant: ReleaseAccountant, delta: float) -> float | None:

@@ -15,7 +15,6 @@ update in the metric and adds its noise share (`privatize_update`) before anythi
 from __future__ import annotations
 
 import dataclasses
-import secrets
 
 import torch
 from flwr.app import Context, Message
@@ -24,6 +23,7 @@ from flwr.clientapp import ClientApp
 from ..experiment import build_model, client_dataset, client_dp, load_run_backbone, load_run_data, local_training
 from ..federated import (
     ClientTask,
+    DPRandomness,
     Phase,
     build_whiteners,
     derive_seed,
@@ -64,7 +64,7 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One phase of local training from the received global adapter; reply with the trained factor's delta."""
-    args, options, client_id, data, partition = _site(context)
+    args, _, client_id, data, partition = _site(context)
     work = read_train_message(msg)
     if work.client_id != client_id:
         raise ValueError(f"asked to train client {work.client_id}, but this SuperNode holds client {client_id}")
@@ -80,14 +80,10 @@ def train(msg: Message, context: Context) -> Message:
     if dp is not None and dp.placement == "distributed":
         noise = method_spec(args.method).noise
         whiteners = build_whiteners(layout, work.global_state, list(update.delta), noise, dp.ridge)
-        seed = (
-            derive_seed(args.seed, *phase.step, client_id, "noise")  # the simulation's seed: testing only
-            if options.reproducible_client_noise
-            else secrets.randbits(63)
-        )
-        delta, _ = privatize_update(
-            update.delta, whiteners, noise, dp, work.num_shares, torch.Generator().manual_seed(seed)
-        )
+        # The site's own secret; with reproducible-noise the simulation's draw (no guarantee: testing only).
+        randomness = DPRandomness.from_seed(args.seed) if args.reproducible_noise else DPRandomness.secret()
+        generator = randomness.generator(*phase.step, client_id, "noise")
+        delta, _ = privatize_update(update.delta, whiteners, noise, dp, work.num_shares, generator)
         update = dataclasses.replace(update, delta=delta)
     return update_reply(msg, update)
 

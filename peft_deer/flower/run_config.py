@@ -20,15 +20,14 @@ class DeploymentOptions:
         stop the run before the release; resume it later with `resume=true`.
     node_wait_s: how long the ServerApp waits for all `num-clients` SuperNodes to connect.
     reply_timeout_s: how long a phase waits for its clients' replies; a late client is dropped.
-    reproducible_client_noise: with the distributed noise placement, clients seed their noise share
-        from the run's seed, as the simulation does. The server could then remove the noise:
-        testing only, and the ledger says so.
+        With distributed noise, min_clients_per_phase is also the noise floor: each client adds
+        1/k of the noise variance, k = min(min_clients_per_phase, sampled), so any release the server
+        accepts carries at least the full noise.
     """
 
     min_clients_per_phase: int = 1
     node_wait_s: float = 300.0
     reply_timeout_s: float = 3600.0
-    reproducible_client_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.min_clients_per_phase < 1:
@@ -41,7 +40,6 @@ OPTION_KEYS = {
     "min-clients-per-phase": ("min_clients_per_phase", int),
     "node-wait-s": ("node_wait_s", float),
     "reply-timeout-s": ("reply_timeout_s", float),
-    "reproducible-client-noise": ("reproducible_client_noise", bool),
 }
 
 

@@ -87,5 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     if stopped == "max-phases":
         logger.info("stopped after max-phases; continue with resume=true")
         return
-    summary = finalize(exp, out, progress, stopped, extra_privacy=strategy.deployment_ledger())
+    summary = finalize(
+        exp, out, progress, stopped, extra_privacy=strategy.deployment_ledger(), private_extra=strategy.private_ledger()
+    )
     logger.info(final_line(summary, out))

@@ -49,7 +49,7 @@ class DeerStrategy(Strategy):
         self.options = options
         self.phases: list[Phase] = list(iter_phases(server.method, rounds))
         self.dropped: list[dict] = []
-        self._sent: dict[int, list[int]] = {}  # release number -> client ids a message went to
+        self._sent: dict[int, list[int]] = {}  # release number -> client ids sampled for it
         self.last_updates: list[ClientUpdate] = []
         self.last_release: PhaseRelease | None = None
 
@@ -70,12 +70,16 @@ class DeerStrategy(Strategy):
         for c in absent:
             self._drop(phase, c, "no SuperNode holds this client")
         sent = [c for c in participants if c in self.nodes]
-        self._sent[server_round] = participants  # the noise shares of all sampled clients make up the release
-        state = self.server.global_state
+        self._sent[server_round] = participants
+        state, shares = self.server.global_state, self.noise_shares(len(participants))
         return [
-            train_message(self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, len(participants)))
-            for c in sent
+            train_message(self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, shares)) for c in sent
         ]
+
+    def noise_shares(self, sampled: int) -> int:
+        """k: with distributed noise each client adds 1/k of the noise variance. The server accepts no
+        fewer than k updates, so every release carries at least the full noise whoever drops out."""
+        return max(1, min(self.options.min_clients_per_phase, sampled))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -103,7 +107,8 @@ class DeerStrategy(Strategy):
             try:
                 update = read_update_reply(reply, client, shapes)
                 if privatized:
-                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, len(participants))
+                    shares = self.noise_shares(len(participants))
+                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, shares)
             except InvalidClientUpdate as err:
                 self._drop(phase, client, str(err))
                 continue
@@ -111,7 +116,7 @@ class DeerStrategy(Strategy):
         for c in participants:
             if c in self.nodes and c not in updates and not self._was_dropped(phase, c):
                 self._drop(phase, c, f"no reply within {self.options.reply_timeout_s:g} s")
-        needed = min(self.options.min_clients_per_phase, len(participants))
+        needed = self.noise_shares(len(participants))
         if len(updates) < needed:
             raise TooFewClients(
                 f"round {phase.round + 1} phase {''.join(phase.factors)}: {len(updates)} valid updates of "
@@ -119,7 +124,7 @@ class DeerStrategy(Strategy):
                 "Resume with resume=true once the SuperNodes are back."
             )
         ordered = [updates[c] for c in sorted(updates)]
-        release = self.server.finish_phase(phase, ordered, len(participants) if privatized else None)
+        release = self.server.finish_phase(phase, ordered, needed if privatized else None)
         self.last_updates, self.last_release = ordered, release
         metrics = {"participants": len(ordered), "dropped": len(participants) - len(ordered)}
         if release.effective_noise_multiplier is not None:
@@ -137,6 +142,17 @@ class DeerStrategy(Strategy):
 
     def summary(self) -> None:
         dp = self.server.dp
+        expected = self.server.clients_per_phase
+        if dp is not None and dp.placement == "distributed" and self.noise_shares(expected) < expected:
+            logger.warning(
+                "distributed noise with min-clients-per-phase=%d < %d clients per phase: each client adds 1/%d of "
+                "the noise variance, so a full release carries %.2gx the noise it needs; set "
+                "min-clients-per-phase to the number of sites you expect to reply",
+                self.options.min_clients_per_phase,
+                expected,
+                self.noise_shares(expected),
+                expected / self.noise_shares(expected),
+            )
         logger.info(
             "DeerStrategy: method=%s, %d releases, %d clients on %d SuperNodes, DP=%s",
             self.server.method,
@@ -162,24 +178,35 @@ class DeerStrategy(Strategy):
         return release
 
     def deployment_ledger(self) -> dict:
-        """What the privacy ledger adds for a deployment: transport, trust model and dropped updates."""
+        """What the privacy ledger adds for a deployment: transport and, with distributed noise, how it holds.
+
+        Which clients were dropped (or sampled) is not in it: see `private_ledger`.
+        """
         dp = self.server.dp
-        ledger = {
-            "transport": "flower",
-            "dropped_updates": list(self.dropped),
-        }
+        ledger: dict = {"transport": "flower", "dropped_updates_count": len(self.dropped)}
         if dp is not None and dp.placement == "distributed":
+            k = self.noise_shares(self.server.clients_per_phase)
             ledger["client_noise"] = (
                 "seeded from the run seed: the server can remove it (testing only, no distributed guarantee)"
-                if self.options.reproducible_client_noise
-                else "drawn by each client from OS entropy; each update carries 1/m of the noise variance"
+                if self.server.randomness.reproducible
+                else f"drawn by each client from OS entropy; each update carries 1/{k} of the noise variance "
+                "(k = min-clients-per-phase), and no release is made from fewer than k updates, so each "
+                "carries at least the accounted noise"
+            )
+            ledger["neighbouring_relation"] = (
+                "add/remove one client's entire data, given which clients reply (the roster of replies is "
+                "treated as fixed; with dropouts the noise variance, at least sigma^2 C^2, depends on it)"
             )
             ledger["secure_aggregation"] = False
             ledger["note_distributed"] = (
                 "without secure aggregation the server sees each client's update with its noise share only "
-                "(sigma/sqrt(m)); the guarantee against the server itself needs SecAgg+"
+                f"(sigma/sqrt({k})); the guarantee against the server itself needs SecAgg+"
             )
         return ledger
+
+    def private_ledger(self) -> dict:
+        """Server-private facts of the deployment: every dropped update with its client and reason."""
+        return {"dropped_updates": list(self.dropped)}
 
     def _drop(self, phase: Phase, client: int, reason: str) -> None:
         logger.warning(
