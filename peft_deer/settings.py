@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from .federated import check_delta
 
 # Flags that may differ between a run and its resumption; all others must match. A run directory may be
 # moved or copied (or named by a relative instead of an absolute path) before it is resumed.
-RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config", "engine", "output_dir"}
+RESUMABLE_FLAGS = {"resume", "overwrite", "max_phases", "config", "engine", "output_dir", "prefix_cache_dir"}
 
 
 class RaisingParser(argparse.ArgumentParser):
@@ -67,6 +68,23 @@ def build_parser(
     g.add_argument("--target-modules", nargs="+", default=None, help="LoRA targets (default: q/k/v projections)")
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=8.0)
+    g.add_argument(
+        "--lora-layers",
+        default="all",
+        help="transformer blocks that get LoRA: 'all' (the paper) or 'last:K'. With last:K the frozen blocks below "
+        "run once per image (frozen-prefix cache) and local epochs go through the last K blocks only",
+    )
+    g.add_argument(
+        "--prefix-cache-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="precision of the cached block outputs (float16 halves their memory; see README for its cost)",
+    )
+    g.add_argument(
+        "--prefix-cache-dir",
+        default=None,
+        help="keep the frozen-prefix cache on disk here, shared by runs with the same model, size, data and K",
+    )
     g = p.add_argument_group("federated training")
     g.add_argument("--method", choices=METHODS, default="deer")
     g.add_argument("--rounds", type=int, default=10)
@@ -257,6 +275,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--max-physical-batch-size {args.max_physical_batch_size} must be >= 1")
     elif args.record_epsilon is not None or args.record_noise_multiplier is not None:
         parser.error("--record-epsilon/--record-noise-multiplier need --dp record")
+    if args.lora_layers != "all" and not re.fullmatch(r"last:[1-9]\d*", args.lora_layers):
+        parser.error(f"--lora-layers {args.lora_layers!r} must be 'all' or 'last:K' with K >= 1 (e.g. last:4)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
 

@@ -22,12 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MEDMNIST_DIR = ROOT.parent / "shared" / "data" / "medmnist"
 
 
-def tiny_vit(seed: int = 0, hidden: int = 32, num_labels: int = 2) -> ViTForImageClassification:
-    """A 2-layer random ViT for 28x28 grayscale images (about 20k parameters)."""
+def tiny_vit(
+    seed: int = 0, hidden: int = 32, num_labels: int = 2, layers: int = 2, dropout: float = 0.0
+) -> ViTForImageClassification:
+    """A random ViT (2 blocks by default) for 28x28 grayscale images (about 20k parameters)."""
     torch.manual_seed(seed)
     config = ViTConfig(
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
+        hidden_dropout_prob=dropout,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         image_size=28,
