@@ -20,8 +20,10 @@ NO_IMAGE = "No image: upload or paste an image first, or click one of the exampl
 BAD_IMAGE = "Could not read the upload as an image (corrupt or unsupported file). Use a PNG, JPEG, BMP or TIFF image."
 # Small scans (MedMNIST is 28 px) are shown enlarged, pixels kept sharp.
 CSS = "#input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
-METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("f1_macro", "macro F1"), ("precision_macro", "macro precision"),
-           ("recall_macro", "macro recall"))  # fmt: skip
+METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("balanced_accuracy", "balanced accuracy"),
+           ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1_macro", "macro F1"),
+           ("precision_macro", "macro precision"), ("recall_macro", "macro recall"),
+           ("threshold", "threshold"))  # fmt: skip
 
 
 def image_input(**kwargs: Any) -> gr.Image:
@@ -94,7 +96,12 @@ def _metrics_md(summary: dict[str, Any] | None) -> str:
     rows = [header, "|---" * (len(METRICS) + 1) + "|"]
     for name, values in test.items():
         rows.append(f"| {name} | " + " | ".join(_num((values or {}).get(k)) for k, _ in METRICS) + " |")
-    return "**Test metrics** (the run's held-out test split)\n\n" + "\n".join(rows)
+    note = (
+        "Balanced accuracy, sensitivity (recall of the second class) and specificity (recall of the first) decide "
+        "at the threshold on its probability chosen on the validation split (n/a: argmax); a constant guess "
+        "scores balanced accuracy 0.5."
+    )
+    return "**Test metrics** (the run's held-out test split)\n\n" + "\n".join(rows) + "\n\n" + note
 
 
 def describe(clf: Classifier, title: str | None = None) -> str:
@@ -109,6 +116,12 @@ def describe(clf: Classifier, title: str | None = None) -> str:
         f"- dataset: {run.get('dataset', 'n/a')}; classes: {', '.join(clf.class_names)}",
         f"- input: {run['image_size']} px, {run['num_channels']} channel(s), same preprocessing as training",
     ]
+    if run.get("decision_threshold") is not None and len(clf.class_names) == 2:
+        model.append(
+            f"- decision: {clf.class_names[1]} when its probability ≥ {_num(run['decision_threshold'])} (chosen on "
+            f"the validation split: sensitivity {_num(run.get('val_sensitivity'))}, specificity "
+            f"{_num(run.get('val_specificity'))})"
+        )
     return "\n".join(model) + "\n\n" + _privacy_md(clf.privacy) + "\n\n" + _metrics_md(clf.summary)
 
 

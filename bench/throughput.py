@@ -2,6 +2,8 @@
 
     python bench/throughput.py --model tiny-vit --clients 12 --batch-per-client 10 --image-size 28 --steps 5
     python bench/throughput.py --model dinov2-s --clients 12 --batch-per-client 10 --image-size 56 --steps 2
+    python bench/throughput.py --model dinov2-s --clients 6 --batch-per-client 32 --image-size 56 --steps 3 \
+        --lora-layers last:2
 
 Random weights of the model's shape (configs are built, nothing is downloaded), random images, one
 `deer` phase-B local epoch of `--steps` mini-batches per client. Sequential runs in fp32; batched
@@ -17,6 +19,10 @@ MFU (GPU only, else null) = batched img/s × 2 × forward FLOPs per image ÷ the
 rate, measured here with an 8192³ bf16 matmul. Factor 2: the backbone is frozen, so a training step
 costs a forward and a backward to the activations (about one forward more); the adapter's weight
 gradients are negligible. Forward FLOPs come from `torch.utils.flop_counter` on one image.
+
+`--lora-layers last:K` puts LoRA in the last K blocks only and also times the frozen-prefix cache:
+`prefix_build_img_s` (the one-off forward of the frozen blocks, per image) and `cached_img_s` (the
+sequential engine training on the cached block outputs); `cached_ratio` = cached / sequential.
 """
 
 from __future__ import annotations
@@ -44,6 +50,13 @@ from peft_deer.federated import (
     adapter_layout,
     get_adapter_state,
     iter_phases,
+)
+from peft_deer.prefix_cache import (
+    blocks_pattern,
+    compute_prefix_features,
+    num_blocks,
+    parse_lora_layers,
+    skip_prefix,
 )
 
 NUM_LABELS = 2
@@ -117,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--baseline", default=None, help="another batched.py to time as well (baseline_img_s)")
+    p.add_argument("--lora-layers", default="all", help="'all' or 'last:K'; last:K also times the prefix cache")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     backbone, channels = build_model(args.model, size)
+    blocks = parse_lora_layers(args.lora_layers, num_blocks(backbone))
     config = DeerLoraConfig(
+        layers_to_transform=blocks,
+        layers_pattern=None if blocks is None else blocks_pattern(backbone),
         r=args.rank,
         lora_alpha=args.rank,
         target_modules=default_target_modules(backbone),
@@ -172,6 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
         baseline = images_per_s(engine, model, layout, state, phase, tasks, device)
         print(f"baseline batched {best}: {baseline:.1f} img/s", flush=True)
 
+    prefix_build, cached = None, None
+    if blocks is not None and blocks[0] > 0:
+        start = time.perf_counter()
+        cached_tasks = [
+            ClientTask(t.client_id, compute_prefix_features(model, t.dataset, blocks[0], 64, torch.float16), t.seed)
+            for t in tasks
+        ]
+        prefix_build = n * len(tasks) / (time.perf_counter() - start)
+        with skip_prefix(model, blocks[0]):
+            cached = images_per_s(SequentialEngine(training("no")), model, layout, state, phase, cached_tasks, device)
+        print(f"prefix cache: built at {prefix_build:.1f} img/s, training on it {cached:.1f} img/s", flush=True)
+
     flops = forward_flops_per_image(model, channels, size, device)
     mfu, peak = None, None
     if device.type == "cuda":
@@ -193,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
         "batched_precision": best,
         "batched_img_s_by_precision": {k: round(v, 2) for k, v in batched_by_precision.items()},
         "ratio": round(batched / sequential, 3),
+        "lora_layers": args.lora_layers,
+        "prefix_build_img_s": None if prefix_build is None else round(prefix_build, 2),
+        "cached_img_s": None if cached is None else round(cached, 2),
+        "cached_ratio": None if cached is None else round(cached / sequential, 3),
         "staged_img_s": None if staged is None else round(staged, 2),
         "baseline_img_s": None if baseline is None else round(baseline, 2),
         "forward_gflops_per_image": float(f"{flops / 1e9:.4g}"),

@@ -1,4 +1,9 @@
-"""Evaluation of a classifier on an in-memory split: class probabilities and scikit-learn metrics."""
+"""Evaluation of a classifier on an in-memory split: class probabilities and scikit-learn metrics.
+
+Accuracy flatters a classifier on an imbalanced split (a constant "pneumonia" scores 0.625 on a 62.5 %
+positive split), so the metrics also give balanced accuracy and, for binary tasks, sensitivity and
+specificity at a decision threshold on P(class 1) chosen on the validation split (Youden's J).
+"""
 
 from __future__ import annotations
 
@@ -26,26 +31,85 @@ def predict_proba(
     return torch.cat(out).numpy()
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
-    """accuracy, macro precision/recall/F1 and AUC (one-vs-rest macro for > 2 classes; None if undefined)."""
+def positive_scores(probs: np.ndarray) -> np.ndarray:
+    """P(class 1), shape (N,), from (N, 2) class probabilities (or from an (N,) vector, returned as is)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim == 1:
+        return probs
+    if probs.ndim != 2 or probs.shape[1] != 2:
+        raise ValueError(f"a decision threshold needs a binary task: probabilities of shape {probs.shape}, not (N, 2)")
+    return probs[:, 1]
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The decision threshold t (class 1 iff P(class 1) >= t) that maximises Youden's J on (labels, probs).
+
+    J = sensitivity + specificity - 1. `probs`: (N, 2) class probabilities or (N,) P(class 1), labels in
+    {0, 1}. Candidates: 0.5 (the argmax rule), 0, and the midpoints between consecutive distinct scores
+    (with 0 and 1 as end points), so each distinct decision on these N images is tried once. Ties go to the
+    candidate closest to 0.5 (then the lower one): argmax wins whenever it is as good. Labels of one class
+    only leave J undefined: 0.5. Choose it on the validation split, never on the test split.
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    scores = positive_scores(probs)
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(scores)} probabilities")
+    if not set(np.unique(labels)) <= {0, 1}:
+        raise ValueError(f"labels {sorted(set(np.unique(labels).tolist()))} are not binary (0/1)")
+    positives, negatives = labels == 1, labels == 0
+    if not positives.any() or not negatives.any():
+        return 0.5
+    ends = np.unique(np.concatenate([[0.0], scores, [1.0]]))
+    candidates = np.unique(np.concatenate([[0.0, 0.5], (ends[:-1] + ends[1:]) / 2]))
+    # Images scored below t are called class 0: count them per candidate in the sorted scores, O(N log N).
+    pos, neg = np.sort(scores[positives]), np.sort(scores[negatives])
+    sensitivity = 1.0 - np.searchsorted(pos, candidates, side="left") / len(pos)
+    specificity = np.searchsorted(neg, candidates, side="left") / len(neg)
+    youden = sensitivity + specificity - 1.0
+    best = np.flatnonzero(youden >= youden.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, threshold: float | None = None
+) -> dict[str, float | None]:
+    """Metrics of class probabilities `probs` (N, num_classes) against integer `labels` (N,).
+
+    - `accuracy`, macro `precision_macro`/`recall_macro`/`f1_macro` (argmax decisions) and `auc`
+      (one-vs-rest macro for > 2 classes; None with one class in `labels`): as before, threshold-free.
+    - `balanced_accuracy` (mean recall over the classes in `labels`: 0.5 for any constant binary
+      predictor) and, for 2 classes, `sensitivity` (recall of class 1) and `specificity` (recall of
+      class 0), None when `labels` lack that class or for > 2 classes. They use the decision rule
+      `threshold`: class 1 iff P(class 1) >= threshold (binary only; choose it with `choose_threshold`
+      on the validation split), or argmax when None.
+    - `threshold`: the rule used (None: argmax).
+    """
     labels = np.asarray(labels)
+    num_classes = probs.shape[1]
     preds = probs.argmax(axis=1)
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, preds, average="macro", labels=list(range(probs.shape[1])), zero_division=0
+        labels, preds, average="macro", labels=list(range(num_classes)), zero_division=0
     )
     auc: float | None
     if len(np.unique(labels)) < 2:
         auc = None
-    elif probs.shape[1] == 2:
+    elif num_classes == 2:
         auc = float(roc_auc_score(labels, probs[:, 1]))
     else:
-        auc = float(
-            roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
-        )
+        auc = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(num_classes))))
+    if threshold is not None:
+        decisions = (positive_scores(probs) >= threshold).astype(np.int64)
+    else:
+        decisions = preds
+    recalls = {int(c): float(np.mean(decisions[labels == c] == c)) for c in np.unique(labels)}
     return {
         "accuracy": float(accuracy_score(labels, preds)),
         "precision_macro": float(precision),
         "recall_macro": float(recall),
         "f1_macro": float(f1),
         "auc": auc,
+        "balanced_accuracy": float(np.mean(list(recalls.values()))),
+        "sensitivity": recalls.get(1) if num_classes == 2 else None,
+        "specificity": recalls.get(0) if num_classes == 2 else None,
+        "threshold": None if threshold is None else float(threshold),
     }

@@ -46,7 +46,7 @@ from .data import (
     partition_clients,
     plot_label_counts,
 )
-from .evaluation import classification_metrics, predict_proba
+from .evaluation import choose_threshold, classification_metrics, predict_proba
 from .export import export_lora_adapter
 from .federated import (
     AdapterLayout,
@@ -60,6 +60,7 @@ from .federated import (
     PhaseRelease,
     PrivacyBudgetExceeded,
     SequentialEngine,
+    ServerOptimizer,
     adapter_layout,
     calibrate_noise_multiplier,
     derive_seed,
@@ -89,6 +90,7 @@ from .settings import run_fingerprint
 CHECKPOINT = "checkpoint.pt"
 PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
 OFFLINE_DINOV2 = ("dinov2-s", "dinov2-small-imgfocus")
+DECISION_RULE = "class 1 when P(class 1) >= decision_threshold (Youden's J on the validation split)"
 
 # (phase, participating client ids) -> (the updates that were aggregated, the release)
 ReleasePhase = Callable[[Phase, list[int]], tuple[list[ClientUpdate], PhaseRelease]]
@@ -202,6 +204,7 @@ def build_model(
 ) -> tuple[PeftModel, AdapterLayout]:
     """The DEER_LORA model of the run (LoRA initialised from the run's seed) and its adapter layout.
 
+    With `--head-init zero` the trained head (PEFT's `modules_to_save` copy: weight and bias) starts at 0.
     LoRA is injected in place: deep-copy `backbone.model` first if the plain backbone is still needed.
     """
     config = lora_config(args, backbone, noise_multiplier)
@@ -210,7 +213,20 @@ def build_model(
         model = get_peft_model(backbone.model, config).to(device)
     except ValueError as err:
         raise ValueError(f"LoRA target modules {sorted(config.target_modules)}: {str(err).strip()}") from err
-    return model, adapter_layout(model)
+    layout = adapter_layout(model)
+    if args.head_init == "zero":
+        zero_head(model, layout)
+    return model, layout
+
+
+@torch.no_grad()
+def zero_head(model: PeftModel, layout: AdapterLayout) -> None:
+    """Set the trained head's parameters (`layout.head_keys`) to 0; the frozen original head is untouched."""
+    if not layout.head_keys:
+        raise ValueError("--head-init zero: the model has no trained head (modules_to_save) to initialise")
+    params = dict(model.named_parameters())
+    for key in layout.head_keys:
+        params[key].zero_()
 
 
 def local_training(args: argparse.Namespace, record: RecordLevel | None = None) -> LocalTraining:
@@ -364,6 +380,7 @@ def build_experiment(
         dp,
         share(run_randomness(args)),
         record,
+        ServerOptimizer(args.server_optimizer, args.server_lr, args.server_momentum),
     )
     engine = select_engine(args.engine, SequentialEngine(local_training(args, record)), model, layout, say)
     blocks = adapted_blocks(args, model)
@@ -640,13 +657,19 @@ def run_phases(
     return stopped
 
 
+def validation_metrics(exp: Experiment) -> dict[str, float | None]:
+    """Metrics of the model's loaded adapter on the validation split, at the decision threshold chosen on that
+    split (Youden's J; binary tasks; `threshold` None, i.e. argmax, for more classes)."""
+    args, labels = exp.args, exp.data.splits.val.labels
+    probs = predict_proba(exp.model, exp.val_data, args.eval_batch_size, args.mixed_precision)
+    threshold = choose_threshold(labels, probs) if probs.shape[1] == 2 else None
+    return classification_metrics(labels, probs, threshold)
+
+
 def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Phase, acc: dict, say) -> None:
     args, server = exp.args, exp.server
     load_adapter_state(exp.model, server.global_state)
-    val = classification_metrics(
-        exp.data.splits.val.labels,
-        predict_proba(exp.model, exp.val_data, args.eval_batch_size, args.mixed_precision),
-    )
+    val = validation_metrics(exp)
     # RDP only (the budget's accountant): server.epsilon() also runs PRV, seconds per call.
     eps = server.accountant.epsilon(server.dp.delta, "rdp") if server.dp else None
     norms = [n for n in acc["update_norms"] if not math.isnan(n)]
@@ -679,7 +702,10 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     loss_text = ""
     if args.dp == "none":
         loss_text = f" (train loss {private['train_loss']:.4f}, {private['images_per_s']:.1f} img/s)"
-    say(f"round {phase.round + 1}/{args.rounds}: val acc {val['accuracy']:.3f} auc {auc}{eps_text}{loss_text}")
+    say(
+        f"round {phase.round + 1}/{args.rounds}: val acc {val['accuracy']:.3f} bal acc "
+        f"{val['balanced_accuracy']:.3f} auc {auc}{eps_text}{loss_text}"
+    )
 
 
 # ----------------------------------------------------------------------------- final outputs
@@ -706,8 +732,9 @@ def finalize(
     for name, state in adapters.items():
         load_adapter_state(model, state)
         with exp.model_inputs():
+            val = validation_metrics(exp)  # this adapter's decision threshold, chosen on validation only
             probs = predict_proba(model, exp.test_data, args.eval_batch_size, args.mixed_precision)
-        test[name] = classification_metrics(splits.test.labels, probs)
+        test[name] = classification_metrics(splits.test.labels, probs, val["threshold"])
         target = out / ("adapter" if name == "final" else "adapter-best")
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -725,6 +752,10 @@ def finalize(
                 "base_description": backbone.description,
                 "method": args.method,
                 "dataset": args.dataset,
+                "decision_threshold": val["threshold"],
+                "decision_rule": DECISION_RULE if val["threshold"] is not None else "argmax",
+                "val_sensitivity": val["sensitivity"],
+                "val_specificity": val["specificity"],
             },
         )
         shutil.rmtree(target, ignore_errors=True)
@@ -751,6 +782,7 @@ def finalize(
         "image_size": backbone.image_size,
         "rank": args.rank,
         "lora_alpha": args.lora_alpha,
+        "server_optimizer": server.optimizer.describe(),
         "rounds_completed": rounds_done,
         "privacy": ledger,
         "test": test,
@@ -781,7 +813,7 @@ def final_line(summary: dict[str, Any], out: Path) -> str:
     auc = "n/a" if final["auc"] is None else f"{final['auc']:.4f}"
     eps = summary.get("epsilon")
     return (
-        f"done: {summary['method']} test acc {final['accuracy']:.4f} auc {auc}"
+        f"done: {summary['method']} test acc {final['accuracy']:.4f} bal acc {final['balanced_accuracy']:.4f} auc {auc}"
         + ("" if eps in (None, float("inf")) else f" eps {eps:.3f}")
         + f" -> {out}"
     )

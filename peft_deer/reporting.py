@@ -9,7 +9,7 @@ from typing import Any
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Validation accuracy/AUC and epsilon against rounds, from `metrics.jsonl` rows, as a PNG."""
+    """Validation accuracy/AUC/balanced accuracy and epsilon against rounds, from `metrics.jsonl` rows, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +17,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     rounds = [r["round"] + 1 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for key, label in (("val_accuracy", "accuracy"), ("val_auc", "AUC")):
+    for key, label in (("val_accuracy", "accuracy"), ("val_auc", "AUC"), ("val_balanced_accuracy", "balanced acc.")):
         values = [r.get(key) for r in rows]
         ax1.plot(rounds, [math.nan if v is None else v for v in values], marker="o", label=label)
     ax1.set_xlabel("round")
@@ -37,6 +37,10 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def model_card(info: dict[str, Any]) -> str:
@@ -74,18 +78,24 @@ def model_card(info: dict[str, Any]) -> str:
         f"- **Data:** {info['dataset']}, classes {info['class_names']}, {info['num_clients']} clients "
         f"({info['partition']}), image size {info['image_size']} px",
         f"- **Method:** `{info['method']}` (peft_deer), rank {info['rank']}, alpha {info['lora_alpha']}, "
-        f"{info['rounds_completed']} rounds",
+        f"{info['rounds_completed']} rounds, server optimizer {info['server_optimizer']}",
         f"- **Privacy:** {guarantee}",
         "",
         "## Test metrics",
         "",
-        "| adapter | accuracy | AUC | macro F1 |",
-        "|---|---|---|---|",
+        "| adapter | accuracy | AUC | macro F1 | balanced accuracy | sensitivity | specificity | threshold |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in info["test"].items():
-        auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
-        lines.append(f"| {name} | {m['accuracy']:.4f} | {auc} | {m['f1_macro']:.4f} |")
+        cells = [m.get(k) for k in ("accuracy", "auc", "f1_macro", "balanced_accuracy", "sensitivity", "specificity")]
+        threshold = "argmax" if m.get("threshold") is None else f"{m['threshold']:.4f}"
+        lines.append(f"| {name} | " + " | ".join(_cell(v) for v in cells) + f" | {threshold} |")
     lines += [
+        "",
+        "Balanced accuracy (mean recall per class: 0.5 for any constant predictor, whatever the class balance), "
+        "sensitivity (recall of class 1) and specificity (recall of class 0) decide class 1 when P(class 1) >= "
+        "the threshold chosen on the validation split (Youden's J; argmax for > 2 classes); accuracy, AUC and "
+        "macro F1 use the argmax.",
         "",
         "Load with `import peft_deer; PeftModel.from_pretrained(base, this_dir)`, or use the plain LoRA "
         "export in `../adapter-lora` with vanilla PEFT.",

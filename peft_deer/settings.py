@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .config import METHODS
-from .federated import check_delta
+from .federated import SERVER_OPTIMIZERS, check_delta
 
 # Flags that may differ between a run and its resumption; all others must match. A run directory may be
 # moved or copied (or named by a relative instead of an absolute path) before it is resumed.
@@ -85,6 +85,13 @@ def build_parser(
         default=None,
         help="keep the frozen-prefix cache on disk here, shared by runs with the same model, size, data and K",
     )
+    g.add_argument(
+        "--head-init",
+        choices=["default", "zero"],
+        default="default",
+        help="initial classifier head (trained in every phase): the model's random init, or all zeros, common in "
+        "DP finetuning: every class starts at the same logit, no noisy update is spent undoing a random head",
+    )
     g = p.add_argument_group("federated training")
     g.add_argument("--method", choices=METHODS, default="deer")
     g.add_argument("--rounds", type=int, default=10)
@@ -104,6 +111,16 @@ def build_parser(
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument(
+        "--server-optimizer",
+        choices=list(SERVER_OPTIMIZERS),
+        default="avg",
+        help="how the server applies each aggregated (privatized) update, per trained factor and head: avg "
+        "(global += lr * update), momentum (FedAvgM), adam (FedAdam: betas 0.9, 0.99, eps 1e-8, bias-corrected; "
+        "its step per entry is about --server-lr, so use e.g. 1e-3). Post-processing: epsilon does not change",
+    )
+    g.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1.0 with avg: plain FedAvg)")
+    g.add_argument("--server-momentum", type=float, default=0.9, help="beta of --server-optimizer momentum")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     g.add_argument(
@@ -242,6 +259,10 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--{name.replace('_', '-')} {value} must be >= 1")
     if not args.lr > 0:
         parser.error(f"--lr {args.lr} must be > 0")
+    if not (math.isfinite(args.server_lr) and args.server_lr > 0):
+        parser.error(f"--server-lr {args.server_lr:g} must be > 0 (1.0 for plain averaging, e.g. 1e-3 with adam)")
+    if not 0 <= args.server_momentum < 1:
+        parser.error(f"--server-momentum {args.server_momentum:g} must be in [0, 1) (e.g. 0.9)")
     if args.clients_per_round is not None and not 1 <= args.clients_per_round <= args.num_clients:
         parser.error(f"--clients-per-round {args.clients_per_round} must be in [1, --num-clients {args.num_clients}]")
     if args.partition == "dirichlet" and not args.dirichlet_alpha > 0:

@@ -104,7 +104,8 @@ def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
 def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     md = describe(clf)
     for text in ("tiny random ViT", "method: deer", "client-level (ε, δ)-DP", "ε = ", "δ = 0.001", "mechanism:",
-                 "trust model: central", "accuracy", "AUC", "| final |"):  # fmt: skip
+                 "trust model: central", "accuracy", "AUC", "| final |", "balanced accuracy", "sensitivity",
+                 "specificity", "pneumonia when its probability ≥ "):  # fmt: skip
         assert text in md, text
     assert clf.curves is not None and clf.curves.is_file()
     assert len(clf.examples) == 4 and {e.class_name for e in clf.examples} == {"normal", "pneumonia"}

@@ -43,7 +43,10 @@ METHOD_FLAGS = {
     "lora": [*DP, "--num-clients", "4", "--clients-per-round", "2"],
     "deer-reference": DP,
 }
-ROW_KEYS = {"round", "val_accuracy", "val_auc", "epsilon", "seconds"}
+ROW_KEYS = {
+    "round", "val_accuracy", "val_auc", "val_balanced_accuracy", "val_sensitivity", "val_specificity",
+    "val_threshold", "epsilon", "seconds",
+}  # fmt: skip
 # Computed from the clients' data without noise: only in server-private/, never in what ships with the adapter.
 PRIVATE_KEYS = {"train_loss", "images_per_s", "mean_update_norm", "participants_per_phase"}
 

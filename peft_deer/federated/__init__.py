@@ -29,9 +29,11 @@ from .randomness import DPRandomness
 from .schedule import METHOD_SPECS, MethodSpec, Phase, iter_phases, method_spec
 from .seeding import derive_seed
 from .server import FederatedServer
+from .server_optimizer import SERVER_OPTIMIZERS, ServerOptimizer
 
 __all__ = [
     "METHOD_SPECS",
+    "SERVER_OPTIMIZERS",
     "AdapterLayout",
     "AdapterState",
     "BatchedEngine",
@@ -50,6 +52,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "ReleaseAccountant",
     "SequentialEngine",
+    "ServerOptimizer",
     "Whitener",
     "adapter_layout",
     "aggregate_phase",

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_delta
-from .adapter_state import AdapterLayout, AdapterState, add_delta
+from .adapter_state import AdapterLayout, AdapterState
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase
 from .client import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
 from .record_dp import RecordLevel, merge_ledgers
 from .schedule import MethodSpec, Phase, method_spec
+from .server_optimizer import ServerOptimizer
 
 
 @dataclass
@@ -27,7 +28,8 @@ class FederatedServer:
     `clients_per_phase` clients take part in each phase (each release): a fixed-size sample without
     DP, Poisson sampling at rate q = clients_per_phase / num_clients with DP (the sampling the
     accountant's amplification assumes), everyone when q = 1. Sampling and noise draw from
-    `randomness` (a fresh OS secret unless given; see `randomness.py`).
+    `randomness` (a fresh OS secret unless given; see `randomness.py`). `optimizer` applies each
+    release to the global adapter (default: add it, FedAvg); it only post-processes the release.
     """
 
     method: str
@@ -38,6 +40,7 @@ class FederatedServer:
     dp: ClientDP | None = None
     randomness: DPRandomness = field(default_factory=DPRandomness.secret)
     record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
+    optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = method_spec(self.method)
@@ -96,7 +99,7 @@ class FederatedServer:
     def finish_phase(
         self, phase: Phase, updates: list[ClientUpdate], privatized_shares: int | None = None
     ) -> PhaseRelease:
-        """Validate and aggregate `updates`, apply the delta to the global adapter, account the release.
+        """Validate and aggregate `updates`, step the global adapter with the release, account the release.
 
         On any invalid update nothing is aggregated, applied or accounted. `privatized_shares`: the
         updates were clipped and noised by their clients, m shares in all (see `aggregate_phase`).
@@ -113,7 +116,7 @@ class FederatedServer:
             phase_step=phase.step,
             privatized_shares=privatized_shares,
         )
-        self.global_state = add_delta(self.global_state, release.delta)
+        self.global_state = self.optimizer.step(self.global_state, release.delta, self.trained_keys(phase))
         record = {
             "round": phase.round,
             "phase": phase.index,
@@ -223,6 +226,7 @@ class FederatedServer:
             "stopped_by_budget": self.stopped_by_budget,
             "record": None if self.record is None else self.record.state_dict(),
             "randomness": self.randomness.state_dict(),  # the run's DP secret: the checkpoint only
+            "optimizer": self.optimizer.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,6 +238,7 @@ class FederatedServer:
         if "randomness" not in state:
             raise ValueError("the checkpoint holds no DP randomness (written by an older version); start again")
         self.randomness = DPRandomness.from_state_dict(state["randomness"])
+        self.optimizer.load_state_dict(state["optimizer"])
         if self.record is not None:
             self.record.load_state_dict(state["record"])
 
