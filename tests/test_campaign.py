@@ -1,0 +1,328 @@
+"""bench/campaign.py (grid expansion, a tiny campaign end to end, the report) and peft_deer.linear_probe.
+
+The end-to-end test runs two tiny-vit deer-fed subprocesses on 120 real PneumoniaMNIST images (one
+failing, one ok) and a linear probe, then checks skipping and the rerun of one deleted line (one more
+run): about 30 s on 2 cores, nearly all of it the subprocesses' start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from peft_deer import linear_probe as lp
+from peft_deer.data import DatasetSplits, load_dataset_spec
+
+
+def _load_campaign():
+    spec = importlib.util.spec_from_file_location("campaign", ROOT / "bench" / "campaign.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["campaign"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+campaign = _load_campaign()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+def runs_of(items) -> list:
+    return [i for i in items if i.kind == "run"]
+
+
+def cell(run) -> tuple:
+    s = campaign.resolved(run.settings)
+    return s["method"], s["dp"], s["epsilon"], s["record_epsilon"], s["num_clients"]
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def test_grid_expands_product_seeds_for_extra_and_mapping_values():
+    grid = {
+        "base": {"model": "tiny-vit", "num-clients": 3, "rounds": 2},
+        "vary": {
+            "method": ["deer", "ffa"],
+            "privacy": [{"dp": "none"}, {"dp": "client", "epsilon": 8}, {"dp": "record", "record-epsilon": 1}],
+        },
+        "seeds": [0, 1, 2],
+        "seeds_for": [{"dp": "none"}, {"epsilon": "8"}],  # "8" matches 8.0: compared as deer-fed parses it
+        "extra": [
+            {"method": "deer", "dp": "client", "epsilon": 8, "num_clients": 6},
+            {"method": "ffa", "dp": "none", "partition": "dirichlet"},  # = a product cell (default partition)
+            {"method": "lora", "seed": 7},  # an explicit seed pins one run
+        ],
+        "probe": [{"dataset": "medmnist:breastmnist", "image-size": 28}],
+    }
+    items = campaign.expand_grid(grid)
+    runs = runs_of(items)
+    seeds: dict[tuple, list[int]] = {}
+    for run in runs:
+        seeds.setdefault(cell(run), []).append(run.seed)
+    assert seeds == {
+        ("deer", "none", None, None, 3): [0, 1, 2],
+        ("deer", "client", 8.0, None, 3): [0, 1, 2],
+        ("deer", "record", None, 1.0, 3): [0],
+        ("ffa", "none", None, None, 3): [0, 1, 2],
+        ("ffa", "client", 8.0, None, 3): [0, 1, 2],
+        ("ffa", "record", None, 1.0, 3): [0],
+        ("deer", "client", 8.0, None, 6): [0, 1, 2],
+        ("lora", "none", None, None, 3): [7],
+    }
+    assert len(runs) == 18 and len({r.id for r in runs}) == 18
+    record = next(r for r in runs if cell(r)[1] == "record" and r.method == "deer")
+    # settings: what differs from deer-fed's defaults (method deer is the default), typed as deer-fed parses them
+    assert record.settings == {
+        "model": "tiny-vit",
+        "num_clients": 3,
+        "rounds": 2,
+        "dp": "record",
+        "record_epsilon": 1.0,
+        "seed": 0,
+    }
+    assert "--dp=record" in record.argv() and "--record-epsilon=1.0" in record.argv()
+    # probes come first; they inherit the base's model; ids are stable across expansions
+    probe = items[0]
+    assert probe.kind == "probe" and probe.settings["model"] == "tiny-vit" and probe.settings["image_size"] == 28
+    assert [i.id for i in campaign.expand_grid(grid)] == [i.id for i in items]
+    # a grid without seeds_for runs every seed everywhere; without vary it is the base run
+    assert len(runs_of(campaign.expand_grid({**grid, "seeds_for": None, "extra": None}))) == 18
+    assert len(runs_of(campaign.expand_grid({"base": {"model": "tiny-vit"}, "seeds": [0, 1]}))) == 2
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (
+            {"base": {"learning-rate": 0.1}, "vary": {"metod": ["deer"]}, "extra": [{"epsilonn": 1}]},
+            r"unknown settings base\.learning-rate, vary\.metod, extra\[0\]\.epsilonn",
+        ),
+        ({"base": {}, "runs": []}, r"unknown keys \['runs'\]"),
+        ({"probe": [{"dataset": "medmnist:breastmnist", "size": 28}]}, r"unknown settings probe\[0\]\.size"),
+        ({"base": {"output-dir": "x"}}, r"set by the campaign"),
+        ({"base": {"seed": 3}}, r"seeds: \[\.\.\.\]"),
+        ({"vary": {"privacy": [{"dp": "client"}]}}, r"--dp client needs --epsilon"),  # deer-fed's own check
+        ({"vary": {"method": ["deer", "fedavg"]}}, r"invalid choice: 'fedavg'"),
+        ({"vary": {"a": [{"epsilon": 1, "dp": "client"}], "b": [{"epsilon": 2}]}}, r"both set \['epsilon'\]"),
+    ],
+)
+def test_bad_grids_are_refused_with_one_line(grid, message):
+    with pytest.raises(campaign.GridError, match=message) as info:
+        campaign.expand_grid(grid)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_refuses_unknown_settings_before_running(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {model: tiny-vit, lr-rate: 0.1}\n")
+    assert campaign.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "base.lr-rate" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_launch_flags_resume_restart_or_new(tmp_path):
+    run_dir = tmp_path / "run"
+    assert campaign.launch_flags(run_dir) == []
+    run_dir.mkdir()
+    assert campaign.launch_flags(run_dir) == []
+    (run_dir / "metrics.jsonl").write_text("")
+    assert campaign.launch_flags(run_dir) == ["--overwrite"]  # started, no checkpoint yet
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    assert campaign.launch_flags(run_dir) == ["--resume"]  # interrupted after a phase
+    (run_dir / "summary.json").write_text("{}")
+    assert campaign.launch_flags(run_dir) == ["--overwrite"]  # finished: its line was deleted, run it again
+
+
+# ----------------------------------------------------------------------------- a campaign end to end
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_campaign_runs_skips_reruns_and_reports(tmp_path, medmnist_dir, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grid, out = tmp_path / "grid.yaml", tmp_path / "campaign"
+    grid.write_text(
+        json.dumps(
+            {
+                "base": {
+                    "dataset": "medmnist:pneumoniamnist",
+                    "data-dir": str(medmnist_dir),
+                    "model": "tiny-vit",
+                    "train-subset": 120,
+                    "num-clients": 3,
+                    "rounds": 2,
+                    "dp": "client",
+                    "epsilon": 8,
+                },
+                # last:5 passes the parser but fails in deer-fed (tiny-vit has 2 blocks); last:1 uses the
+                # frozen-prefix cache
+                "vary": {"lora-layers": ["last:5", "last:1"]},
+                "probe": [{"dataset": "medmnist:pneumoniamnist"}],
+            }
+        )
+    )
+    argv = ["--grid", str(grid), "--out", str(out)]
+    assert campaign.main(argv) == 1  # one run failed, the one after it ran
+    rows = results(out)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    probe, failed, run = rows
+    assert probe["method"] == "linear-probe" and probe["probe"]["C"] in lp.C_GRID and probe["epsilon"] is None
+    assert "last:5" in failed["error"] and "exit code 1" in failed["error"] and failed["test_final"] is None
+    assert run["privacy_level"] == "client" and 0 < run["epsilon"] <= 8.0 + 1e-6 and run["record_epsilon"] is None
+    assert 0 <= run["test_final"]["auc"] <= 1 and run["test_best"] is not None and run["seconds"] > 0
+    assert run["settings"]["lora_layers"] == "last:1" and run["seed"] == 0
+    assert (out / "runs" / run["id"] / "summary.json").is_file()
+    assert any((out / "prefix-cache").glob("*.pt"))  # deer-fed's prefix cache and the probe's features
+    report = (out / "RESULTS.md").read_text()
+    assert "## medmnist:pneumoniamnist" in report and "| linear-probe (tiny-vit, 28 px, centralized; C=" in report
+    assert "| deer | client ε=8 |" in report and " ± – |" in report
+    assert "## Failed runs" in report and failed["id"] in report
+    assert (out / "auc_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Again: the ok runs are skipped; the failed one is retried unless --no-retry-failed.
+    capsys.readouterr()
+    assert campaign.main([*argv, "--dry-run"]) == 0
+    assert "3 runs planned (2 done, 1 failed); 1 to run" in capsys.readouterr().out
+    assert campaign.main([*argv, "--no-retry-failed"]) == 0
+    assert len(results(out)) == 3
+    assert "3 runs planned (2 done, 1 failed); 0 to run" in capsys.readouterr().out
+
+    # Deleting a line reruns exactly that run (its finished dir is overwritten).
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert campaign.main([*argv, "--no-retry-failed"]) == 0
+    rows = results(out)
+    assert len(rows) == 3 and rows[-1]["id"] == run["id"] and rows[-1]["status"] == "ok"
+    assert rows[-1]["attempt"] == "overwrite"
+
+    # The report comes back from results.jsonl alone.
+    (out / "RESULTS.md").unlink()
+    (out / "auc_vs_epsilon.png").unlink()
+    assert campaign.main(["--out", str(out), "--report-only"]) == 0
+    assert "| deer | client ε=8 |" in (out / "RESULTS.md").read_text()
+    assert (out / "auc_vs_epsilon.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("level", "privacy", "epsilon", "record_epsilon"),
+    [
+        ("none", {"level": "none", "epsilon": None}, None, None),
+        ("client", {"level": "client", "epsilon": 7.9}, 7.9, None),
+        # a record-only ledger states the record-level epsilon at the top: not a client-level epsilon
+        ("record", {"level": "record", "epsilon": 3.0, "record": {"epsilon_max": 3.0}}, None, 3.0),
+        ("client+record", {"level": "client+record", "epsilon": 7.9, "record": {"epsilon_max": 3.0}}, 7.9, 3.0),
+    ],
+)
+def test_run_outcome_reads_both_levels_of_epsilon(tmp_path, level, privacy, epsilon, record_epsilon):
+    metrics = {"accuracy": 0.8, "auc": 0.9}
+    summary = {"privacy_level": level, "test": {"final": metrics, "best": metrics}, "total_seconds": 3.0}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "privacy.json").write_text(json.dumps(privacy))
+    outcome = campaign._run_outcome(tmp_path)
+    assert (outcome["epsilon"], outcome["record_epsilon"]) == (epsilon, record_epsilon)
+    assert outcome["privacy_level"] == level and outcome["test_final"] == metrics
+
+
+def test_report_groups_seeds_and_shows_what_varies(tmp_path):
+    def row(run_id, seed, auc, dp="client", achieved=8.0, clients=12, status="ok", **settings):
+        privacy = {"dp": dp, **({"epsilon": 8.0} if dp == "client" else {})}
+        return {
+            "id": run_id,
+            "kind": "run",
+            "method": "deer",
+            "dataset": "medmnist:dermamnist",
+            "seed": seed,
+            "settings": {"dataset": "medmnist:dermamnist", "num_clients": clients, **privacy, "seed": seed, **settings},
+            "status": status,
+            "test_final": None if status != "ok" else {"auc": auc, "recall_macro": auc - 0.1},
+            "epsilon": achieved if dp == "client" and status == "ok" else None,
+            "record_epsilon": None,
+            "privacy_level": dp,
+            "seconds": 10.0 * (seed + 1),
+            "error": None if status == "ok" else "exit code 1\nValueError: boom",
+        }
+
+    rows = [
+        row("a", 0, 0.70, achieved=7.9),
+        row("b", 1, 0.80, achieved=7.9),
+        row("c", 0, 0.60, clients=48),
+        row("d", 0, 0.90, dp="none"),
+        row("e", 0, 0.5, status="failed", clients=192),
+    ]
+    md = campaign.render_markdown(rows, planned=6)
+    assert "4 ok, 1 failed, of 6 planned" in md
+    assert "| method | privacy | num_clients | test AUC | balanced acc. | ε achieved | runs | mean s |" in md
+    assert "| deer | none | 12 | 0.900 ± – | 0.800 ± – | – | 1 | 10 |" in md
+    assert "| deer | client ε=8 | 12 | 0.750 ± 0.071 | 0.650 ± 0.071 | client 7.90 | 2 | 15 |" in md
+    assert "| deer | client ε=8 | 48 | 0.600 ± – |" in md
+    assert "`e` medmnist:dermamnist, deer, client ε=8, seed 0:" in md and "ValueError: boom" in md
+    png = campaign.plot_auc_vs_epsilon(rows, tmp_path / "plot.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- the linear probe
+
+
+def test_linear_probe_picks_c_on_validation_only(medmnist_dir, monkeypatch, tmp_path):
+    val_labels = load_dataset_spec("medmnist:pneumoniamnist", data_dir=medmnist_dir).val.labels
+    scored: list[np.ndarray] = []
+    real_score = lp.selection_score
+
+    def spy(labels, probs):
+        scored.append(np.asarray(labels))
+        return real_score(labels, probs)
+
+    monkeypatch.setattr(lp, "selection_score", spy)
+    kwargs = {"model": "tiny-vit", "data_dir": medmnist_dir, "train_subset": 600, "say": print}
+    result = lp.linear_probe("medmnist:pneumoniamnist", cache_dir=tmp_path / "cache", **kwargs)
+    assert result["C"] in lp.C_GRID and result["selection_metric"] == "validation auc"
+    assert len(scored) == len(lp.C_GRID) and all(np.array_equal(s, val_labels) for s in scored)
+    assert result["train_size"] == 600 and result["feature_dim"] == 64  # CLS + mean patch of hidden 32
+    assert 0.6 < result["test"]["auc"] <= 1 and "balanced_accuracy" in result["test"]
+    assert len(list((tmp_path / "cache").glob("probe-*.pt"))) == 3  # train, val, test features
+
+    # Scrambling the test split changes the test metrics but neither C nor the validation scores.
+    real_load = lp.load_dataset_spec
+
+    def scrambled(*args, **kw) -> DatasetSplits:
+        splits = real_load(*args, **kw)
+        rng = np.random.default_rng(0)
+        test = dataclasses.replace(
+            splits.test,
+            images=rng.integers(0, 256, splits.test.images.shape, dtype=np.uint8),
+            labels=rng.permutation(splits.test.labels),
+        )
+        return DatasetSplits(splits.train, splits.val, test, splits.name)
+
+    monkeypatch.setattr(lp, "load_dataset_spec", scrambled)
+    again = lp.linear_probe("medmnist:pneumoniamnist", cache_dir=tmp_path / "cache", **kwargs)
+    assert again["C"] == result["C"] and again["val_scores"] == result["val_scores"]
+    assert again["test"]["auc"] != result["test"]["auc"]
+
+
+def test_linear_probe_on_an_rgb_multiclass_medmnist_file(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 140), ("val", 70), ("test", 70)):
+        labels = np.arange(n) % 7  # dermamnist: 7 classes, RGB
+        brightness = (labels * 25).astype(np.uint8)[:, None, None, None]
+        images = rng.integers(0, 80, (n, 28, 28, 3), dtype=np.uint8) + brightness
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(tmp_path / "dermamnist.npz", **arrays)
+    result = lp.linear_probe("medmnist:dermamnist", model="tiny-vit", data_dir=tmp_path, c_grid=(0.1, 1.0))
+    assert result["C"] in (0.1, 1.0) and set(result["val_scores"]) == {"0.1", "1.0"}
+    assert result["test"]["auc"] > 0.9  # macro one-vs-rest over 7 classes; the classes differ in brightness
