@@ -349,6 +349,9 @@ def expand_grid(grid: Mapping[str, Any], where: str = "grid") -> list[Item]:
         if probe_id not in seen:
             seen.add(probe_id)
             probe_items.append(Probe(probe_id, settings, f"probe[{i}]"))
+    # Every cell's first seed before any cell's second: an interrupted campaign still covers the grid.
+    rank = {s: i for i, s in enumerate(seeds)}
+    items.sort(key=lambda run: rank.get(run.seed, 0))
     return probe_items + items
 
 

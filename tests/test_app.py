@@ -116,6 +116,11 @@ def test_panel_without_dp_or_run_files(clf: Classifier) -> None:
     assert "Privacy: none" in describe(no_dp) and "Test metrics: unknown" in describe(no_dp)
     unknown = Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model)
     assert "Privacy: unknown" in describe(unknown)
+    # A run whose noise came from the public seed claims nothing, whatever its ledger's epsilon.
+    public = {**clf.privacy, "reproducible_noise": True}
+    md = describe(Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model, privacy=public))
+    assert "Privacy: NO guarantee" in md and "(ε, δ)-DP with" not in md
+    assert "neighbouring datasets: add/remove one client" in describe(clf)
 
 
 # ------------------------------------------------------------------------------------------------

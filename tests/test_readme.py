@@ -18,3 +18,14 @@ def test_readme_library_snippet_runs(tmp_path, monkeypatch):
     trainable = {n for n, p in again.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "modules_to_save" in n for n in trainable)
     assert (tmp_path / "adapter-lora" / "adapter_config.json").is_file()
+
+
+def test_main_job_config_parses_and_states_an_honest_guarantee():
+    """The README's main job: its config passes deer-fed's own checks and keeps a real DP guarantee
+    (epsilon <= 8, delta <= 1e-5, noise from the OS secret, not the seed)."""
+    from peft_deer.settings import parse_args
+
+    args = parse_args(["--config", str(ROOT / "train" / "configs" / "pneumonia_deer.yaml")])
+    assert args.dp == "record" and args.record_epsilon <= 8 and args.record_delta <= 1e-5
+    assert not args.reproducible_noise and args.method == "deer" and args.train_subset is None
+    assert "train/configs/pneumonia_deer.yaml" in (ROOT / "README.md").read_text()
