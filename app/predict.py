@@ -59,7 +59,7 @@ class Classifier:
         )
         device = next(self.model.parameters()).device
         logits = self.model(pixel_values=x.to(device)).logits
-        return torch.softmax(logits.float(), dim=-1).cpu().double().numpy()
+        return torch.softmax(logits.double(), dim=-1).cpu().numpy()
 
     def predict(self, image: Any) -> dict[str, float]:
         """{class name: probability} for one image (PIL image, uint8 array, path or bytes)."""

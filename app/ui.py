@@ -95,7 +95,8 @@ def _metrics_md(summary: dict[str, Any] | None) -> str:
     header = "| adapter | " + " | ".join(label for _, label in METRICS) + " |"
     rows = [header, "|---" * (len(METRICS) + 1) + "|"]
     for name, values in test.items():
-        rows.append(f"| {name} | " + " | ".join(_num((values or {}).get(k)) for k, _ in METRICS) + " |")
+        cells = [_num((values or {}).get(k), ".7g" if k == "threshold" else ".3f") for k, _ in METRICS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     note = (
         "Balanced accuracy, sensitivity (recall of the second class) and specificity (recall of the first) decide "
         "at the threshold on its probability chosen on the validation split (n/a: argmax); a constant guess "
@@ -118,7 +119,8 @@ def describe(clf: Classifier, title: str | None = None) -> str:
     ]
     if run.get("decision_threshold") is not None and len(clf.class_names) == 2:
         model.append(
-            f"- decision: {clf.class_names[1]} when its probability ≥ {_num(run['decision_threshold'])} (chosen on "
+            f"- decision: {clf.class_names[1]} when its probability ≥ {_num(run['decision_threshold'], '.7g')} "
+            "(chosen on "
             f"the validation split: sensitivity {_num(run.get('val_sensitivity'))}, specificity "
             f"{_num(run.get('val_specificity'))})"
         )

@@ -27,7 +27,7 @@ def predict_proba(
     for pixel_values, _ in DataLoader(dataset, batch_size=batch_size):
         with autocast:
             logits = model(pixel_values=pixel_values.to(device)).logits
-        out.append(torch.softmax(logits.float(), dim=-1).cpu().double())
+        out.append(torch.softmax(logits.double(), dim=-1).cpu())  # float64: confident logits stay ranked
     return torch.cat(out).numpy()
 
 

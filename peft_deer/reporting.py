@@ -24,10 +24,16 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax1.set_title("validation")
     ax1.set_ylim(0, 1)
     ax1.legend()
-    eps = [r.get("epsilon") for r in rows]
-    if any(e is not None for e in eps):
-        ax2.plot(rounds, [math.nan if e is None else e for e in eps], marker="o", color="tab:red")
-        ax2.set_title("client-level epsilon spent")
+    spent = {
+        "client-level": [r.get("epsilon") for r in rows],
+        "record-level (max over clients)": [r.get("record_epsilon_max") for r in rows],
+    }
+    spent = {name: eps for name, eps in spent.items() if any(e is not None for e in eps)}
+    for (name, eps), color in zip(spent.items(), ("tab:red", "tab:purple"), strict=False):
+        ax2.plot(rounds, [math.nan if e is None else e for e in eps], marker="o", color=color, label=name)
+    if spent:
+        ax2.set_title("epsilon spent")
+        ax2.legend()
     else:
         ax2.text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax2.transAxes)
         ax2.set_title("epsilon")

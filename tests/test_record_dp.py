@@ -353,6 +353,7 @@ def test_driver_record_dp_resume_equals_uninterrupted(tmp_path, medmnist_dir):
     assert fed.main(_argv(medmnist_dir, parts, *flags, "--resume")) == 0
     a, b = (json.loads((d / "privacy.json").read_text()) for d in (whole, parts))
     assert a["level"] == b["level"] == "record"
+    assert a["neighbouring_relation"].startswith("add/remove one record") and "own records" in a["trust_model"]
     assert a["record"]["epsilon_per_client"] == b["record"]["epsilon_per_client"]
     assert a["epsilon"] == b["epsilon"] == a["record"]["epsilon_max"] > 0
     assert set(a["record"]["steps"]) == {"0", "1", "2"}

@@ -205,7 +205,14 @@ def merge_ledgers(client_ledger: dict, record: RecordLevel) -> dict:
     out = dict(client_ledger)
     if client_ledger.get("level") == "none":
         out.pop("note", None)
-        out.update(level="record", mechanism=rec["mechanism"], epsilon=rec["epsilon_max"], delta=rec["delta"])
+        out.update(
+            level="record",
+            mechanism=rec["mechanism"],
+            epsilon=rec["epsilon_max"],
+            delta=rec["delta"],
+            trust_model=rec["trust_model"],
+            neighbouring_relation=rec["neighbouring_relation"],
+        )
     else:
         out["level"] = "client+record"
         out["record_epsilon_max"] = rec["epsilon_max"]
