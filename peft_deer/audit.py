@@ -782,41 +782,35 @@ def _format_table(result: AuditResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.json and sys.stderr.isatty()
+    shared = {
+        "method": args.method,
+        "noise_multiplier": args.noise_multiplier,
+        "clip_norm": args.clip_norm,
+        "delta": args.delta,
+        "reproducible_noise": args.reproducible_noise,
+        "seed": args.seed,
+        "rank": args.rank,
+        "dim": args.dim,
+        "frozen_scale": args.frozen_scale,
+        "progress": progress,
+    }
     try:
         if args.level == "client":
             result = run_client_audit(
-                method=args.method,
-                noise_multiplier=args.noise_multiplier,
-                clip_norm=args.clip_norm,
                 sample_rate=args.sample_rate,
                 releases=args.releases,
                 trials=20000 if args.trials is None else args.trials,
-                delta=args.delta,
                 num_clients=args.num_clients,
-                reproducible_noise=args.reproducible_noise,
-                seed=args.seed,
-                rank=args.rank,
-                dim=args.dim,
-                frozen_scale=args.frozen_scale,
-                progress=progress,
+                **shared,
             )
         else:
             if args.releases != 1 or args.sample_rate != 1.0:
                 raise ValueError("--releases and --sample-rate apply to --level client only")
             result = run_record_audit(
-                method=args.method,
-                noise_multiplier=args.noise_multiplier,
-                clip_norm=args.clip_norm,
                 trials=5000 if args.trials is None else args.trials,
-                delta=args.delta,
                 num_examples=args.record_examples,
                 batch_size=args.batch_size,
-                reproducible_noise=args.reproducible_noise,
-                seed=args.seed,
-                rank=args.rank,
-                dim=args.dim,
-                frozen_scale=args.frozen_scale,
-                progress=progress,
+                **shared,
             )
     except ValueError as err:
         sys.stderr.write(f"deer-audit: error: {err}\n")
