@@ -55,6 +55,14 @@ class DeerLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r={self.r!r} must be an integer >= 1 (the LoRA rank)")
+        # The federated core aggregates, clips and noises exactly the A/B factors and the head; these
+        # LoRA options add trained weights it never aggregates, so they are refused for every method.
+        if self.use_dora:
+            raise ValueError("use_dora=True is not supported by DEER_LORA (the DoRA magnitude is never aggregated)")
+        if self.lora_bias:
+            raise ValueError("lora_bias=True is not supported by DEER_LORA (a LoRA bias is never aggregated)")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported by DEER_LORA (base biases are never aggregated)")
         super().__post_init__()
         self.peft_type = DeerPeftType.DEER_LORA
         if self.phase not in PHASES:

@@ -13,12 +13,19 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 
+from ..model import has_adapter, unsupported_layer_reason
+
 AdapterState = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One LoRA module: parameter names of A (r, d_in) and B (d_out, r), and its scaling s."""
+    """One LoRA module: parameter names of A and B, and its scaling s (dW = s B A on 2-D views).
+
+    A is (r, d_in) and B (d_out, r) for a Linear; an Embedding's `lora_embedding_A` is (r, num_embeddings)
+    and `lora_embedding_B` (embedding_dim, r); a conv's A is (r, c_in, *kernel) and B (c_out, r, 1, ...),
+    read as (r, c_in * prod(kernel)) and (c_out, r).
+    """
 
     module: str
     a_key: str
@@ -54,12 +61,20 @@ def adapter_layout(model: PeftModel, adapter_name: str = "default") -> AdapterLa
     params = dict(model.named_parameters())
     lora = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+        if not (isinstance(module, LoraLayer) and has_adapter(module, adapter_name)):
+            continue
+        reason = unsupported_layer_reason(module, adapter_name)
+        if reason is not None:
+            raise ValueError(f"LoRA module {name} {reason}")
+        if adapter_name in module.lora_A:
             a_key = f"{name}.lora_A.{adapter_name}.weight"
             b_key = f"{name}.lora_B.{adapter_name}.weight"
-            if a_key not in params or b_key not in params:
-                raise ValueError(f"LoRA module {name} lacks the expected parameters {a_key}, {b_key}")
-            lora.append(LoraFactors(name, a_key, b_key, float(module.scaling[adapter_name])))
+        else:
+            a_key = f"{name}.lora_embedding_A.{adapter_name}"
+            b_key = f"{name}.lora_embedding_B.{adapter_name}"
+        if a_key not in params or b_key not in params:
+            raise ValueError(f"LoRA module {name} lacks the expected parameters {a_key}, {b_key}")
+        lora.append(LoraFactors(name, a_key, b_key, float(module.scaling[adapter_name])))
     if not lora:
         raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")
     head = tuple(sorted(n for n in params if f".modules_to_save.{adapter_name}." in n))

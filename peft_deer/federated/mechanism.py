@@ -23,25 +23,33 @@ from .adapter_state import AdapterLayout, AdapterState
 class Whitener:
     """Metric of one trained parameter: `chol` (r, r) lower-triangular L with M = L L^T, or None (M = I).
 
-    `side` is 'right' for a B factor (u = dB L) and 'left' for an A factor (u = L^T dA).
+    `side` is 'right' for a B factor (u = dB L) and 'left' for an A factor (u = L^T dA). `kernel_dims`
+    is the number of trailing conv kernel dimensions, folded into the matrix (0 for Linear/Embedding).
     """
 
     chol: torch.Tensor | None
     side: str
+    kernel_dims: int = 0
 
     def whiten(self, delta: torch.Tensor) -> torch.Tensor:
-        """Coordinates u in which the metric norm is Frobenius (same shape as `delta`)."""
+        """Coordinates u in which the metric norm is Frobenius (same shape as `delta`, leading dims batched)."""
         if self.chol is None:
             return delta
-        return delta @ self.chol if self.side == "right" else self.chol.T @ delta
+        d = self._matrix(delta)
+        return (d @ self.chol if self.side == "right" else self.chol.T @ d).reshape(delta.shape)
 
     def color(self, z: torch.Tensor) -> torch.Tensor:
         """Map isotropic z to the parameter space: z L^-1 (right) or L^-T z (left)."""
         if self.chol is None:
             return z
+        z2 = self._matrix(z)
         if self.side == "right":
-            return torch.linalg.solve_triangular(self.chol, z, upper=False, left=False)
-        return torch.linalg.solve_triangular(self.chol.T, z, upper=True, left=True)
+            return torch.linalg.solve_triangular(self.chol, z2, upper=False, left=False).reshape(z.shape)
+        return torch.linalg.solve_triangular(self.chol.T, z2, upper=True, left=True).reshape(z.shape)
+
+    def _matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv factor as matrix: A (.., r, c_in, *k) -> (.., r, c_in k); B (.., c_out, r, 1..) -> (.., c_out, r)."""
+        return x.flatten(-1 - self.kernel_dims) if self.kernel_dims else x
 
     def max_eigenvalue(self) -> float:
         """Largest eigenvalue of M (1 for the identity metric)."""
@@ -78,7 +86,10 @@ def build_whiteners(
         if frozen_key in keys:
             raise ValueError(f"noise={noise!r} needs one trained factor per module; {module.module} trains both")
         scaling = module.scaling if noise == "regulated" else 1.0
-        metric = factor_metric(state[frozen_key], frozen_factor, scaling, ridge)
+        frozen = state[frozen_key].flatten(
+            1
+        )  # conv A (r, c_in, *k) -> (r, c_in k); conv B (c_out, r, 1..) -> (c_out, r)
+        metric = factor_metric(frozen, frozen_factor, scaling, ridge)
         try:
             chol = torch.linalg.cholesky(metric)
         except torch.linalg.LinAlgError as err:
@@ -86,7 +97,8 @@ def build_whiteners(
                 f"{module.module}: regulator metric is singular (frozen factor rank-deficient); "
                 f"use a regulator ridge > 0 (got {ridge})"
             ) from err
-        out[key] = Whitener(chol.to(torch.float32), "right" if trained == "B" else "left")
+        side = "right" if trained == "B" else "left"
+        out[key] = Whitener(chol.to(torch.float32), side, kernel_dims=state[key].dim() - 2)
     return out
 
 

@@ -225,7 +225,7 @@ def merge_ledgers(client_ledger: dict, record: RecordLevel) -> dict:
 
 
 def _on(w: Whitener, device: torch.device) -> Whitener:
-    return w if w.chol is None else Whitener(w.chol.to(device), w.side)
+    return w if w.chol is None else Whitener(w.chol.to(device), w.side, w.kernel_dims)
 
 
 def whitened_norms(grad_samples: Sequence[torch.Tensor], whiteners: Sequence[Whitener]) -> torch.Tensor:
