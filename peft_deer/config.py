@@ -21,8 +21,10 @@ class DeerPeftType(enum.StrEnum):
 class DeerLoraConfig(LoraConfig):
     """LoRA config plus the DEeR state: which factor trains now and the federated/DP settings.
 
-    `phase="B"` trains `lora_B` (A frozen), `phase="A"` trains `lora_A` (B frozen). Method `lora`
-    trains both factors whatever the phase; `ffa` trains only B.
+    `phase="B"` trains `lora_B` (A frozen), `phase="A"` trains `lora_A` (B frozen); an Embedding's
+    factors are `lora_embedding_B`/`lora_embedding_A`. Method `lora` trains both factors whatever the
+    phase; `ffa` trains only B. `use_dora`, `lora_bias` and `bias` other than 'none' are refused for
+    every method: they add trained weights that the federated core never aggregates nor privatizes.
     """
 
     phase: str = field(default="B", metadata={"help": "Factor that trains now: 'B' (A frozen) or 'A' (B frozen)."})

@@ -53,7 +53,8 @@ class DeerLoraModel(LoraModel):
             reason = unsupported_layer_reason(module, adapter_name)
             if reason is not None:
                 raise ValueError(f"DEER_LORA target {current_key} {reason}; remove it from target_modules")
-            if isinstance(module, Embedding) and lora_config.init_lora_weights is True:
+            init = lora_config.init_lora_weights
+            if isinstance(module, Embedding) and (init is True or str(init).lower() == "gaussian"):
                 # PEFT starts an Embedding at A = 0, B random; phase B (A frozen) would then have no gradient
                 # and a singular regulator metric. Use the Linear convention (A random, B = 0): still dW = 0.
                 a, b = module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
