@@ -20,6 +20,7 @@ from peft_deer import DeerLoraConfig
 from peft_deer.federated import ClientTask, LocalTraining, adapter_layout, get_adapter_state, metric_norm
 from peft_deer.federated.client import train_client
 from peft_deer.federated.mechanism import build_whiteners, sample_noise
+from peft_deer.federated.record_dp import RecordDP
 from peft_deer.federated.schedule import Phase
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False", "ignore:LoRA adapter added to ConvNd")
@@ -210,3 +211,14 @@ def test_regulated_metric_norm_is_the_product_space_norm_on_every_kind(kind, pha
         w.whiten(torch.stack([delta[key], noise[key]])), torch.stack([w.whiten(delta[key]), w.whiten(noise[key])])
     )
     torch.testing.assert_close(w.whiten(noise[key]), w.whiten(w.color(w.whiten(noise[key]))), rtol=1e-4, atol=1e-5)
+
+
+def test_record_level_dp_refuses_an_embedding_target_clearly():
+    model = make("Embedding", "B")
+    layout = adapter_layout(model)
+    data = TensorDataset(torch.randint(0, TOKENS, (8, SEQ)), torch.randint(0, 2, (8,)))
+    training = LocalTraining(record_dp=RecordDP(noise_multipliers=(1.0,)))
+    with pytest.raises(ValueError, match="record-level DP.*Embedding"):
+        train_client(
+            model, layout, get_adapter_state(model, layout), Phase(0, 0, ("B",)), ClientTask(0, data, 7), training
+        )

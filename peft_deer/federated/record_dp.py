@@ -307,6 +307,12 @@ def train_client_record(
     from .client import ClientUpdate, _make_optimizer, autocast_for, begin_local_training  # lazy: cycle
 
     record: RecordDP = training.record_dp
+    embedding = next((f.module for f in layout.lora if ".lora_embedding_A." in f.a_key), None)
+    if embedding is not None:  # opacus hooks modules; an Embedding's LoRA factors are bare parameters
+        raise ValueError(
+            f"record-level DP cannot compute per-sample gradients of the LoRA Embedding {embedding}; "
+            "remove it from target_modules or use client-level DP only"
+        )
     start = time.perf_counter()
     device = next(model.parameters()).device
     keys, params = begin_local_training(model, layout, global_state, phase)
