@@ -91,6 +91,7 @@ class DeerStrategy(Strategy):
         shapes = {k: self.server.global_state[k].shape for k in self.server.trained_keys(phase)}
         dp = self.server.dp
         privatized = dp is not None and dp.placement == "distributed"
+        needed = self.noise_shares(len(participants))  # the noise floor k and the fewest updates released
         whiteners = (
             build_whiteners(
                 self.server.layout, self.server.global_state, list(shapes), self.server.spec.noise, dp.ridge
@@ -107,8 +108,7 @@ class DeerStrategy(Strategy):
             try:
                 update = read_update_reply(reply, client, shapes)
                 if privatized:
-                    shares = self.noise_shares(len(participants))
-                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, shares)
+                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, needed)
             except InvalidClientUpdate as err:
                 self._drop(phase, client, str(err))
                 continue
@@ -116,7 +116,6 @@ class DeerStrategy(Strategy):
         for c in participants:
             if c in self.nodes and c not in updates and not self._was_dropped(phase, c):
                 self._drop(phase, c, f"no reply within {self.options.reply_timeout_s:g} s")
-        needed = self.noise_shares(len(participants))
         if len(updates) < needed:
             raise TooFewClients(
                 f"round {phase.round + 1} phase {''.join(phase.factors)}: {len(updates)} valid updates of "
