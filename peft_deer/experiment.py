@@ -238,6 +238,7 @@ def local_training(args: argparse.Namespace, record: RecordLevel | None = None) 
         args.weight_decay,
         args.optimizer,
         args.mixed_precision,
+        logit_adjustment=args.logit_adjustment,
         record_dp=record.dp if record else None,
     )
 

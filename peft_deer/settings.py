@@ -122,6 +122,15 @@ def build_parser(
     g.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1.0 with avg: plain FedAvg)")
     g.add_argument("--server-momentum", type=float, default=0.9, help="beta of --server-optimizer momentum")
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=0.0,
+        metavar="TAU",
+        help="train each client on logit-adjusted cross-entropy, logits + TAU * log(its own label prior), "
+        "against label skew (1.0 is the usual value; 0: plain cross-entropy). The shared model stays plain. "
+        "Not with --dp record (the loss would depend on the hospital's label counts)",
+    )
     g.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     g.add_argument(
         "--engine",
@@ -283,7 +292,14 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--clip-norm {args.clip_norm} must be a finite number > 0")
     elif args.epsilon is not None or args.noise_multiplier is not None:
         parser.error("--epsilon/--noise-multiplier need --dp client")
+    if not (math.isfinite(args.logit_adjustment) and args.logit_adjustment >= 0):
+        parser.error(f"--logit-adjustment {args.logit_adjustment} must be a finite number >= 0 (e.g. 1.0)")
     if "record" in levels:
+        if args.logit_adjustment:
+            parser.error(
+                f"--logit-adjustment {args.logit_adjustment:g} with --dp record: the loss would depend on each "
+                "hospital's label counts, which DP-SGD does not protect; use --logit-adjustment 0"
+            )
         if args.record_epsilon is None and args.record_noise_multiplier is None:
             parser.error("--dp record needs --record-epsilon or --record-noise-multiplier")
         for name in ("record_epsilon", "record_noise_multiplier", "record_clip_norm"):

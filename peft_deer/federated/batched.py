@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -39,7 +39,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from .adapter_state import AdapterLayout, AdapterState
-from .client import ClientTask, ClientUpdate, LocalTraining, _make_optimizer, autocast_for, begin_local_training
+from .client import (
+    ClientTask,
+    ClientUpdate,
+    LocalTraining,
+    _make_optimizer,
+    autocast_for,
+    begin_local_training,
+    num_labels,
+)
+from .label_skew import adjusted_cross_entropy, logit_offsets
 from .schedule import Phase
 
 
@@ -393,6 +402,7 @@ class BatchedEngine:
         autocast = autocast_for(device, training.mixed_precision)
         loss_means: list[torch.Tensor] = []  # (G,) mean losses per group and step, read back once at the end
         routing = _Routing(self.adapter_name, weights)
+        offsets = _step_offsets(model, tasks, training)
         was_training = model.training
         model.train()
         try:
@@ -403,7 +413,7 @@ class BatchedEngine:
                     with autocast:
                         logits = model(pixel_values=x).logits
                     routing.cast = None
-                    per_sample = nn.functional.cross_entropy(logits.float(), y, reduction="none")
+                    per_sample = adjusted_cross_entropy(logits.float(), y, offsets(step), reduction="none")
                     # each client's loss is the mean over its own batch; their sum trains every row at once
                     means = [per_sample[g.start : g.stop].reshape(-1, g.size).mean(1) for g in step.groups]
                     optimizer.zero_grad(set_to_none=True)
@@ -448,6 +458,25 @@ class BatchedEngine:
             )
             for i, t in enumerate(tasks)
         ]
+
+
+def _step_offsets(
+    model: PeftModel, tasks: Sequence[ClientTask], training: LocalTraining
+) -> Callable[[_Step], torch.Tensor | None]:
+    """step -> its (B, C) logit offsets (each row its client's `tau * log prior`), or None without adjustment."""
+    if not training.logit_adjustment:
+        return lambda step: None
+    device = next(model.parameters()).device
+    per_client = [logit_offsets(t.dataset, num_labels(model), training.logit_adjustment) for t in tasks]
+    table = torch.stack(per_client).to(device)  # (K, C)
+
+    def rows(step: _Step) -> torch.Tensor:
+        out = table.new_empty((max(g.stop for g in step.groups), table.shape[1]))
+        for g in step.groups:  # a group's rows are member-major: member 0's `size` samples, then member 1's ...
+            out[g.start : g.stop] = table[list(g.members)].repeat_interleave(g.size, 0)
+        return out
+
+    return rows
 
 
 def select_engine(name: str, sequential, model: PeftModel, layout: AdapterLayout, log=print):

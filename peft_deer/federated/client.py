@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
+from .label_skew import adjusted_cross_entropy, logit_offsets
 from .schedule import Phase
 
 
@@ -34,6 +35,7 @@ class LocalTraining:
     weight_decay: float = 1e-4
     optimizer: str = "sgd"
     mixed_precision: str = "no"
+    logit_adjustment: float = 0.0  # tau of logit-adjusted cross-entropy (label_skew.py); 0: plain
     record_dp: Any = None  # a record_dp.RecordDP: local training becomes DP-SGD (DESIGN 2.6)
 
     def __post_init__(self) -> None:
@@ -49,6 +51,8 @@ class LocalTraining:
             raise ValueError(
                 f"--mixed-precision {self.mixed_precision!r} is not 'no' or 'bf16' (fp16 is not supported)"
             )
+        if not 0 <= self.logit_adjustment < float("inf"):
+            raise ValueError(f"--logit-adjustment {self.logit_adjustment} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,15 @@ def train_client(
     phase: Phase,
     task: ClientTask,
     training: LocalTraining,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> ClientUpdate:
-    """Train `task`'s client from `global_state` for E epochs on `phase`'s factor(s); return its delta."""
+    """Train `task`'s client from `global_state` for E epochs on `phase`'s factor(s); return its delta.
+
+    `loss_fn(logits, labels)` defaults to cross-entropy, logit-adjusted by the client's own label
+    prior when `training.logit_adjustment` > 0.
+    """
+    if loss_fn is None:
+        loss_fn = local_loss(model, task, training)
     if training.record_dp is not None:
         from .record_dp import train_client_record  # record-level DP-SGD with opacus
 
@@ -159,6 +169,21 @@ def train_client(
     return ClientUpdate(
         task.client_id, delta, len(task.dataset), loss_sum / max(seen, 1), seen, time.perf_counter() - start
     )
+
+
+def local_loss(
+    model: PeftModel, task: ClientTask, training: LocalTraining
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The client's training loss: cross-entropy, logit-adjusted by its label prior if asked."""
+    if not training.logit_adjustment:
+        return torch.nn.functional.cross_entropy
+    offsets = logit_offsets(task.dataset, num_labels(model), training.logit_adjustment)
+    return lambda logits, labels: adjusted_cross_entropy(logits, labels, offsets)
+
+
+def num_labels(model: PeftModel) -> int:
+    """Number of classes of the model's classifier (its config's `num_labels`)."""
+    return int(model.get_base_model().config.num_labels)
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], training: LocalTraining) -> torch.optim.Optimizer:

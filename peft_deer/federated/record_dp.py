@@ -304,6 +304,11 @@ def train_client_record(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
 ):
     """`client.train_client` under record-level DP-SGD (`training.record_dp`); returns a `ClientUpdate`."""
+    if training.logit_adjustment:
+        raise ValueError(
+            "--logit-adjustment with record-level DP: the loss would depend on the hospital's label counts, "
+            "which DP-SGD does not protect; use --logit-adjustment 0"
+        )
     from .client import ClientUpdate, _make_optimizer, autocast_for, begin_local_training  # lazy: cycle
 
     record: RecordDP = training.record_dp
