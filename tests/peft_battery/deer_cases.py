@@ -10,6 +10,9 @@ Loaded with `-p deer_cases` into a pytest run of the *installed* peft version's 
 3. marks each difference that DEER_LORA has by design as a strict xfail with its reason (a strict
    xfail that passes fails the run, so a stale expectation cannot hide);
 4. writes the outcome of every selected test to the JSON file named by `DEER_BATTERY_REPORT`.
+
+One shim: the battery's `set_init_weights_false` helper picks LoRA's switch only for the exact class
+`LoraConfig`; for a subclass it would pass `init_weights=False`, a field LoRA does not have.
 """
 
 from __future__ import annotations
@@ -36,8 +39,15 @@ MODELS = {
     "Conv2d": ["conv2d", "lin0"],
 }
 # (method, phase) pairs a DEER_LORA adapter can be in; `ffa` only ever trains B.
-METHOD_PHASES = [("lora", "A"), ("lora", "B"), ("ffa", "B"), ("rolora", "A"), ("rolora", "B")]
-METHOD_PHASES += [("deer", "A"), ("deer", "B")]
+METHOD_PHASES = (
+    ("lora", "A"),
+    ("lora", "B"),
+    ("ffa", "B"),
+    ("rolora", "A"),
+    ("rolora", "B"),
+    ("deer", "A"),
+    ("deer", "B"),
+)
 
 # Plain LoRA on the same models, from the battery's own list: the control.
 CONTROL_CASES = (
@@ -108,8 +118,7 @@ def _battery_module(collector) -> object | None:
 
 
 def _lora_aware_init_false(original):
-    """The battery's `set_init_weights_false` dispatches on the exact class (`config_cls in (LoraConfig, ...)`);
-    a LoraConfig subclass would get `init_weights=False`, a field LoRA does not have. Give it LoRA's switch."""
+    """`original` with LoRA's switch (`init_lora_weights=False`) for every LoraConfig subclass."""
     from peft import AdaLoraConfig, LoraConfig
 
     def set_init_weights_false(config_cls, kwargs):
