@@ -6,18 +6,44 @@ Rule: only the trained factor of each LoRA layer (`lora_A`/`lora_embedding_A` in
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from conftest import random_client_tasks, tiny_vit
+from peft import (
+    ArrowConfig,
+    BdLoraConfig,
+    KasaConfig,
+    LoraConfig,
+    MontecloraConfig,
+    PeftConfig,
+    PeftModel,
+    VeloraConfig,
+    get_peft_model,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 from transformers.pytorch_utils import Conv1D
 
 from peft_deer import DeerLoraConfig
-from peft_deer.federated import ClientTask, LocalTraining, adapter_layout, get_adapter_state, metric_norm
+from peft_deer import config as config_module
+from peft_deer.config import HONOURED_OPTIONS, REFUSED_OPTIONS
+from peft_deer.federated import (
+    BatchedEngine,
+    ClientTask,
+    DPRandomness,
+    FederatedServer,
+    LocalTraining,
+    SequentialEngine,
+    adapter_layout,
+    get_adapter_state,
+    iter_phases,
+    metric_norm,
+)
 from peft_deer.federated.client import train_client
 from peft_deer.federated.mechanism import build_whiteners, sample_noise
 from peft_deer.federated.record_dp import RecordDP
@@ -222,3 +248,133 @@ def test_record_level_dp_refuses_an_embedding_target_clearly():
         train_client(
             model, layout, get_adapter_state(model, layout), Phase(0, 0, ("B",)), ClientTask(0, data, 7), training
         )
+
+
+def test_issue_example_embedding_and_linear_in_phase_b_train_only_their_b_factors():
+    model = get_peft_model(TinyNet(), DeerLoraConfig(r=2, target_modules=["emb", "lin"], phase="B"))
+    assert trainable(model) == {
+        "base_model.model.emb.lora_embedding_B.default",
+        "base_model.model.lin.lora_B.default.weight",
+    }
+    assert {f.module for f in adapter_layout(model).lora} == {"base_model.model.emb", "base_model.model.lin"}
+
+
+@pytest.mark.parametrize("phase", ["A", "B"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_second_adapter_added_or_loaded_under_another_name_follows_its_own_phase(kind, phase, tmp_path):
+    model = make(kind, phase)
+    config = DeerLoraConfig(r=2, target_modules=[KINDS[kind]], modules_to_save=["head"], phase=other(phase))
+    model.add_adapter("added", config)
+    assert trainable(model) == expected(model, {"default": phase}), "add_adapter keeps the new adapter inactive"
+    model.set_adapter("added")
+    assert trainable(model) == expected(model, {"added": other(phase)}), "set_adapter to the added adapter"
+
+    make(kind, phase).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(TinyNet(), tmp_path, adapter_name="other", is_trainable=True)
+    assert trainable(loaded) == expected(loaded, {"other": phase}), "from_pretrained under another name"
+
+
+@pytest.mark.parametrize("option", ["use_dora", "lora_bias"])
+def test_a_refused_option_set_after_the_config_check_is_still_refused_at_injection(option):
+    config = DeerLoraConfig(r=2, target_modules=["lin"])
+    setattr(config, option, True)  # bypasses __post_init__, as a hand-edited config object would
+    with pytest.raises(ValueError, match="DEER_LORA target lin .*(variant|LoRA bias)"):
+        get_peft_model(TinyNet(), config)
+
+
+# One value of every option DEER_LORA refuses (REFUSED_OPTIONS), as a user would pass it.
+REFUSED_EXAMPLES = [
+    ("use_dora", True),
+    ("lora_bias", True),
+    ("bias", "all"),
+    ("bias", "lora_only"),
+    ("trainable_token_indices", [0, 3]),
+    ("trainable_token_indices", {"emb": [0, 3]}),
+    ("target_parameters", ["lin.weight"]),
+    *(("init_lora_weights", i) for i in ["pissa", "pissa_niter_4", "olora", "loftq", "eva", "corda", "lora_ga"]),
+    ("init_lora_weights", "mica"),
+    ("velora_config", VeloraConfig(num_groups=2)),
+    ("alora_invocation_tokens", [1, 2]),
+    ("monteclora_config", MontecloraConfig()),
+    ("use_bdlora", BdLoraConfig(target_modules_bd_a=["lin"])),
+    ("arrow_config", ArrowConfig(top_k=1)),
+    ("kasa_config", KasaConfig()),
+    ("use_qalora", True),
+    ("megatron_config", {"tensor_model_parallel_size": 2}),
+    ("ensure_weight_tying", True),
+]
+
+
+@pytest.mark.parametrize("name,value", REFUSED_EXAMPLES, ids=[f"{n}={v!r}"[:40] for n, v in REFUSED_EXAMPLES])
+def test_every_option_the_federated_core_cannot_honour_is_refused_with_one_line(name, value):
+    with pytest.raises(ValueError, match=f"^{name}=.* is not supported by DEER_LORA \\(.+\\); remove it$") as error:
+        DeerLoraConfig(r=2, target_modules=["lin"], **{name: value})
+    assert "\n" not in str(error.value)
+
+
+def test_every_lora_field_of_the_installed_peft_is_either_honoured_or_refused():
+    own = {f.name for f in dataclasses.fields(PeftConfig)}
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)} - own
+    assert lora_fields == set(HONOURED_OPTIONS) | set(REFUSED_OPTIONS), "review the new PEFT options"
+    assert not set(HONOURED_OPTIONS) & set(REFUSED_OPTIONS)
+    assert set(REFUSED_OPTIONS) == {name for name, _ in REFUSED_EXAMPLES}
+
+
+def test_a_lora_field_not_reviewed_here_is_refused_unless_left_at_its_default(monkeypatch):
+    monkeypatch.setattr(config_module, "HONOURED_OPTIONS", tuple(o for o in HONOURED_OPTIONS if o != "lora_dropout"))
+    DeerLoraConfig(r=2, target_modules=["lin"])
+    with pytest.raises(ValueError, match=r"^lora_dropout=0.1 is not supported by DEER_LORA \(a LoRA option not rev"):
+        DeerLoraConfig(r=2, target_modules=["lin"], lora_dropout=0.1)
+
+
+def test_a_saved_adapter_config_with_a_refused_option_is_refused_on_load(tmp_path):
+    make("Linear").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "trainable_token_indices": {"emb": [0, 3]}}))
+    with pytest.raises(ValueError, match="trainable_token_indices=.* is not supported by DEER_LORA"):
+        PeftModel.from_pretrained(TinyNet(), tmp_path, is_trainable=True)
+
+
+HONOURED_EXAMPLES = [
+    {"use_rslora": True},
+    {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 16}},
+    {"init_lora_weights": False},
+    {"init_lora_weights": "gaussian"},
+    {"init_lora_weights": "orthogonal"},
+    {"layers_to_transform": [1]},
+    {"exclude_modules": ["vit.layers.0.attention.v_proj"]},
+]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("options", HONOURED_EXAMPLES, ids=lambda o: ",".join(o))
+def test_honoured_options_run_a_deer_round_with_identical_engines_and_only_the_phase_factor_moving(options):
+    def run(engine_cls):
+        torch.manual_seed(0)
+        config = DeerLoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], **options)
+        model = get_peft_model(tiny_vit(), config)
+        layout = adapter_layout(model)
+        state = get_adapter_state(model, layout)
+        tasks = random_client_tasks((6, 9), torch.Generator().manual_seed(1))
+        server = FederatedServer("deer", layout, state, len(tasks), len(tasks), None, DPRandomness.from_seed(3))
+        engine, states = engine_cls(LocalTraining(batch_size=4, lr=0.1)), [state]
+        for phase in iter_phases("deer", 1):
+            server.finish_phase(phase, engine.train_clients(model, layout, server.global_state, phase, tasks))
+            states.append({k: v.clone() for k, v in server.global_state.items()})
+        return model, layout, states
+
+    model, layout, seq = run(SequentialEngine)
+    _, _, bat = run(BatchedEngine)
+    for key in seq[0]:
+        for s, b in zip(seq, bat, strict=True):
+            torch.testing.assert_close(b[key], s[key], rtol=1e-4, atol=1e-6, msg=key)
+    for before, after, factor in ((seq[0], seq[1], "B"), (seq[1], seq[2], "A")):
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert moved == set(layout.trained_keys(factor)), f"phase {factor}"
+    modules = {m: mod for m, mod in model.named_modules()}
+    for f in layout.lora:
+        layer = modules[f.module]
+        assert f.scaling == layer.scaling["default"]
+        assert seq[0][f.a_key].shape[0] == layer.r["default"]
