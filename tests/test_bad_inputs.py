@@ -29,9 +29,7 @@ from peft_deer.run_dir import CHECKPOINT, staging_dir
 from train import fed
 
 FED = ROOT / "train" / "fed.py"
-FLOAT_FLAGS = sorted(
-    a.option_strings[-1] for a in settings.build_parser()._actions if a.type is settings.finite_float
-)
+FLOAT_FLAGS = sorted(a.option_strings[-1] for a in settings.build_parser()._actions if a.type is settings.finite_float)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -336,7 +334,7 @@ def test_bad_input_under_torchrun_is_one_line(tmp_path):
     assert_nothing_written(out)
 
 
-# ------------------------------------------------------------------------------------------------ channels, curves, base
+# ----------------------------------------------------------------------------------------------- channels, curves, base
 
 
 def test_rgb_data_gets_a_three_channel_tiny_model(tmp_path, medmnist_dir, capsys):
