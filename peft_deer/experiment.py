@@ -86,7 +86,7 @@ from .prefix_cache import (
     skip_prefix,
 )
 from .reporting import model_card, plot_curves
-from .run_dir import CHECKPOINT, create_staging, live_dir, prepare_output_dir, publish
+from .run_dir import CHECKPOINT, create_staging, live_dir, prepare_output_dir, publish, remove_temp_files
 from .settings import run_fingerprint
 
 # The drivers import the output-dir and checkpoint names from here too.
@@ -753,6 +753,7 @@ def finalize(
     """
     args, model, server, splits, backbone = exp.args, exp.model, exp.server, exp.data.splits, exp.backbone
     published, out = out, live_dir(out)  # a run that ended before its first checkpoint is still staged
+    remove_temp_files(out)  # from a run killed while writing its outputs, now resumed
     test = {}
     adapters = {"final": server.global_state}
     if progress.best is not None:

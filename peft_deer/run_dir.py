@@ -70,6 +70,9 @@ def prepare_output_dir(args: argparse.Namespace, prog: str = "deer-fed") -> Path
     }
     if state == "foreign":
         raise OutputDirError(hint[state])
+    if state == "finished":
+        # killed between writing summary.json and deleting the checkpoint: that file holds the DP secret
+        (out / CHECKPOINT).unlink(missing_ok=True)
     if args.resume:
         if state == "finished":
             raise OutputDirError(f"{out} holds a finished run: nothing to resume; pass --overwrite to replace it")
@@ -114,3 +117,12 @@ def publish(out: Path) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.replace(staging, out)  # onto nothing or an empty directory: one rename
+
+
+def remove_temp_files(run_dir: Path) -> None:
+    """Remove what a killed atomic write left behind in `run_dir` and its subfolders (`*.tmp` files and dirs)."""
+    for path in sorted(Path(run_dir).rglob("*.tmp"), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
