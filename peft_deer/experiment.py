@@ -86,11 +86,9 @@ from .prefix_cache import (
     skip_prefix,
 )
 from .reporting import model_card, plot_curves
-from .run_dir import CHECKPOINT, create_staging, live_dir, prepare_output_dir, publish, remove_temp_files
+from .run_dir import CHECKPOINT, create_staging, live_dir, publish, remove_temp_files
+from .run_dir import prepare_output_dir as prepare_output_dir  # the drivers import it from here
 from .settings import run_fingerprint
-
-# The drivers import the output-dir and checkpoint names from here too.
-__all__ = ["CHECKPOINT", "Experiment", "build_experiment", "finalize", "prepare_output_dir", "run_phases"]
 
 PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
 DECISION_RULE = "class 1 when P(class 1) >= decision_threshold (Youden's J on the validation split)"
@@ -346,13 +344,13 @@ class Experiment:
     def save_base_model(self, run_dir: Path | None = None) -> None:
         """Save a random backbone into `run_dir`/base-model (the adapters point at it), then drop the copy.
 
-        Without `run_dir`, into the published output dir, if it exists already (a resumed run); a new run's
-        directory gets it when `start_or_resume` creates it.
+        Without `run_dir` only for a resumed run, into its output dir (if it lacks one); a new run's directory
+        gets it when `start_or_resume` creates it.
         """
         if self.base_copy is None:
             return
         if run_dir is None:
-            if not self.base_dir.parent.is_dir():
+            if not (self.args.resume and self.base_dir.parent.is_dir()):
                 return
             run_dir = self.base_dir.parent
         if not (run_dir / "base-model").exists():
