@@ -73,5 +73,5 @@ def check_adapter(adapter_dir: str | Path) -> None:
 
 
 def _reason(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0][:120]
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]  # the first sentence
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -365,7 +365,7 @@ def read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0][:120]
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]  # the first sentence
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
