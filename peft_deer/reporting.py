@@ -8,40 +8,56 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Validation accuracy/AUC/balanced accuracy and epsilon against rounds, from `metrics.jsonl` rows, as a PNG."""
-    import matplotlib
+def curves_figure(rows: Sequence[dict[str, Any]], privacy: dict[str, Any] | None = None):
+    """The run's curves as a matplotlib Figure: validation accuracy/AUC/balanced accuracy, and epsilon spent
+    (client-level, and record-level as the max over clients), against whole rounds, from `metrics.jsonl` rows.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    `privacy` (the ledger) names delta and tells a run without DP from one whose epsilon was not tracked.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] + 1 for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     for key, label in (("val_accuracy", "accuracy"), ("val_auc", "AUC"), ("val_balanced_accuracy", "balanced acc.")):
         values = [r.get(key) for r in rows]
         ax1.plot(rounds, [math.nan if v is None else v for v in values], marker="o", label=label)
-    ax1.set_xlabel("round")
     ax1.set_title("validation")
     ax1.set_ylim(0, 1)
     ax1.legend()
     spent = {
         "client-level": [r.get("epsilon") for r in rows],
-        "record-level (max over clients)": [r.get("record_epsilon_max") for r in rows],
+        "record-level, max over clients": [r.get("record_epsilon_max") for r in rows],
     }
     spent = {name: eps for name, eps in spent.items() if any(e is not None for e in eps)}
     for (name, eps), color in zip(spent.items(), ("tab:red", "tab:purple"), strict=False):
-        ax2.plot(rounds, [math.nan if e is None else e for e in eps], marker="o", color=color, label=name)
+        last = next(e for e in reversed(eps) if e is not None)
+        label = f"{name}: \u03b5 = {last:.2f}"
+        ax2.plot(rounds, [math.nan if e is None else e for e in eps], marker="o", color=color, label=label)
+    level = (privacy or {}).get("level")
     if spent:
-        ax2.set_title("epsilon spent")
+        deltas = [(privacy or {}).get("delta"), ((privacy or {}).get("record") or {}).get("delta")]
+        deltas = list(dict.fromkeys(d for d in deltas if d))
+        ax2.set_title("\u03b5 spent" + (f" (\u03b4 = {', '.join(f'{d:g}' for d in deltas)})" if deltas else ""))
         ax2.legend()
     else:
-        ax2.text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax2.transAxes)
-        ax2.set_title("epsilon")
-    ax2.set_xlabel("round")
+        text = "no differential privacy" if level in (None, "none") else f"{level}-level DP: \u03b5 not recorded"
+        ax2.text(0.5, 0.5, text, ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_title("\u03b5")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, privacy: dict[str, Any] | None = None) -> Path:
+    """`curves_figure` saved as a PNG at `path`."""
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves_figure(rows, privacy).savefig(path, dpi=110)
     return path
 
 
@@ -80,7 +96,8 @@ def model_card(info: dict[str, Any]) -> str:
         "",
         f"# {info['method']} adapter for {info['dataset']}",
         "",
-        f"- **Base model:** {info['base_model']} ({info['base_description']})",
+        f"- **Base model:** {info['base_model']} ({info['base_description']}"
+        + (f"; weights sha256 `{info['base_model_sha256']}`)" if info.get("base_model_sha256") else ")"),
         f"- **Data:** {info['dataset']}, classes {info['class_names']}, {info['num_clients']} clients "
         f"({info['partition']}), image size {info['image_size']} px",
         f"- **Method:** `{info['method']}` (peft_deer), rank {info['rank']}, alpha {info['lora_alpha']}, "

@@ -293,8 +293,9 @@ def test_resume_equals_uninterrupted(tmp_path, finished_run, medmnist_dir, capsy
 
     # A finished run is neither clobbered nor resumed; --overwrite replaces it.
     for extra, message in (([], "holds a finished run"), (["--resume"], "nothing to resume")):
+        capsys.readouterr()
         code, text = exit_code(lambda extra=extra: fed.main([*argv, *extra]))
-        assert code != 0 and message in text
+        assert code != 0 and message in text + capsys.readouterr().err
     assert (b / "summary.json").is_file()
     assert fed.main([*argv, "--overwrite", "--rounds", "1"]) == 0
     assert read_json(b / "summary.json")["rounds_completed"] == 1 and len(metrics_rows(b)) == 1
