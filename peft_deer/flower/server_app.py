@@ -32,6 +32,7 @@ from ..experiment import (
 from ..federated import AdapterState
 from .protocol import SiteCounts, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .run_config import DeploymentOptions, parse_run_config
+from .site_accounting import SiteRecordLevel
 from .site_evaluation import add_model_card_note, site_table, write_site_evaluation
 from .strategy import DeerStrategy
 
@@ -107,6 +108,8 @@ def main(grid: Grid, context: Context) -> None:
     out = prepare_output_dir(args, prog="deer-flower")
     logger.info("DEeR run %s -> %s", args.method, out)
     exp.save_base_model()
+    if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
+        exp.server.record = SiteRecordLevel(exp.server.record)
     try:
         progress = start_or_resume(exp, out, say=logger.info)
     except SettingsMismatch as err:

@@ -70,7 +70,8 @@ class SiteRecordLevel(RecordLevel):
 
     def __init__(self, record: RecordLevel) -> None:
         super().__init__(record.dp, record.batch_size, record.local_epochs)
-        self.sigmas: dict[int, float] = {}
+        self.accountants.load_state_dict(record.accountants.state_dict())
+        self.sigmas: dict[int, float] = dict(getattr(record, "sigmas", {}))
         self._pending: dict[int, RecordReport] = {}
 
     def expect(self, reports: dict[int, RecordReport]) -> None:
