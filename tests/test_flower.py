@@ -50,13 +50,24 @@ def test_the_app_config_in_pyproject_is_valid_and_names_real_components():
     args, options = parse_run_config(flower_config())
     assert (args.method, args.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
-    from peft_deer.flower import client_app, server_app
 
     assert components == {
         "serverapp": "peft_deer.flower.server_app:app",
-        "clientapp": "peft_deer.flower.client_app:app",
+        "clientapp": "peft_deer_clientapp:app",  # outside peft_deer: a ClientApp process imports no torch
     }
-    assert server_app.app is not None and client_app.app is not None
+    import sys
+
+    import peft_deer_clientapp
+    from peft_deer.flower import server_app
+
+    assert server_app.app is not None and peft_deer_clientapp.app is not None
+    fab = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    assert "peft_deer_clientapp.py" in fab
+    light = "import sys, peft_deer_clientapp; print(sorted(m for m in ('torch', 'peft_deer') if m in sys.modules))"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", light], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +75,6 @@ def test_the_app_config_in_pyproject_is_valid_and_names_real_components():
     [
         ({"rounds": "x"}, "--rounds"),
         ({"bogus": 1}, "'bogus' is not a setting"),
-        ({"dp": "record", "record-epsilon": 2.0}, "not supported by the Flower app"),
         ({"dp": "client"}, "needs --epsilon"),
         ({"min-clients-per-phase": 0}, "min-clients-per-phase"),
     ],
@@ -195,9 +205,12 @@ def test_distributed_noise_drops_an_unclipped_update_and_keeps_the_noise_floor(f
 
 
 def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_path, one_thread):
-    """SuperLink + 2 SuperNodes on 127.0.0.1, 2 rounds of deer with client-level DP (distributed noise,
-    seeded as in the simulation): the adapter equals deer-fed's bit for bit, the ledgers agree, and
-    the run interrupted after 2 phases and resumed ends with the same adapter and ledger."""
+    """SuperLink + 2 SuperNodes on 127.0.0.1, 2 rounds of deer with client-level DP (distributed noise) and
+    record-level DP-SGD at the sites, all seeded as in the simulation: the adapter equals deer-fed's bit for
+    bit and the ledgers agree (client epsilon, and each site's record-level sigma, steps and epsilon); the run
+    interrupted after 2 phases, its sites' workers restarted, and resumed, ends with the same adapter and
+    ledger, the sites' accountants read back from their state directory; each site evaluates the final
+    adapter on its own held-out images (server-private table, the model card says so)."""
     if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
         pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
     from peft_deer.flower.local import LocalDeployment, server_app_error
@@ -208,25 +221,34 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
         "image-size": 28,
         "train-subset": 200,
         "rounds": 2,
-        "dp": "client",
+        "dp": "client,record",
         "noise-multiplier": 0.8,
         "clip-norm": 0.5,
         "noise-placement": "distributed",
         "delta": 1e-3,
+        "record-epsilon": 8.0,
+        "record-delta": 1e-3,
     }
     flower_out, sim_out, resumed_out = tmp_path / "flower", tmp_path / "sim", tmp_path / "resumed"
+    state_dir = tmp_path / "site-state"
     run_config = " ".join(
         [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items()]
         + [f'data-dir="{MEDMNIST_DIR}"', f'output-dir="{flower_out}"']
         + ["reproducible-noise=true", "min-clients-per-phase=2"]
     )
+    node_config = {"data-dir": f'"{MEDMNIST_DIR}"', "state-dir": f'"{state_dir}"'}
     # One thread everywhere: float sums then run in the same order in both runs.
-    with LocalDeployment(2, tmp_path / "logs", {"data-dir": f'"{MEDMNIST_DIR}"'}, {"OMP_NUM_THREADS": "1"}) as d:
+    with LocalDeployment(2, tmp_path / "logs", node_config, {"OMP_NUM_THREADS": "1"}) as d:
         result = d.run(run_config, timeout_s=900)
         # The same run interrupted after 2 of its 4 phases, then resumed from its checkpoint.
         resumed_config = run_config.replace(f'output-dir="{flower_out}"', f'output-dir="{resumed_out}"')
         interrupted = d.run(resumed_config + " max-phases=2", timeout_s=900)
         assert (resumed_out / "checkpoint.pt").is_file() and not (resumed_out / "summary.json").exists()
+        workers = [p for p in map(_process, d.pids()) if "site_worker" in _cmdline(p)]
+        assert len(workers) == 2, "one long-lived worker per SuperNode"
+        for w in workers:  # the sites restart: their accountants must come back from the state directory
+            w.terminate()
+        psutil.wait_procs(workers, timeout=30)
         resumed = d.run(resumed_config + " resume=true", timeout_s=900)
         started = d.pids()
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
@@ -255,9 +277,23 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     assert json.loads((resumed_out / "privacy.json").read_text()) == flower_ledger
     sim_ledger = json.loads((sim_out / "privacy.json").read_text())
     assert flower_ledger["epsilon"] == pytest.approx(sim_ledger["epsilon"]) and flower_ledger["releases"] == 4
+    assert flower_ledger["level"] == sim_ledger["level"] == "client+record"
+    # Record level: every site's sigma (calibrated by the site on its own images), steps and epsilon.
+    for key in ("noise_multipliers", "steps", "epsilon_per_client", "epsilon_max", "delta"):
+        assert flower_ledger["record"][key] == pytest.approx(sim_ledger["record"][key]), key
+    assert set(flower_ledger["record"]["epsilon_per_client"]) == {"0", "1"}
+    assert 0 < flower_ledger["record_epsilon_max"] <= 8.0 + 1e-6
+    # Each site's own accountant, on disk under each run's key: the resumed run's survived the worker restart.
+    files = sorted(state_dir.glob("record-dp-*-client*.json"))
+    assert len(files) == 4, files  # 2 runs x 2 sites
+    for f in files:
+        history = json.loads(f.read_text())["history"]
+        (client,) = history
+        assert sum(n for _, _, n in history[client]) == flower_ledger["record"]["steps"][client], f.name
     assert flower_ledger["transport"] == "flower" and flower_ledger["dropped_updates_count"] == 0
     assert json.loads((flower_out / "server-private" / "deployment.json").read_text())["dropped_updates"] == []
     assert "testing only" in flower_ledger["client_noise"]
+    _check_site_evaluation(flower_out, sim_out, run_config_dict(settings), state_dir)
     # Same output layout: the Gradio app's loader serves the Flower-trained adapter.
     from app.predict import load_classifier
 
@@ -267,11 +303,64 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def run_config_dict(settings: dict) -> dict:
+    return {**flower_config(), **settings, "data-dir": str(MEDMNIST_DIR), "reproducible-noise": True}
+
+
+def _check_site_evaluation(flower_out, sim_out, run_config: dict, state_dir) -> None:
+    """The server-private per-site table equals metrics computed here from the (identical) simulated adapter on
+    each site's held-out images; nothing of it is in the published files; the model card says it is not DP."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from peft_deer.evaluation import classification_metrics, predict_proba
+    from peft_deer.flower.site import site_for
+
+    table = json.loads((flower_out / "server-private" / "site_evaluation.json").read_text())
+    assert table["covered_by_dp"] is False and table["sites_failed"] == []
+    threshold = table["decision_threshold"]
+    assert threshold == json.loads((flower_out / "summary.json").read_text())["test"]["final"]["threshold"]
+    from peft import set_peft_model_state_dict
+
+    sim_adapter = load_file(sim_out / "adapter" / "adapter_model.safetensors")
+    rows = {r["client"]: r for r in table["rows"]}
+    images = 0
+    for client in (0, 1):
+        site = site_for(
+            run_config, {"partition-id": client, "data-dir": str(MEDMNIST_DIR), "state-dir": str(state_dir)}
+        )
+        set_peft_model_state_dict(site.model, sim_adapter)
+        probs = predict_proba(site.model, site.held_out)
+        labels = site.held_out.tensors[1].numpy()
+        direct = classification_metrics(labels, probs, threshold)
+        got = rows[client]
+        images += got["images"]
+        assert got["images"] == len(labels)
+        for key in ("balanced_accuracy", "sensitivity", "specificity"):
+            assert got[key] == pytest.approx(direct[key]), (client, key)
+        assert got["accuracy"] == pytest.approx(float(np.mean((probs[:, 1] >= threshold) == labels)))
+        if direct["auc"] is not None:
+            assert got["auc"] == pytest.approx(roc_auc_score(labels, probs[:, 1]), abs=2e-3)
+    assert images == rows[None]["images"] == 624  # the sites' held-out shares cover the test split
+    private_names = {"site_evaluation.json", "site_evaluation.md"}
+    published = [p for p in flower_out.rglob("*") if p.name in private_names and "server-private" not in p.parts]
+    assert published == []
+    card = (flower_out / "adapter" / "README.md").read_text()
+    assert "not covered by the differential-privacy guarantee" in card and "server-private/site_evaluation" in card
+
+
 def _process(pid: int) -> psutil.Process | None:
     try:
         return psutil.Process(pid)
     except psutil.NoSuchProcess:
         return None
+
+
+def _cmdline(p: psutil.Process | None) -> str:
+    try:
+        return " ".join(p.cmdline()) if p is not None else ""
+    except psutil.Error:  # exited, or a zombie Flower has not reaped yet
+        return ""
 
 
 def _alive(pid: int) -> bool:

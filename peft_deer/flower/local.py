@@ -3,8 +3,10 @@
     python -m peft_deer.flower.local --data-dir ../shared/data/medmnist --run-config "rounds=1"
 
 Every process is real (the same executables a multi-host deployment starts); only the addresses are
-loopback and TLS is off. Each SuperNode i gets `partition-id=i`. Everything started, including the
-processes Flower spawns itself, is stopped on exit, on error and on Ctrl-C. Used by the tests, too.
+loopback, and TLS is off unless `LocalDeployment` gets a `Tls` (then SuperNode authentication can be on
+too: each node's key registered with `register_node`). Each SuperNode i gets `partition-id=i`. Everything
+started, including the processes Flower spawns itself, is stopped on exit, on error and on Ctrl-C. Used by the
+tests, too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -40,11 +43,25 @@ def _executable(name: str) -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Tls:
+    """PEM files for a SuperLink with TLS: the CA that signed its certificate (given to every SuperNode and to
+    `flwr`), its certificate (valid for 127.0.0.1) and private key. `supernode_auth` turns on
+    `--enable-supernode-auth`: only SuperNodes whose public key was registered may connect."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    supernode_auth: bool = False
+
+
 class LocalDeployment(AbstractContextManager):
     """SuperLink + `num_nodes` SuperNodes on loopback, in a private FLWR_HOME; `run()` submits the app.
 
     `node_config(i)` gives SuperNode i's extra node config (partition-id=i is always set). Logs go to
-    `log_dir`. Leaving the context kills every process started, and their descendants.
+    `log_dir`. With `tls` every connection to the SuperLink is TLS; `node_keys[i]` (OpenSSH EC private key)
+    authenticates SuperNode i, and `start_nodes=False` leaves starting them to `start_node` (after
+    `register_node`). Leaving the context kills every process started, and their descendants.
     """
 
     def __init__(
@@ -53,8 +70,14 @@ class LocalDeployment(AbstractContextManager):
         log_dir: str | Path,
         node_config: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        tls: Tls | None = None,
+        node_keys: list[Path] | None = None,
+        start_nodes: bool = True,
     ) -> None:
         self.num_nodes = num_nodes
+        self.tls = tls
+        self.node_keys = node_keys or []
+        self.start_nodes = start_nodes
         self.log_dir = Path(log_dir).resolve()
         self.node_config = node_config or {}
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
@@ -76,37 +99,59 @@ class LocalDeployment(AbstractContextManager):
 
     def __enter__(self) -> LocalDeployment:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        connection = f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        security = "insecure = true" if self.tls is None else f'root-certificates = "{self.tls.ca_cert}"'
+        connection = f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n{security}\n'
         (self.home / "config.toml").write_text('[superlink]\ndefault = "loopback"\n\n' + connection)
+        if self.tls is None:
+            security_flags = ["--insecure"]
+        else:
+            security_flags = [f"--ssl-ca-certfile={self.tls.ca_cert}", f"--ssl-certfile={self.tls.server_cert}"]
+            security_flags += [f"--ssl-keyfile={self.tls.server_key}"]
+            security_flags += ["--enable-supernode-auth"] if self.tls.supernode_auth else []
         try:
             self._start(
                 "superlink",
                 [
                     _executable("flower-superlink"),
-                    "--insecure",
+                    *security_flags,
                     "--host=127.0.0.1",
                     f"--port={self.port}",
                     "--disable-runtime-dependency-installation",
                 ],
             )
             self._wait_for_port(self.port, 60)
-            for i in range(self.num_nodes):
-                config = " ".join(f"{k}={v}" for k, v in {"partition-id": i, **self.node_config}.items())
-                self._start(
-                    f"supernode-{i}",
-                    [
-                        _executable("flower-supernode"),
-                        "--insecure",
-                        f"--superlink=127.0.0.1:{self.port}",
-                        "--host=127.0.0.1",
-                        f"--port={free_port()}",
-                        f"--node-config={config}",
-                    ],
-                )
+            if self.start_nodes:
+                for i in range(self.num_nodes):
+                    self.start_node(i)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
         return self
+
+    def start_node(self, i: int, max_retries: int | None = None) -> subprocess.Popen:
+        """Start SuperNode i (TLS and its key if the deployment has them; `max_retries` connection attempts)."""
+        config = " ".join(f"{k}={v}" for k, v in {"partition-id": i, **self.node_config}.items())
+        security = ["--insecure"] if self.tls is None else [f"--root-certificates={self.tls.ca_cert}"]
+        if i < len(self.node_keys):
+            security.append(f"--auth-supernode-private-key={self.node_keys[i]}")
+        retries = [] if max_retries is None else [f"--max-retries={max_retries}"]
+        return self._start(
+            f"supernode-{i}",
+            [
+                _executable("flower-supernode"),
+                *security,
+                *retries,
+                f"--superlink=127.0.0.1:{self.port}",
+                "--host=127.0.0.1",
+                f"--port={free_port()}",
+                f"--node-config={config}",
+            ],
+        )
+
+    def register_node(self, public_key: Path) -> subprocess.CompletedProcess:
+        """`flwr supernode register PUBLIC_KEY` (OpenSSH EC public key) at this deployment's SuperLink."""
+        cmd = [_executable("flwr"), "supernode", "register", str(public_key), "loopback"]
+        return subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=120)
 
     def _wait_for_port(self, port: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -128,13 +173,28 @@ class LocalDeployment(AbstractContextManager):
         (self.log_dir / "run.log").write_text(result.stdout + result.stderr)
         return result
 
-    def __exit__(self, *exc) -> None:
-        family = []
+    def _family(self) -> list[psutil.Process]:
+        """Every live process started here, spawned by Flower, or left in their process groups (a site worker
+        outlives the ClientApp process that started it, in its SuperNode's group)."""
+        groups = {proc.pid for proc in self.procs}
+        family: dict[int, psutil.Process] = {}
         for proc in self.procs:
             try:
-                family += psutil.Process(proc.pid).children(recursive=True)
+                p = psutil.Process(proc.pid)
+                family.update((c.pid, c) for c in [p, *p.children(recursive=True)])
             except psutil.NoSuchProcess:
                 pass
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) in groups:
+                    family.setdefault(p.pid, p)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        return list(family.values())
+
+    def __exit__(self, *exc) -> None:
+        started = {proc.pid for proc in self.procs}
+        family = [p for p in self._family() if p.pid not in started]
         for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -159,15 +219,8 @@ class LocalDeployment(AbstractContextManager):
         shutil.rmtree(self.home, ignore_errors=True)
 
     def pids(self) -> list[int]:
-        """Every live process of this deployment (started here or spawned by Flower)."""
-        out = []
-        for proc in self.procs:
-            try:
-                p = psutil.Process(proc.pid)
-                out += [p.pid, *(c.pid for c in p.children(recursive=True))]
-            except psutil.NoSuchProcess:
-                pass
-        return out
+        """Every live process of this deployment (started here, spawned by Flower, or a site worker)."""
+        return [p.pid for p in self._family()]
 
 
 def server_app_error(output: str) -> str | None:

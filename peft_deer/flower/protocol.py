@@ -1,9 +1,15 @@
 """What the DEeR ServerApp and ClientApp say to each other, and the checks on every reply.
 
-Two message kinds:
+Three message kinds:
 - query "hello" (once per run): the node answers with the client id it holds and its example count;
-- train (once per phase and participant): the server sends the global adapter and the phase; the
-  client answers with the delta of the phase's trained parameters only and its example count.
+- train (once per phase and participant): the server sends the global adapter, the phase and the
+  run key; the client answers with the delta of the phase's trained parameters only, its example
+  count and, under record-level DP, its accountant (`RecordReport`);
+- evaluate (once, after the run): the server sends the final adapter and its decision threshold; the
+  site answers with counts on its own held-out images (`SiteCounts`).
+
+The ClientApp side works on message *contents* (`RecordDict`): the SuperNode's ClientApp process
+forwards them to the site's long-lived worker (`site_worker.py`) and wraps the reply.
 
 A reply that is an error, lacks a record, names another client or carries a delta of the wrong
 keys, shapes or non-finite values raises `InvalidClientUpdate`, whose message is the logged reason.
@@ -11,6 +17,7 @@ keys, shapes or non-finite values raises `InvalidClientUpdate`, whose message is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +29,8 @@ GLOBAL = "global"  # ArrayRecord: the global adapter state (all LoRA factors and
 UPDATE = "update"  # ArrayRecord: the client's delta of the phase's trained parameters
 CONFIG = "config"  # ConfigRecord: phase and identity fields
 METRICS = "metrics"  # MetricRecord: num-examples and training statistics
+RECORD = "record-dp"  # ConfigRecord: the site's record-level DP accountant (RecordReport)
+COUNTS = "site-counts"  # MetricRecord: a site's evaluation counts (SiteCounts)
 
 
 def state_to_record(state: AdapterState) -> ArrayRecord:
@@ -34,13 +43,16 @@ def record_to_state(record: ArrayRecord) -> AdapterState:
 
 @dataclass(frozen=True)
 class TrainInstruction:
-    """One client's work order: the global adapter, the phase (round, index), and the noise share count m."""
+    """One client's work order: the global adapter, the phase (round, index), the noise share count m, and
+    the run key (an HMAC of the server's secret: the same for a run and its resumes, new for a new run;
+    a site files its record-level accountant under it)."""
 
     global_state: AdapterState
     round: int
     phase: int
     client_id: int
     num_shares: int
+    run_key: str = ""
 
 
 def hello_message(node_id: int) -> Message:
@@ -49,10 +61,8 @@ def hello_message(node_id: int) -> Message:
     )
 
 
-def hello_reply(msg: Message, client_id: int, num_examples: int) -> Message:
-    return Message(
-        RecordDict({CONFIG: ConfigRecord({"client-id": client_id, "num-examples": num_examples})}), reply_to=msg
-    )
+def hello_content(client_id: int, num_examples: int) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({"client-id": client_id, "num-examples": num_examples})})
 
 
 def read_hello_reply(reply: Message) -> tuple[int, int]:
@@ -72,24 +82,30 @@ def train_message(node_id: int, instruction: TrainInstruction) -> Message:
             "phase": instruction.phase,
             "client-id": instruction.client_id,
             "num-shares": instruction.num_shares,
+            "run-key": instruction.run_key,
         }
     )
     content = RecordDict({GLOBAL: state_to_record(instruction.global_state), CONFIG: config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
-def read_train_message(msg: Message) -> TrainInstruction:
-    config = msg.content.config_records[CONFIG]
+def read_train_content(content: RecordDict) -> TrainInstruction:
+    config = content.config_records[CONFIG]
     return TrainInstruction(
-        record_to_state(msg.content.array_records[GLOBAL]),
+        record_to_state(content.array_records[GLOBAL]),
         int(config["round"]),
         int(config["phase"]),
         int(config["client-id"]),
         int(config["num-shares"]),
+        str(config.get("run-key", "")),
     )
 
 
-def update_reply(msg: Message, update: ClientUpdate) -> Message:
+def read_train_message(msg: Message) -> TrainInstruction:
+    return read_train_content(msg.content)
+
+
+def update_content(update: ClientUpdate, record: RecordReport | None = None) -> RecordDict:
     metrics = MetricRecord(
         {
             "num-examples": update.num_examples,
@@ -105,7 +121,13 @@ def update_reply(msg: Message, update: ClientUpdate) -> Message:
             CONFIG: ConfigRecord({"client-id": update.client_id}),
         }
     )
-    return Message(content, reply_to=msg)
+    if record is not None:
+        content[RECORD] = record.to_record()
+    return content
+
+
+def update_reply(msg: Message, update: ClientUpdate, record: RecordReport | None = None) -> Message:
+    return Message(update_content(update, record), reply_to=msg)
 
 
 def read_update_reply(reply: Message, client_id: int, shapes: dict[str, torch.Size]) -> ClientUpdate:
@@ -142,3 +164,125 @@ def read_update_reply(reply: Message, client_id: int, shapes: dict[str, torch.Si
     )
     validate_updates([update], shapes)
     return update
+
+
+# ----------------------------------------------------------------------------- record-level DP at a site
+
+
+@dataclass(frozen=True)
+class RecordReport:
+    """A site's record-level DP accountant after an update: this update's DP-SGD steps (`sigma`,
+    `sample_rate`, `steps`), its whole opacus RDP history [(sigma, q, steps)] over the run (retries
+    included) and the epsilon that history gives at the run's record delta."""
+
+    sigma: float
+    sample_rate: float
+    steps: int
+    history: tuple[tuple[float, float, int], ...]
+    epsilon: float
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "sigma": self.sigma,
+                "sample-rate": self.sample_rate,
+                "steps": self.steps,
+                "history-sigma": [float(s) for s, _, _ in self.history],
+                "history-rate": [float(q) for _, q, _ in self.history],
+                "history-steps": [int(n) for _, _, n in self.history],
+                "epsilon": self.epsilon,
+            }
+        )
+
+
+def read_record_report(reply: Message, client_id: int) -> RecordReport:
+    """The record-level accountant a site sent with its update; `InvalidClientUpdate` if missing or malformed."""
+    config = reply.content.config_records.get(RECORD)
+    if config is None:
+        raise InvalidClientUpdate(client_id, "record-level DP run, but the reply carries no accountant")
+    try:
+        history = tuple(
+            (float(s), float(q), int(n))
+            for s, q, n in zip(config["history-sigma"], config["history-rate"], config["history-steps"], strict=True)
+        )
+        report = RecordReport(
+            float(config["sigma"]),
+            float(config["sample-rate"]),
+            int(config["steps"]),
+            history,
+            float(config["epsilon"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise InvalidClientUpdate(client_id, f"malformed record-level accountant: {err}") from err
+    sound = [
+        s > 0 and math.isfinite(s) and 0 < q <= 1 and n >= 0
+        for s, q, n in (*history, (report.sigma, report.sample_rate, report.steps))
+    ]
+    if not history or not all(sound) or not report.epsilon >= 0:
+        raise InvalidClientUpdate(
+            client_id, "record-level accountant with a non-positive sigma, q outside (0, 1] or negative steps"
+        )
+    return report
+
+
+# ----------------------------------------------------------------------------- per-site evaluation
+
+SCORE_BINS = 1000  # binary tasks: P(class 1) histograms with this many equal bins on [0, 1]
+
+
+@dataclass(frozen=True)
+class SiteCounts:
+    """What a site returns from evaluating the global adapter on its own held-out images: counts only.
+
+    confusion: (K, K) counts, rows = true class, columns = decision (threshold rule for K = 2, else argmax);
+    score_histograms: K = 2 only, per true class, counts of P(class 1) in `SCORE_BINS` bins (for the AUC).
+    """
+
+    client_id: int
+    confusion: tuple[tuple[int, ...], ...]
+    score_histograms: tuple[tuple[int, ...], ...] | None = None
+
+    def to_content(self) -> RecordDict:
+        k = len(self.confusion)
+        metrics: dict = {"num-classes": k, "confusion": [int(c) for row in self.confusion for c in row]}
+        for c, hist in enumerate(self.score_histograms or ()):
+            metrics[f"scores-class-{c}"] = [int(h) for h in hist]
+        return RecordDict({COUNTS: MetricRecord(metrics), CONFIG: ConfigRecord({"client-id": self.client_id})})
+
+
+def evaluate_message(node_id: int, state: AdapterState, threshold: float | None) -> Message:
+    config = ConfigRecord({} if threshold is None else {"threshold": float(threshold)})
+    return Message(
+        RecordDict({GLOBAL: state_to_record(state), CONFIG: config}),
+        dst_node_id=node_id,
+        message_type=MessageType.EVALUATE,
+    )
+
+
+def read_evaluate_content(content: RecordDict) -> tuple[AdapterState, float | None]:
+    """(global adapter, decision threshold or None for argmax) of an evaluate message."""
+    config = content.config_records[CONFIG]
+    threshold = float(config["threshold"]) if "threshold" in config else None
+    return record_to_state(content.array_records[GLOBAL]), threshold
+
+
+def read_site_counts(reply: Message) -> SiteCounts:
+    """The counts a site returned; ValueError with the reason if the reply is an error or malformed."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        raise ValueError(f"node {node} could not evaluate: {reply.error.reason}")
+    metrics = reply.content.metric_records.get(COUNTS)
+    config = reply.content.config_records.get(CONFIG)
+    if metrics is None or config is None:
+        raise ValueError(f"node {node} sent no evaluation counts")
+    k = int(metrics["num-classes"])
+    flat = [int(c) for c in metrics["confusion"]]
+    if k < 2 or len(flat) != k * k or min(flat) < 0:
+        raise ValueError(f"node {node} sent a malformed confusion matrix")
+    confusion = tuple(tuple(flat[i * k : (i + 1) * k]) for i in range(k))
+    hists = None
+    if k == 2 and "scores-class-0" in metrics:
+        hists = tuple(tuple(int(h) for h in metrics[f"scores-class-{c}"]) for c in range(2))
+        if any(len(h) != SCORE_BINS or sum(h) != sum(row) for h, row in zip(hists, confusion, strict=True)):
+            raise ValueError(f"node {node} sent score histograms that do not match its confusion matrix")
+    return SiteCounts(int(config["client-id"]), confusion, hists)

@@ -47,6 +47,4 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[argparse.Namespace,
     """(run settings, deployment options) from a Flower run config; ValueError / SystemExit on bad values."""
     options = {dest: cast(run_config[key]) for key, (dest, cast) in OPTION_KEYS.items() if key in run_config}
     args = run_config_to_args({k: v for k, v in run_config.items() if k not in OPTION_KEYS})
-    if "record" in args.dp.split(","):
-        raise ValueError("dp = 'record' is not supported by the Flower app yet; use deer-fed (simulation)")
     return args, DeploymentOptions(**options)

@@ -4,7 +4,9 @@ It builds the run exactly as the simulation does (`peft_deer.experiment`), waits
 SuperNodes, learns which client id each holds, and runs the phase loop (`run_phases`: budget stop,
 validation on the server's held-out split, best adapter, checkpoints, `resume`) with `DeerStrategy`
 moving the messages. The outputs land in `output-dir` in the simulation's layout, so `python -m app
---adapter OUTPUT_DIR/adapter` serves a Flower-trained adapter unchanged.
+--adapter OUTPUT_DIR/adapter` serves a Flower-trained adapter unchanged. After the run every site
+evaluates the final adapter on its own held-out images; the per-site table goes to
+`server-private/site_evaluation.*` (not DP-covered; the model card says so).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..experiment import (
+    PRIVATE_DIR,
     SettingsMismatch,
     build_experiment,
     final_line,
@@ -26,8 +29,11 @@ from ..experiment import (
     run_phases,
     start_or_resume,
 )
-from .protocol import hello_message, read_hello_reply
+from ..federated import AdapterState
+from .protocol import SiteCounts, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .run_config import DeploymentOptions, parse_run_config
+from .site_accounting import SiteRecordLevel
+from .site_evaluation import add_model_card_note, site_table, write_site_evaluation
 from .strategy import DeerStrategy
 
 logger = logging.getLogger("flwr")
@@ -68,6 +74,31 @@ def discover_clients(grid: Grid, num_clients: int, options: DeploymentOptions) -
     return clients
 
 
+def evaluate_sites(
+    grid: Grid, nodes: dict[int, int], state: AdapterState, threshold: float | None, options: DeploymentOptions
+) -> tuple[list[SiteCounts], list[str]]:
+    """Ask every site to evaluate `state` on its own held-out images: (the counts, one reason per failed site)."""
+    messages = [evaluate_message(nodes[c], state, threshold) for c in sorted(nodes)]
+    counts, failed = [], []
+    for reply in grid.send_and_receive(messages, timeout=options.reply_timeout_s):
+        try:
+            counts.append(read_site_counts(reply))
+        except ValueError as err:
+            logger.warning("%s", err)
+            failed.append(str(err))
+    missing = len(messages) - len(counts) - len(failed)
+    if missing:
+        failed.append(f"{missing} sites did not answer within {options.reply_timeout_s:g} s")
+    return counts, failed
+
+
+def run_key(exp, out: Path) -> str:
+    """The key sites file their record-level accountants under: an HMAC of the run's DP secret and output
+    directory, so the same for a run and its resumes (the secret is in the checkpoint), new for a new run
+    (also with reproducible noise), and revealing nothing about the secret."""
+    return f"{exp.server.randomness.seed('flower-site-run-key', str(out)):016x}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     args, options = parse_run_config(context.run_config)
@@ -77,11 +108,14 @@ def main(grid: Grid, context: Context) -> None:
     out = prepare_output_dir(args, prog="deer-flower")
     logger.info("DEeR run %s -> %s", args.method, out)
     exp.save_base_model()
+    if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
+        exp.server.record = SiteRecordLevel(exp.server.record)
     try:
         progress = start_or_resume(exp, out, say=logger.info)
     except SettingsMismatch as err:
         raise ValueError(f"deer-flower: {err}") from err
-    strategy = DeerStrategy(exp.server, discover_clients(grid, args.num_clients, options), args.rounds, options)
+    nodes = discover_clients(grid, args.num_clients, options)
+    strategy = DeerStrategy(exp.server, nodes, args.rounds, options, run_key(exp, out))
     strategy.summary()
     stopped = run_phases(exp, out, progress, strategy.release_phase(grid), say=logger.info)
     if stopped == "max-phases":
@@ -89,5 +123,12 @@ def main(grid: Grid, context: Context) -> None:
         return
     summary = finalize(
         exp, out, progress, stopped, extra_privacy=strategy.deployment_ledger(), private_extra=strategy.private_ledger()
+    )
+    threshold = summary["test"]["final"]["threshold"]
+    counts, failed = evaluate_sites(grid, nodes, exp.server.global_state, threshold, options)
+    write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed)
+    add_model_card_note(out)
+    logger.info(
+        "per-site evaluation of %d sites -> %s (server-private, not DP-covered)", len(counts), out / PRIVATE_DIR
     )
     logger.info(final_line(summary, out))

@@ -25,8 +25,16 @@ from ..federated import (
     check_privatized_update,
     iter_phases,
 )
-from .protocol import TrainInstruction, read_update_reply, state_to_record, train_message
+from .protocol import (
+    RecordReport,
+    TrainInstruction,
+    read_record_report,
+    read_update_reply,
+    state_to_record,
+    train_message,
+)
 from .run_config import DeploymentOptions
+from .site_accounting import SiteRecordLevel
 
 logger = logging.getLogger("flwr")
 
@@ -40,13 +48,26 @@ class DeerStrategy(Strategy):
 
     `configure_train(r, ...)` / `aggregate_train(r, ...)` handle release r (1-based) of the run; the
     DEeR ServerApp calls them through `release_phase`, between its budget checks, validation and
-    checkpoints. `dropped` lists every dropped update as {round, phase, client, reason}.
+    checkpoints. `dropped` lists every dropped update as {round, phase, client, reason}. `run_key` goes
+    to the sites with every train message (they file their record-level accountants under it). Under
+    record-level DP `server.record` is a `SiteRecordLevel`: each valid reply's accountant report goes
+    into the ledger, and a reply without one is dropped.
     """
 
-    def __init__(self, server: FederatedServer, nodes: dict[int, int], rounds: int, options: DeploymentOptions) -> None:
+    def __init__(
+        self,
+        server: FederatedServer,
+        nodes: dict[int, int],
+        rounds: int,
+        options: DeploymentOptions,
+        run_key: str = "",
+    ) -> None:
+        if server.record is not None and not isinstance(server.record, SiteRecordLevel):
+            server.record = SiteRecordLevel(server.record)
         self.server = server
         self.nodes = dict(nodes)
         self.options = options
+        self.run_key = run_key
         self.phases: list[Phase] = list(iter_phases(server.method, rounds))
         self.dropped: list[dict] = []
         self._sent: dict[int, list[int]] = {}  # release number -> client ids sampled for it
@@ -73,7 +94,8 @@ class DeerStrategy(Strategy):
         self._sent[server_round] = participants
         state, shares = self.server.global_state, self.noise_shares(len(participants))
         return [
-            train_message(self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, shares)) for c in sent
+            train_message(self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, shares, self.run_key))
+            for c in sent
         ]
 
     def noise_shares(self, sampled: int) -> int:
@@ -100,6 +122,7 @@ class DeerStrategy(Strategy):
             else None
         )
         updates: dict[int, ClientUpdate] = {}
+        reports: dict[int, RecordReport] = {}
         for reply in replies:
             client = client_of_node.get(reply.metadata.src_node_id)
             if client is None or client not in participants:
@@ -109,6 +132,8 @@ class DeerStrategy(Strategy):
                 update = read_update_reply(reply, client, shapes)
                 if privatized:
                     check_privatized_update(update, whiteners, self.server.spec.noise, dp, needed)
+                if self.server.record is not None:
+                    reports[client] = read_record_report(reply, client)
             except InvalidClientUpdate as err:
                 self._drop(phase, client, str(err))
                 continue
@@ -123,6 +148,8 @@ class DeerStrategy(Strategy):
                 "Resume with resume=true once the SuperNodes are back."
             )
         ordered = [updates[c] for c in sorted(updates)]
+        if self.server.record is not None:
+            self.server.record.expect(reports)
         release = self.server.finish_phase(phase, ordered, needed if privatized else None)
         self.last_updates, self.last_release = ordered, release
         metrics = {"participants": len(ordered), "dropped": len(participants) - len(ordered)}

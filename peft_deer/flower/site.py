@@ -1,0 +1,259 @@
+"""A hospital's side of the DEeR Flower app: its data, backbone and model, and what it does with a message.
+
+`handle(kind, content, run_config, node_config)` answers one message's content (hello, train, evaluate)
+with the reply's content. It runs in the site's long-lived worker (`site_worker.py`), or in the
+ClientApp process itself with `site-worker=false`; either way a `Site` is built once per run settings
+and node config and kept (`site_for`), so data, backbone and model are loaded once, not per message.
+
+Node config (`flower-supernode --node-config '...'`):
+- `partition-id` (required): this site's client id in [0, num-clients), and the partition of the
+  dataset it trains on;
+- `num-partitions` (default: the run's num-clients): how many sites the dataset is split into, as
+  the simulation splits it; 1 means the whole dataset is this site's own;
+- `dataset`, `data-dir` (default: the run's): where this site's images are;
+- `state-dir` (default `~/.local/state/peft_deer/site`): where the site keeps its record-level DP
+  accountant between messages and restarts;
+- `site-worker` (default true), `site-worker-idle-s`: see `peft_deer_clientapp`.
+
+Each train message runs the core's `train_client` with the seed the simulation would use for this
+client and phase. With client-level DP and the `distributed` noise placement the client clips its
+update in the metric and adds its noise share (`privatize_update`) before anything leaves the site.
+With record-level DP it trains with DP-SGD (the core's `record_dp`), sigma calibrated on its own image
+count, and returns its accountant (`SiteAccountant`) with the update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+from peft import PeftModel
+from torch.utils.data import Dataset
+
+from ..data import partition_clients
+from ..evaluation import predict_proba
+from ..experiment import (
+    RunData,
+    build_model,
+    client_dataset,
+    load_run_backbone,
+    load_run_data,
+    local_training,
+    tensor_dataset,
+)
+from ..experiment import client_dp as run_client_dp
+from ..federated import (
+    AdapterLayout,
+    ClientTask,
+    DPRandomness,
+    Phase,
+    build_whiteners,
+    derive_seed,
+    iter_phases,
+    load_adapter_state,
+    method_spec,
+    privatize_update,
+    train_client,
+)
+from ..federated.record_dp import RecordLevel
+from .protocol import (
+    SCORE_BINS,
+    SiteCounts,
+    hello_content,
+    read_evaluate_content,
+    read_train_content,
+    update_content,
+)
+from .run_config import OPTION_KEYS, parse_run_config
+from .site_accounting import SiteAccountant, site_record_level
+
+# Run settings only the server uses: runs that differ in these share a site's loaded data and model.
+SERVER_ONLY = {"output-dir", "resume", "overwrite", "max-phases", *OPTION_KEYS}
+SITE_KEYS = {"state-dir", "site-worker", "site-worker-idle-s"}  # node config that does not change the data
+MAX_SITES = 2  # loaded (settings, node) combinations kept per process
+logger = logging.getLogger("peft_deer.flower.site")
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "peft_deer" / "site"
+
+
+@dataclass
+class Site:
+    """One site of one run's settings: its training partition, held-out images, model and DP settings."""
+
+    args: argparse.Namespace
+    client_id: int
+    num_partitions: int
+    data: RunData
+    model: PeftModel
+    layout: AdapterLayout
+    train_data: Dataset
+    record: RecordLevel | None
+    state_dir: Path
+    held_out: Dataset | None = None  # (pixel_values, label) of this site's held-out images
+
+    @classmethod
+    def build(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
+        """Load the site's data, backbone and model. ValueError (one line) on bad node config."""
+        args, _ = parse_run_config(run_config)
+        if "partition-id" not in node_config:
+            raise ValueError("this SuperNode has no partition-id in its --node-config")
+        client_id = int(node_config["partition-id"])
+        num_partitions = int(node_config.get("num-partitions", args.num_clients))
+        if not 0 <= client_id < args.num_clients:
+            raise ValueError(f"partition-id {client_id} is outside [0, num-clients={args.num_clients})")
+        if num_partitions != 1 and num_partitions != args.num_clients:
+            raise ValueError(f"num-partitions {num_partitions} must be 1 (own data) or num-clients={args.num_clients}")
+        data = load_run_data(
+            args, node_config.get("dataset") or None, node_config.get("data-dir") or None, num_partitions
+        )
+        backbone = load_run_backbone(args, data.splits)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, layout = build_model(args, backbone, 0.0, device)
+        partition = 0 if num_partitions == 1 else client_id
+        train_data = client_dataset(data, backbone, partition)
+        record = site_record_level(args, len(train_data))
+        state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
+        site = cls(args, client_id, num_partitions, data, model, layout, train_data, record, state_dir)
+        site.held_out = tensor_dataset(backbone, data.splits.test, site.held_out_indices())
+        return site
+
+    @property
+    def partition(self) -> int:
+        return 0 if self.num_partitions == 1 else self.client_id
+
+    def held_out_indices(self) -> np.ndarray:
+        """This site's held-out images: its own test split, or (a shared dataset split across sites) its share of
+        the test split, partitioned as the training split is."""
+        labels = self.data.splits.test.labels
+        if self.num_partitions == 1:
+            return np.arange(len(labels))
+        args = self.args
+        parts = partition_clients(
+            labels, self.num_partitions, args.partition, args.dirichlet_alpha, seed=derive_seed(args.seed, "site-test")
+        )
+        return np.sort(parts[self.client_id])
+
+    # -- the three messages --------------------------------------------------------------------------
+    def hello(self) -> RecordDict:
+        """Announce this site's client id and example count."""
+        return hello_content(self.client_id, len(self.train_data))
+
+    def train(self, content: RecordDict) -> RecordDict:
+        """One phase of local training from the received global adapter; the trained factor's delta."""
+        args, client_id = self.args, self.client_id
+        work = read_train_content(content)
+        if work.client_id != client_id:
+            raise ValueError(f"asked to train client {work.client_id}, but this SuperNode holds client {client_id}")
+        phase = _phase(args.method, args.rounds, work.round, work.phase)
+        # DP draws: the site's own secret; with reproducible-noise the simulation's (no guarantee: testing only).
+        randomness = DPRandomness.from_seed(args.seed) if args.reproducible_noise else None
+        task = ClientTask(
+            client_id,
+            self.train_data,
+            derive_seed(args.seed, *phase.step, client_id, "train"),
+            dp_seed=None
+            if randomness is None or self.record is None
+            else randomness.seed(*phase.step, client_id, "record-dp"),
+        )
+        update = train_client(
+            self.model, self.layout, work.global_state, phase, task, local_training(args, self.record)
+        )
+        report = None
+        if self.record is not None:
+            report = SiteAccountant(self.state_dir, work.run_key, client_id).step(self.record, update.num_examples)
+        dp = run_client_dp(args)
+        if dp is not None and dp.placement == "distributed":
+            noise = method_spec(args.method).noise
+            whiteners = build_whiteners(self.layout, work.global_state, list(update.delta), noise, dp.ridge)
+            generator = (randomness or DPRandomness.secret()).generator(*phase.step, client_id, "noise")
+            delta, _ = privatize_update(update.delta, whiteners, noise, dp, work.num_shares, generator)
+            update = dataclasses.replace(update, delta=delta)
+        return update_content(update, report)
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        """Counts of the global adapter's decisions (and, binary, P(class 1) histograms) on the held-out images."""
+        state, threshold = read_evaluate_content(content)
+        load_adapter_state(self.model, state)
+        probs = predict_proba(self.model, self.held_out, self.args.eval_batch_size, self.args.mixed_precision)
+        labels = self.held_out.tensors[1].numpy()
+        k = probs.shape[1]
+        if k == 2 and threshold is not None:
+            decisions = (probs[:, 1] >= threshold).astype(np.int64)
+        else:
+            decisions = probs.argmax(1)
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (labels, decisions), 1)
+        hists = None
+        if k == 2:
+            hists = tuple(
+                tuple(int(h) for h in np.histogram(probs[labels == c, 1], bins=SCORE_BINS, range=(0.0, 1.0))[0])
+                for c in range(2)
+            )
+        return SiteCounts(self.client_id, tuple(tuple(int(x) for x in row) for row in confusion), hists).to_content()
+
+
+def _phase(method: str, rounds: int, round_index: int, phase_index: int) -> Phase:
+    phase = next(iter_phases(method, rounds, (round_index, phase_index)), None)
+    if phase is None or phase.step != (round_index, phase_index):
+        raise ValueError(f"round {round_index} phase {phase_index} is not in the run's schedule")
+    return phase
+
+
+_SITES: OrderedDict[str, Site] = OrderedDict()
+
+
+def site_for(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
+    """The process's `Site` for these settings and node config, built on first use and then kept."""
+    key = json.dumps(
+        [
+            {k: v for k, v in run_config.items() if k not in SERVER_ONLY},
+            {k: v for k, v in node_config.items() if k not in SITE_KEYS},
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    if key in _SITES:
+        _SITES.move_to_end(key)
+    else:
+        start = time.perf_counter()
+        _SITES[key] = Site.build(run_config, node_config)
+        logger.info(
+            "loaded the site of client %d (%d training images) in %.1f s",
+            _SITES[key].client_id,
+            len(_SITES[key].train_data),
+            time.perf_counter() - start,
+        )
+        while len(_SITES) > MAX_SITES:
+            _SITES.popitem(last=False)
+    site = _SITES[key]
+    site.state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
+    return site
+
+
+def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+    """The reply content of one message (`kind`: hello, train or evaluate) at this site."""
+    site = site_for(run_config, node_config)
+    if kind == "hello":
+        return site.hello()
+    if kind == "train":
+        return site.train(content)
+    if kind == "evaluate":
+        return site.evaluate(content)
+    raise ValueError(f"unknown message kind {kind!r}")
+
+
+__all__ = ["SERVER_ONLY", "Site", "default_state_dir", "handle", "site_for"]

@@ -1,0 +1,114 @@
+"""Record-level DP in a deployment: each site keeps its own accountant; the server's ledger holds what they report.
+
+A site (hospital) runs DP-SGD on its own patients (`peft_deer.federated.record_dp`, the simulation's
+code) and is the authority on what it released: `SiteAccountant` keeps its opacus RDP history in the
+site's state directory, filed under the run key (the same for a run and its resumes), so it survives a
+restart of the SuperNode and counts every update the site sent, retries included. Each update's reply
+carries that history (`protocol.RecordReport`); `SiteRecordLevel` is the server's `RecordLevel` whose
+per-client histories are the sites' reports, so `privacy.json` lists every site's record-level epsilon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+from ..experiment import make_record_level
+from ..federated.record_dp import RecordAccountants, RecordLevel, record_sample_rate, record_steps
+from ..io import write_json_atomic
+from .protocol import RecordReport
+
+logger = logging.getLogger("flwr")
+
+
+def site_record_level(args: argparse.Namespace, num_examples: int) -> RecordLevel | None:
+    """The run's record-level DP-SGD settings as one site applies them: sigma calibrated on this site's own
+    image count, exactly as `deer-fed` calibrates that client (None without record-level DP)."""
+    record = make_record_level(args, [num_examples])
+    if record is None:
+        return None
+    # RecordDP indexes multipliers by client id; this site only ever trains its own.
+    sigmas = record.dp.noise_multipliers * args.num_clients
+    return RecordLevel(dataclasses.replace(record.dp, noise_multipliers=sigmas), record.batch_size, record.local_epochs)
+
+
+class SiteAccountant:
+    """One site's record-level accountant for one run, persisted as JSON in `state_dir` after every step."""
+
+    def __init__(self, state_dir: str | Path, run_key: str, client_id: int) -> None:
+        if not re.fullmatch(r"[0-9a-f]{16,64}", run_key):
+            raise ValueError(f"run key {run_key!r} is not a hex digest: the ServerApp is of another version")
+        self.client_id = client_id
+        self.path = Path(state_dir) / f"record-dp-{run_key}-client{client_id}.json"
+        self.accountants = RecordAccountants()
+        if self.path.is_file():
+            self.accountants.load_state_dict(json.loads(self.path.read_text()))
+
+    def step(self, record: RecordLevel, num_examples: int) -> RecordReport:
+        """Account one DP-SGD client update of `num_examples` images; save; return the report for the server."""
+        sigma = record.dp.noise_multiplier(self.client_id)
+        q = record_sample_rate(num_examples, record.batch_size)
+        steps = record_steps(num_examples, record.batch_size, record.local_epochs)
+        self.accountants.step(self.client_id, sigma, q, steps)
+        write_json_atomic(self.path, self.accountants.state_dict())
+        history = tuple(self.accountants.history[self.client_id])
+        return RecordReport(sigma, q, steps, history, self.accountants.epsilon(self.client_id, record.dp.delta))
+
+
+class SiteRecordLevel(RecordLevel):
+    """The server's record-level ledger in a deployment: client k's history is what site k last reported.
+
+    `expect(reports)` hands over the reports of a phase's valid replies; `FederatedServer.finish_phase`
+    then calls `account(updates)` for the updates it aggregated. A report shorter than what the server
+    already holds (the site lost its state directory) never lowers the ledger: the server then adds the
+    update's own steps to its copy, and warns.
+    """
+
+    def __init__(self, record: RecordLevel) -> None:
+        super().__init__(record.dp, record.batch_size, record.local_epochs)
+        self.accountants.load_state_dict(record.accountants.state_dict())
+        self.sigmas: dict[int, float] = dict(getattr(record, "sigmas", {}))
+        self._pending: dict[int, RecordReport] = {}
+
+    def expect(self, reports: dict[int, RecordReport]) -> None:
+        self._pending = dict(reports)
+
+    def account(self, updates) -> None:
+        history = self.accountants.history
+        for u in sorted(updates, key=lambda u: u.client_id):
+            report = self._pending.pop(u.client_id)
+            held = sum(n for _, _, n in history.get(u.client_id, []))
+            if sum(n for _, _, n in report.history) >= held:
+                history[u.client_id] = list(report.history)
+            else:
+                logger.warning(
+                    "client %d reported a record-level history shorter than the ledger's (its state was lost?); "
+                    "the ledger keeps its own and adds this update",
+                    u.client_id,
+                )
+                self.accountants.step(u.client_id, report.sigma, report.sample_rate, report.steps)
+            self.sigmas[u.client_id] = report.sigma
+        self._pending = {}
+
+    def ledger(self) -> dict:
+        ledger = super().ledger()
+        ledger["noise_multipliers"] = {str(c): s for c, s in sorted(self.sigmas.items())}
+        ledger["calibration"] = f"by each site on its own image count ({self.dp.calibration})"
+        ledger["accountant"] = (
+            "opacus RDP, one per site, kept by the site across rounds and restarts and reported with every update"
+        )
+        return ledger
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sigmas": {str(c): s for c, s in self.sigmas.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.sigmas = {int(c): float(s) for c, s in state.get("sigmas", {}).items()}
+
+
+__all__ = ["SiteAccountant", "SiteRecordLevel", "site_record_level"]
