@@ -111,10 +111,12 @@ def read_dicom(data: bytes) -> np.ndarray:
         return _shrink(to_uint8(rgb, value_range=(0, np.iinfo(rgb.dtype).max) if rgb.dtype != np.uint8 else None))
     if arr.ndim == 3:  # RGB; pydicom converts YBR to RGB
         return _shrink(to_uint8(arr))
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    modality = np.asarray(apply_modality_lut(arr, ds))
+    values = modality.astype(np.float64)
     if ds.get("VOILUTSequence"):
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        pixels = to_uint8(apply_voi(values, ds), value_range=(0, 2**bits - 1))
+        indices = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(values).astype(np.int64)
+        pixels = to_uint8(apply_voi(indices, ds), value_range=(0, 2**bits - 1))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
         pixels = to_uint8(_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function), (0.0, 1.0))
