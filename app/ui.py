@@ -34,7 +34,7 @@ NO_IMAGE = "No image: upload an image or DICOM file first, or click one of the e
 BAD_IMAGE = "Could not read the upload as an image"
 NO_FILES = "No files: upload images, DICOM files or a zip of them first."
 # Small scans (MedMNIST is 28 px) are shown enlarged, pixels kept sharp.
-CSS = ".pixelated img { image-rendering: pixelated; }"
+CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 OUTPUT_TTL_S = 60  # returned images and CSVs are deleted from the private cache after this long
 METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("balanced_accuracy", "balanced accuracy"),
            ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1_macro", "macro F1"),
@@ -191,9 +191,7 @@ def describe(clf: Classifier, title: str | None = None) -> str:
         f"- input: {run['image_size']} px, {run['num_channels']} channel(s), same preprocessing as training",
         f"- decision: {threshold_md(clf)}",
     ]
-    return (
-        "\n".join(model) + "\n\n" + _privacy_md(clf.privacy, clf.audit) + "\n\n" + _metrics_md(clf.summary)
-    )
+    return "\n".join(model) + "\n\n" + _privacy_md(clf.privacy, clf.audit) + "\n\n" + _metrics_md(clf.summary)
 
 
 def _probs_dict(clf: Classifier, probs: np.ndarray) -> dict[str, float]:
@@ -287,13 +285,20 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
                 for clf, title in zip(classifiers, titles, strict=True):
                     with gr.Column(scale=2 if not several else 1):
                         out_labels.append(
-                            gr.Label(num_top_classes=min(5, len(clf.class_names)), label=f"{title}: probabilities")
+                            gr.Label(
+                                num_top_classes=min(5, len(clf.class_names)),
+                                label=f"{title}: probabilities",
+                                show_heading=False,  # the decision below is the headline, not the argmax
+                            )
                         )
                         out_decisions.append(gr.Markdown(threshold_md(clf), elem_classes="decision"))
                         out_overlays.append(
                             gr.Image(
-                                label=f"{title}: where the model looked", interactive=False, height=320,
-                                format="png", elem_classes="pixelated",
+                                label=f"{title}: where the model looked",
+                                interactive=False,
+                                height=320,
+                                format="png",
+                                elem_classes="pixelated",
                             )  # fmt: skip
                         )
             ui_outputs = [shown, *out_labels, *out_decisions, *out_overlays]

@@ -6,6 +6,7 @@ broken, corrupt or foreign adapters)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -434,3 +435,43 @@ def test_corrupt_adapter_weights_one_line(run_dir: Path, tmp_path: Path, capsys)
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------------------------------------
+# a real browser
+
+
+def _screenshot_tool():
+    spec = importlib.util.spec_from_file_location("app_screenshot", ROOT / "bench" / "app_screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_browser_classifies_an_example(clf: Classifier, tmp_path: Path) -> None:
+    """Headless Chromium loads the page, clicks an example, sees the decision and heatmap; a screenshot is saved."""
+    tool = _screenshot_tool()
+    binary = tool.find_chromium()
+    if binary is None:
+        reason = "no Chromium on PATH (.ci/install installs Debian's chromium where apt-get is permitted)"
+        print(f"SKIPPED browser test: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    example = clf.examples[-1]
+    probs = clf.probabilities(decode(example.path))[0]
+    decided = clf.class_names[clf.decide(probs)]
+    demo = build_demo([clf])
+    port = _free_port()
+    launch(demo, port=port, prevent_thread_lock=True)
+    out = tmp_path / "app.png"
+    try:
+        shown = tool.classify_example_in_browser(
+            f"http://127.0.0.1:{port}/", f"{example.class_name} ({example.path.name})", out, binary
+        )
+    finally:
+        close(demo)
+    assert f"Decision at the operating threshold: {decided}" in shown["decision"]
+    assert f"P(pneumonia) = {probs[1]:.6g}" in shown["decision"]
+    assert shown["heatmaps"] >= 1
+    picture = Image.open(out)
+    assert picture.size == tuple(shown["size"]) and picture.size[0] == 1280 and picture.size[1] > 900
+    assert np.asarray(picture.convert("L")).std() > 10  # not a blank page
