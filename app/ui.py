@@ -23,7 +23,17 @@ from .batch import classify_uploads, columns, to_csv
 from .decode import ACCEPTED, UnreadableFile, decode, read_uploads
 from .predict import Classifier
 
-__all__ = ["BAD_IMAGE", "NO_IMAGE", "THEME", "build_demo", "close", "decision_md", "describe", "launch"]
+__all__ = [
+    "BAD_IMAGE",
+    "NO_IMAGE",
+    "THEME",
+    "build_demo",
+    "close",
+    "decision_md",
+    "describe",
+    "format_probability",
+    "launch",
+]
 
 # System fonts only: the default themes fetch web fonts, the demo must work offline.
 THEME = gr.themes.Default(
@@ -50,7 +60,7 @@ def _record_lines(record: dict[str, Any]) -> list[str]:
     lines = []
     per_client = record.get("epsilon_per_client")
     if isinstance(per_client, dict) and per_client:
-        eps = ", ".join(f"{k}: {_num(v, '.3g')}" for k, v in per_client.items())
+        eps = ", ".join(f"{k}: {_num(v, '.4g')}" for k, v in per_client.items())
         lines.append(f"- record-level ε per client (δ = {_num(record.get('delta'), 'g')}): {eps}")
     if record.get("clip_norm") is not None:
         lines.append(
@@ -143,6 +153,11 @@ def _metrics_md(summary: dict[str, Any] | None) -> str:
     return "**Test metrics** (the run's held-out test split)\n\n" + "\n".join(rows) + "\n\n" + note
 
 
+def format_probability(p: float) -> str:
+    """A probability with enough digits to compare with a threshold near 1 (``1 − 4.7e-06``)."""
+    return f"1 − {1.0 - p:.2g}" if 0.9999995 <= p < 1.0 else f"{p:.7g}"
+
+
 def threshold_md(clf: Classifier) -> str:
     """What the operating threshold is, where it came from and what it gave on validation."""
     op = clf.operating_point
@@ -166,7 +181,7 @@ def decision_md(clf: Classifier, probs: np.ndarray, explained: int | None = None
         p1 = float(probs[1])
         head = (
             f"**Decision at the operating threshold: {clf.class_names[decided]}** "
-            f"(P({clf.class_names[1]}) = {p1:.6g} {'≥' if decided == 1 else '<'} {op.threshold:.7g})"
+            f"(P({clf.class_names[1]}) = {format_probability(p1)} {'≥' if decided == 1 else '<'} {op.threshold:.7g})"
         )
     lines = [head, "", threshold_md(clf)]
     if explained is not None:

@@ -29,7 +29,7 @@ from app import uploads
 from app.__main__ import main as app_main
 from app.decode import decode
 from app.predict import AdapterError, Classifier, load_classifier
-from app.ui import build_demo, close, decision_md, describe, launch
+from app.ui import build_demo, close, decision_md, describe, format_probability, launch
 from peft_deer.data import load_dataset_spec
 from peft_deer.evaluation import classification_metrics
 from peft_deer.intensity import to_uint8
@@ -267,7 +267,8 @@ def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     assert clf.decide(above) == 1 and clf.decide(below) == 0
     md = decision_md(clf, below, explained=0)
     assert "Decision at the operating threshold: normal" in md and f"< {threshold:.7g}" in md
-    assert "validation split" in md and "evidence" not in md.lower() or "Heatmap" in md
+    assert "validation split" in md and "Heatmap: where the image speaks for *normal*" in md
+    assert format_probability(1 - 4.7e-6) == "1 − 4.7e-06" and format_probability(0.25) == "0.25"
     multi = Classifier(clf.model, clf.adapter_dir, {**clf.run, "class_names": ["a", "b", "c"]}, clf.base_model)
     assert multi.operating_point is None and multi.decide(np.array([0.2, 0.5, 0.3])) == 1
     assert "no operating threshold" in decision_md(multi, np.array([0.2, 0.5, 0.3]))
@@ -470,7 +471,7 @@ def test_real_browser_classifies_an_example(clf: Classifier, tmp_path: Path) -> 
     finally:
         close(demo)
     assert f"Decision at the operating threshold: {decided}" in shown["decision"]
-    assert f"P(pneumonia) = {probs[1]:.6g}" in shown["decision"]
+    assert f"P(pneumonia) = {format_probability(probs[1])}" in shown["decision"]
     assert shown["heatmaps"] >= 1
     picture = Image.open(out)
     assert picture.size == tuple(shown["size"]) and picture.size[0] == 1280 and picture.size[1] > 900
