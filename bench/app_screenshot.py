@@ -83,14 +83,19 @@ class Chromium:
         return result.get("result", {}).get("value")
 
     def wait_for(self, expression: str, timeout_s: float, what: str) -> Any:
-        """Poll a JavaScript expression until it is truthy; its value."""
+        """Poll a JavaScript expression until it is truthy; its value. On timeout the error quotes the page's
+        error toasts, if any."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             value = self.js(expression)
             if value:
                 return value
             time.sleep(0.25)
-        raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        toasts = self.js(
+            "[...document.querySelectorAll('[data-testid=\"toast-body\"], .toast-body')]"
+            ".map(t => t.innerText.replace(/\\s+/g, ' ')).join(' | ')"
+        )
+        raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; page errors: {toasts or 'none'}")
 
     def click_text(self, text: str, timeout_s: float = 30.0) -> None:
         """Click (mouse press and release at its centre) the innermost visible element whose text is `text`."""
@@ -151,14 +156,24 @@ def classify_example_in_browser(
         raise FileNotFoundError(f"no Chromium found on PATH (looked for {', '.join(BROWSERS)})")
     with Chromium(binary) as browser:
         browser.call("Page.navigate", url=url)
-        browser.wait_for("!!document.querySelector('#classify')", timeout_s, "the demo page to render")
-        browser.click_text(example_label)
-        decision = browser.wait_for(
-            "(() => { const e = [...document.querySelectorAll('.decision')]"
-            ".find(d => d.innerText.includes('Decision')); return e ? e.innerText : null; })()",
+        browser.wait_for(
+            "document.readyState === 'complete' && !!document.querySelector('#classify')",
             timeout_s,
-            "the decision after clicking the example",
+            "the demo page to render",
         )
+        find_decision = (
+            "(() => { const e = [...document.querySelectorAll('.decision')]"
+            ".find(d => d.innerText.includes('Decision')); return e ? e.innerText : null; })()"
+        )
+        deadline = time.time() + timeout_s
+        while True:  # a click that lands before the page's scripts are wired is lost: click again
+            browser.click_text(example_label)
+            try:
+                decision = browser.wait_for(find_decision, min(30.0, max(deadline - time.time(), 1.0)), "the decision")
+                break
+            except TimeoutError:
+                if time.time() > deadline:
+                    raise
         heatmap = browser.wait_for(
             "(() => { const imgs = [...document.querySelectorAll('img')].filter(i => i.complete && "
             "i.naturalWidth === 320); return imgs.length; })()",

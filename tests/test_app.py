@@ -268,7 +268,8 @@ def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     md = decision_md(clf, below, explained=0)
     assert "Decision at the operating threshold: normal" in md and f"< {threshold:.7g}" in md
     assert "validation split" in md and "Heatmap: where the image speaks for *normal*" in md
-    assert format_probability(1 - 4.7e-6) == "1 − 4.7e-06" and format_probability(0.25) == "0.25"
+    assert format_probability(1 - 4.7e-8) == "1 − 4.7e-08" and format_probability(1 - 4.7e-6) == "0.9999953"
+    assert format_probability(0.25) == "0.25"
     multi = Classifier(clf.model, clf.adapter_dir, {**clf.run, "class_names": ["a", "b", "c"]}, clf.base_model)
     assert multi.operating_point is None and multi.decide(np.array([0.2, 0.5, 0.3])) == 1
     assert "no operating threshold" in decision_md(multi, np.array([0.2, 0.5, 0.3]))
