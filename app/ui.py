@@ -8,7 +8,6 @@ API endpoints: ``/predict`` (file -> class probabilities), ``/explain`` (file ->
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +44,7 @@ BAD_IMAGE = "Could not read the upload as an image"
 NO_FILES = "No files: upload images, DICOM files or a zip of them first."
 # Small scans (MedMNIST is 28 px) are shown enlarged, pixels kept sharp.
 CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
-OUTPUT_TTL_S = 60  # returned images and CSVs are deleted from the private cache after this long
+OUTPUT_TTL_S = 60  # returned images and CSVs are deleted from the private cache after this long (s)
 METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("balanced_accuracy", "balanced accuracy"),
            ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1_macro", "macro F1"),
            ("precision_macro", "macro precision"), ("recall_macro", "macro recall"),
@@ -237,6 +236,11 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
         except UnreadableFile as exc:
             raise gr.Error(f"{BAD_IMAGE}: {exc}", title="Unreadable file", print_exception=False) from exc
 
+    def returned(image: Image.Image, name: str) -> str:  # written where the sweeper deletes it after the TTL
+        path = uploads.new_output(name, output_ttl_s)
+        image.save(path, format="PNG")
+        return str(path)
+
     def predict(path: str | None) -> Any:
         try:
             pixels = read(path)
@@ -248,7 +252,7 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
     def explain(path: str | None) -> Any:
         try:
             pixels = read(path)
-            images = tuple(c.explain_overlay(pixels) for c in classifiers)
+            images = tuple(returned(c.explain_overlay(pixels), "overlay.png") for c in classifiers)
         finally:
             uploads.forget([path], public)
         return images if several else images[0]
@@ -262,10 +266,10 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
                 cam, explained = clf.explain(pixels, clf.decide(probs))
                 labels.append(_probs_dict(clf, probs))
                 decisions.append(decision_md(clf, probs, explained))
-                overlays.append(overlay(pixels, cam))
+                overlays.append(returned(overlay(pixels, cam), "overlay.png"))
         finally:
             uploads.forget([path], public)
-        return (Image.fromarray(pixels), *labels, *decisions, *overlays)
+        return (returned(Image.fromarray(pixels), "input.png"), *labels, *decisions, *overlays)
 
     def batch(paths: list[str] | None) -> tuple[list[list[Any]], str]:
         try:
@@ -274,13 +278,11 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
             rows = classify_uploads(classifiers, read_uploads(paths))
         finally:
             uploads.forget(paths or [], public)
-        folder = uploads.cache_dir() / secrets.token_hex(8)
-        folder.mkdir()
-        csv_path = folder / "predictions.csv"
+        csv_path = uploads.new_output("predictions.csv", output_ttl_s)
         csv_path.write_text(to_csv(columns(classifiers), rows))
         return rows, str(csv_path)
 
-    with gr.Blocks(title="peft_deer demo", delete_cache=(output_ttl_s, output_ttl_s)) as demo:
+    with gr.Blocks(title="peft_deer demo") as demo:
         gr.Markdown(
             f"# DEeR federated LoRA: {first.run.get('dataset', 'image classification')}\n"
             f"Upload an image or a DICOM file ({ACCEPTED}; any size, gray or RGB), or click an example from "

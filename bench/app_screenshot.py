@@ -95,7 +95,10 @@ class Chromium:
             "[...document.querySelectorAll('[data-testid=\"toast-body\"], .toast-body')]"
             ".map(t => t.innerText.replace(/\\s+/g, ' ')).join(' | ')"
         )
-        raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; page errors: {toasts or 'none'}")
+        page = self.js("document.body.innerText.replace(/\\s+/g, ' ').slice(0, 400)")
+        raise TimeoutError(
+            f"timed out after {timeout_s:.0f} s waiting for {what}; page errors: {toasts or 'none'}; page: {page}"
+        )
 
     def click_text(self, text: str, timeout_s: float = 30.0) -> None:
         """Click (mouse press and release at its centre) the innermost visible element whose text is `text`."""

@@ -181,7 +181,7 @@ def test_served_page_is_offline_and_local(served: str) -> None:
 def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
     from gradio_client import Client, handle_file
 
-    demo = build_demo([clf, load_classifier(run_dir / "adapter-best")])
+    demo = build_demo([clf, load_classifier(run_dir / "adapter-best")], output_ttl_s=OUTPUT_TTL_S)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True)
     try:
@@ -324,6 +324,7 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
     png = tmp_path / "patient.png"
     Image.fromarray(to_uint8(scan)).save(png)
 
+    before = set(_cache_files())  # (other demos of this module share the process's private cache)
     # /predict takes DICOM through the same preprocessing: same probabilities as the equivalent PNG
     probs_dcm = _probs(client.predict(handle_file(str(dcm)), api_name="/predict"))
     assert probs_dcm == pytest.approx(_probs(client.predict(handle_file(str(png)), api_name="/predict")), abs=1e-9)
@@ -331,15 +332,18 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
     stored = _cache_files()
     uploaded = {dcm.read_bytes(), png.read_bytes()}
     assert not uploaded & set(stored.values()), "an upload is still on disk after its request"
-    assert all(not data for p, data in stored.items() if uploads.digest(p) not in _public(clf)), stored.keys()
+    new = [p for p, data in stored.items() if p not in before and data and uploads.digest(p) not in _public(clf)]
+    assert not new, f"files left by /predict: {new}"
 
     # /explain returns the overlay; it is swept from the server's cache shortly after
     overlay_path = client.predict(handle_file(str(dcm)), api_name="/explain")
     picture = np.asarray(Image.open(overlay_path).convert("RGB"))
     assert picture.shape == (320, 320, 3) and picture.std() > 0
     time.sleep(OUTPUT_TTL_S * 2 + 1.5)
-    leftover = [p for p, data in _cache_files().items() if data and uploads.digest(p) not in _public(clf)]
+    leftover = [p for p, d in _cache_files().items() if p not in before and d and uploads.digest(p) not in _public(clf)]
     assert not leftover, leftover
+    # the run's examples are still cached for the page, although uploads with their bytes came and went
+    assert _public(clf) <= {uploads.digest(p) for p in _cache_files()}
 
     # a corrupt DICOM: a clear message, the server keeps serving
     broken = tmp_path / "broken.dcm"
