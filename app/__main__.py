@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,12 +11,15 @@ from pathlib import Path
 from .run import AdapterError, check_adapter_dir, resolve_base
 
 DESCRIPTION = """\
-Serve the aggregated adapter of a finished deer-fed run as a local Gradio demo: upload or
-paste an image, get class probabilities, and see the base model, method, privacy guarantee
-(privacy.json), test metrics (summary.json) and training curves (curves.png) of the run.
-The adapter (DEER_LORA or the plain LoRA export) is merged onto the base model named in its
-adapter_config.json. The classification API endpoint is /predict. Runs offline, without a
-share link; binds to 127.0.0.1 unless --host says otherwise."""
+Serve the aggregated adapter of a finished deer-fed run as a local Gradio demo: upload an
+image or a DICOM file, get class probabilities, the decision at the run's validation-chosen
+operating threshold and a heatmap of where the model looked; classify a batch of files (or a
+zip) into a table and a CSV; and see the base model, method, privacy guarantee (privacy.json),
+test metrics (summary.json) and training curves (curves.png) of the run. The adapter
+(DEER_LORA or the plain LoRA export) is merged onto the base model named in its
+adapter_config.json. API endpoints: /predict, /explain, /batch. Uploads are kept in a private
+temporary directory only until their request is done; it is removed when the server stops.
+Runs offline, without a share link; binds to 127.0.0.1 unless --host says otherwise."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the adapter(s), build the demo and serve it until interrupted; exit code 1 on bad input."""
     args = build_parser().parse_args(argv)
@@ -62,13 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdapterError as exc:
         print(f"deer-app: error: {exc}", file=sys.stderr)
         return 1
+    from . import uploads
     from .ui import build_demo, launch
 
+    # SIGTERM stops the server like Ctrl-C, so that the private upload cache is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch(build_demo(classifiers), args.host, args.port)
     except OSError as exc:
         print(f"deer-app: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        uploads.remove()
     return 0
 
 

@@ -2,13 +2,13 @@
 
 `load_classifier(RUN_DIR/adapter)` rebuilds the base model named in ``adapter_config.json``,
 loads the adapter (``DEER_LORA`` or the plain ``LORA`` export), merges it, and reads the run's
-class names and preprocessing (``peft_deer_run.json``) plus the run files next to the adapter
-(``privacy.json``, ``summary.json``, ``curves.png``, ``examples/``).
+class names, preprocessing and operating threshold (``peft_deer_run.json``) plus the run files
+next to the adapter (``privacy.json``, ``summary.json``, ``curves.png``, ``examples/``, and an
+optional ``audit.json`` from ``deer-audit --json``).
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,17 +16,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer.backbones import load_backbone
 from peft_deer.data import preprocess_images
+from peft_deer.explain import overlay, token_gradcam
 
+from .decode import decode
 from .run import AdapterError, Example, check_adapter_dir, first_line, optional_json, read_examples, resolve_base
 
-__all__ = ["AdapterError", "Classifier", "Example", "load_classifier", "to_image"]
+__all__ = ["AdapterError", "Classifier", "Example", "OperatingPoint", "load_classifier"]
 
-MAX_SIDE = 2048  # larger uploads are first shrunk (bounded memory); the model sees image_size px anyway
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The run's decision threshold on P(class 1), chosen on the validation split (Youden's J)."""
+
+    threshold: float
+    val_sensitivity: float | None
+    val_specificity: float | None
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Classifier:
     base_model: str
     privacy: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
     curves: Path | None = None
     examples: list[Example] = field(default_factory=list)
 
@@ -51,55 +60,67 @@ class Classifier:
     def class_names(self) -> list[str]:
         return list(self.run["class_names"])
 
-    @torch.inference_mode()
-    def probabilities(self, images: Any) -> np.ndarray:
-        """Class probabilities (N, num_classes) for uint8 images (anything `preprocess_images` takes)."""
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        """The validation-chosen threshold of a binary run, or None (decisions are then the argmax)."""
+        threshold = self.run.get("decision_threshold")
+        if len(self.class_names) != 2 or not isinstance(threshold, int | float):
+            return None
+        sens, spec = self.run.get("val_sensitivity"), self.run.get("val_specificity")
+        return OperatingPoint(
+            float(threshold),
+            float(sens) if isinstance(sens, int | float) else None,
+            float(spec) if isinstance(spec, int | float) else None,
+        )
+
+    def _inputs(self, images: Any) -> torch.Tensor:
         x = preprocess_images(
             images, self.run["image_size"], self.run["num_channels"], self.run["mean"], self.run["std"]
         )
-        device = next(self.model.parameters()).device
-        logits = self.model(pixel_values=x.to(device)).logits
+        return x.to(next(self.model.parameters()).device)
+
+    @torch.inference_mode()
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Class probabilities (N, num_classes) for uint8 images (anything `preprocess_images` takes)."""
+        logits = self.model(pixel_values=self._inputs(images)).logits
         return torch.softmax(logits.double(), dim=-1).cpu().numpy()
 
+    @torch.inference_mode()
+    def probabilities_of(self, images: list[np.ndarray]) -> np.ndarray:
+        """(N, num_classes) for decoded images of any sizes (each preprocessed alone, one forward pass)."""
+        if not images:
+            return np.zeros((0, len(self.class_names)))
+        logits = self.model(pixel_values=torch.cat([self._inputs(px) for px in images])).logits
+        return torch.softmax(logits.double(), dim=-1).cpu().numpy()
+
+    def decide(self, probs: np.ndarray) -> int:
+        """The decided class of one probability vector (num_classes,): P(class 1) >= threshold, else argmax."""
+        op = self.operating_point
+        if op is None:
+            return int(np.argmax(probs))
+        return int(probs[1] >= op.threshold)
+
     def predict(self, image: Any) -> dict[str, float]:
-        """{class name: probability} for one image (PIL image, uint8 array, path or bytes)."""
-        probs = self.probabilities(to_image(image))[0]
+        """{class name: probability} for one image (path, bytes, PIL image, uint8 array; PNG, JPEG, DICOM...)."""
+        probs = self.probabilities(decode(image))[0]
         return {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
 
+    def explain(self, pixels: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int]:
+        """(Grad-CAM map (gh, gw) >= 0, explained class) for decoded uint8 pixels; default: the decided class."""
+        if target is None:
+            target = self.decide(self.probabilities(pixels)[0])
+        cam = token_gradcam(self.model, self._inputs(pixels), int(target))[0]
+        return cam.cpu().numpy(), int(target)
 
-def to_image(image: Any) -> Image.Image | np.ndarray:
-    """A decoded gray/RGB image from a PIL image, an array, a path or bytes.
-
-    16-bit / float gray images are rescaled from their own min..max to 0..255; images larger than
-    `MAX_SIDE` are shrunk first. Raises ValueError when the input is not a readable image.
-    """
-    if image is None:
-        raise ValueError("no image given")
-    if isinstance(image, np.ndarray):
-        return image
-    if isinstance(image, bytes | bytearray):
-        image = io.BytesIO(image)
-    try:
-        img = image if isinstance(image, Image.Image) else Image.open(image)
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image ({exc.__class__.__name__})") from exc
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8))
-    elif img.mode not in ("L", "RGB"):
-        img = img.convert("L" if img.mode in ("1", "LA", "La") else "RGB")
-    if max(img.size) > MAX_SIDE:
-        img = img.copy()
-        img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BILINEAR)
-    return img
+    def explain_overlay(self, pixels: np.ndarray) -> Any:
+        """The input with the map of the decided class's evidence on top (PIL RGB image)."""
+        return overlay(pixels, self.explain(pixels)[0])
 
 
 def _load_merged(adapter_dir: Path, config: dict[str, Any], run: dict[str, Any], base: str) -> torch.nn.Module:
     """Base model + adapter, merged; AdapterError when the adapter does not fit the base."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     names = [str(c) for c in run["class_names"]]
     try:
@@ -122,6 +143,11 @@ def _load_merged(adapter_dir: Path, config: dict[str, Any], run: dict[str, Any],
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = PeftModel.from_pretrained(backbone.model, str(adapter_dir))
+    except SafetensorError as exc:
+        raise AdapterError(
+            f"{adapter_dir / 'adapter_model.safetensors'} is corrupt or truncated ({first_line(exc)}); "
+            "copy the adapter again from the run directory"
+        ) from exc
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise AdapterError(
             f"{adapter_dir} does not fit base model {base!r} (belongs to another base model?): {first_line(exc)}"
@@ -163,6 +189,7 @@ def load_classifier(adapter_dir: str | Path, base_model: str | None = None, devi
         base_model=base,
         privacy=optional_json(run_dir / "privacy.json"),
         summary=optional_json(run_dir / "summary.json"),
+        audit=optional_json(run_dir / "audit.json"),
         curves=curves if curves.is_file() else None,
         examples=read_examples(run_dir),
     )

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .intensity import HIGH_BIT_MODES, pil_to_array, to_uint8
+
 __all__ = [
     "MEDMNIST_2D_CLASS_NAMES",
     "DatasetSplits",
@@ -427,10 +429,8 @@ def _pil_list_to_array(pil_images: list[Any], mode: str, size: tuple[int, int]) 
     c = 1 if mode == "L" else 3
     out = np.empty((len(pil_images), h, w, c), dtype=np.uint8)
     for i, img in enumerate(pil_images):
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
-            a = np.asarray(img, dtype=np.float64)
-            hi = a.max() if a.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8))
+        if img.mode in HIGH_BIT_MODES:  # the demo's rule too (peft_deer.intensity)
+            img = Image.fromarray(to_uint8(np.asarray(img)))
         img = img.convert(mode)
         if img.size != size:
             img = img.resize(size, Image.Resampling.BILINEAR)
@@ -840,9 +840,7 @@ def _channel_stats(values: float | Sequence[float], num_channels: int, what: str
 def _to_nhwc(images: Any) -> np.ndarray:
     """uint8 NHWC from an (N,H,W,C), (N,H,W), (H,W,C) or (H,W) array or a PIL image."""
     if hasattr(images, "convert") and hasattr(images, "mode"):  # PIL image
-        if images.mode not in ("L", "RGB"):
-            images = images.convert("L" if images.mode in _GRAY_MODES else "RGB")
-        images = np.asarray(images)
+        images = pil_to_array(images)
     arr = _as_uint8_images(images)
     if arr.ndim == 2:  # (H, W)
         arr = arr[None, ..., None]

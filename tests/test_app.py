@@ -1,14 +1,22 @@
 """The Gradio demo (app/): prediction on real MedMNIST images with a tiny trained run, the served
-app through gradio_client, and bad inputs (corrupt/empty image, broken or foreign adapters)."""
+app through gradio_client (/predict, /explain, /batch, DICOM), the operating threshold and trust
+panel, uploads deleted after each request and on shutdown, and bad inputs (corrupt/empty image,
+broken, corrupt or foreign adapters)."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +25,14 @@ import pytest
 from conftest import MEDMNIST_DIR, ROOT, tiny_vit
 from PIL import Image
 
+from app import uploads
 from app.__main__ import main as app_main
+from app.decode import decode
 from app.predict import AdapterError, Classifier, load_classifier
-from app.ui import build_demo, describe, launch
+from app.ui import build_demo, close, decision_md, describe, format_probability, launch
 from peft_deer.data import load_dataset_spec
 from peft_deer.evaluation import classification_metrics
+from peft_deer.intensity import to_uint8
 
 DATASET = "medmnist:pneumoniamnist"
 
@@ -60,13 +71,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(clf: Classifier) -> Iterator[str]:
     """The single-adapter demo on a free localhost port; always closed."""
-    demo = build_demo([clf])
+    demo = build_demo([clf], output_ttl_s=OUTPUT_TTL_S)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        demo.close()
+        close(demo)
+
+
+OUTPUT_TTL_S = 2  # returned images are swept from the private cache after this long (tests only)
 
 
 def _probs(label: dict) -> dict[str, float]:
@@ -103,9 +117,12 @@ def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
 
 def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     md = describe(clf)
+    threshold = clf.run["decision_threshold"]
     for text in ("tiny random ViT", "method: deer", "client-level (ε, δ)-DP", "ε = ", "δ = 0.001", "mechanism:",
                  "trust model: central", "accuracy", "AUC", "| final |", "balanced accuracy", "sensitivity",
-                 "specificity", "pneumonia when its probability ≥ "):  # fmt: skip
+                 "specificity", f"Operating threshold: **pneumonia** when P(pneumonia) ≥ {threshold:.7g}",
+                 "Chosen on the run's validation split (Youden's J)", "guarantee: holds",
+                 "empirical audit: none recorded"):  # fmt: skip
         assert text in md, text
     assert clf.curves is not None and clf.curves.is_file()
     assert len(clf.examples) == 4 and {e.class_name for e in clf.examples} == {"normal", "pneumonia"}
@@ -144,7 +161,7 @@ def test_served_app_predicts_and_survives_bad_input(served: str, clf: Classifier
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     for bad in (corrupt, text):
-        with pytest.raises(AppError, match="Could not read the upload as an image"):
+        with pytest.raises(AppError, match="Could not read the upload as an image: not a readable image or DICOM"):
             client.predict(handle_file(str(bad)), api_name="/predict")
     with pytest.raises(AppError, match="No image"):
         client.predict(None, api_name="/predict")
@@ -164,17 +181,20 @@ def test_served_page_is_offline_and_local(served: str) -> None:
 def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
     from gradio_client import Client, handle_file
 
-    demo = build_demo([clf, load_classifier(run_dir / "adapter-best")])
+    demo = build_demo([clf, load_classifier(run_dir / "adapter-best")], output_ttl_s=OUTPUT_TTL_S)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True)
     try:
-        a, b = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            handle_file(str(clf.examples[0].path)), api_name="/predict"
-        )
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        a, b = client.predict(handle_file(str(clf.examples[0].path)), api_name="/predict")
+        overlays = client.predict(handle_file(str(clf.examples[0].path)), api_name="/explain")
+        table = client.predict([handle_file(str(clf.examples[0].path))], api_name="/batch")[0]
     finally:
         demo.close()
     for label in (a, b):
         assert sum(_probs(label).values()) == pytest.approx(1.0, abs=1e-6)
+    assert len(overlays) == 2 and all(Image.open(o).size == (320, 320) for o in overlays)
+    assert table["headers"] == ["file"] + [f"{m}: {c}" for m in "AB" for c in ("prediction", "probability", "decision")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,3 +253,231 @@ def test_cli_exit_code_and_help() -> None:
     with pytest.raises(SystemExit) as exc:
         app_main(["--help"])
     assert exc.value.code == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# decisions, trust panel, explanation, DICOM, batch, and what stays on disk
+
+
+def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
+    threshold = clf.run["decision_threshold"]
+    op = clf.operating_point
+    assert op is not None and op.threshold == threshold and op.val_sensitivity == clf.run["val_sensitivity"]
+    above, below = np.array([1 - threshold, threshold]), np.array([1 - threshold + 1e-3, threshold - 1e-3])
+    assert clf.decide(above) == 1 and clf.decide(below) == 0
+    md = decision_md(clf, below, explained=0)
+    assert "Decision at the operating threshold: normal" in md and f"< {threshold:.7g}" in md
+    assert "validation split" in md and "Heatmap: where the image speaks for *normal*" in md
+    assert format_probability(1 - 4.7e-8) == "1 − 4.7e-08" and format_probability(1 - 4.7e-6) == "0.9999953"
+    assert format_probability(0.25) == "0.25"
+    multi = Classifier(clf.model, clf.adapter_dir, {**clf.run, "class_names": ["a", "b", "c"]}, clf.base_model)
+    assert multi.operating_point is None and multi.decide(np.array([0.2, 0.5, 0.3])) == 1
+    assert "no operating threshold" in decision_md(multi, np.array([0.2, 0.5, 0.3]))
+
+
+def test_trust_panel_shows_record_level_and_audit(clf: Classifier) -> None:
+    record = {"level": "record", "epsilon": 7.99, "delta": 1e-5, "guarantee": "holds as stated",
+              "record": {"epsilon_per_client": {"0": 7.99, "1": 7.5}, "delta": 1e-5, "clip_norm": 1.0,
+                         "sampling": "poisson", "calibration": "per client: epsilon 8"}}  # fmt: skip
+    audit = {"epsilon_lower": 2.15, "epsilon_ledger": 4.73, "trials": 100000}
+    md = describe(Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model, privacy=record, audit=audit))
+    for text in ("record-level (ε, δ)-DP with ε = 7.99", "record-level ε per client", "0: 7.99, 1: 7.5",
+                 "per-sample clip norm 1", "ε ≥ 2.15", "ledger ε = 4.73", "consistent with the ledger"):  # fmt: skip
+        assert text in md, text
+    leaky = {**audit, "epsilon_lower": 8.2}
+    md = describe(Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model, privacy=record, audit=leaky))
+    assert "leaks more than the ledger claims" in md
+    public = {**record, "reproducible_noise": True, "audit": {**audit, "epsilon_lower": 8.13}}
+    md = describe(Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model, privacy=public))
+    assert "Privacy: NO guarantee" in md and "ε ≥ 8.13" in md and "(ε, δ)-DP with" not in md
+
+
+def test_sixteen_bit_png_scaled_as_in_training(clf: Classifier, test_split, tmp_path: Path) -> None:
+    """A 16-bit PNG reaches the model as training's loader reads it (to_uint8), not min-max scaled."""
+    arr = (test_split.images[3][..., 0].astype(np.uint16) * 12 + 1000).astype(np.uint16)  # offset, 12-bit range
+    path = tmp_path / "scan16.png"
+    Image.fromarray(arr).save(path)
+    assert np.array_equal(decode(path), to_uint8(arr))
+    expected = clf.probabilities(to_uint8(arr))[0]
+    assert list(clf.predict(path).values()) == pytest.approx(list(expected), abs=1e-12)
+    lo, hi = arr.min(), arr.max()
+    min_max = ((arr - lo) / (hi - lo) * 255).round().astype(np.uint8)  # the old app rule
+    assert not np.array_equal(decode(path), min_max)
+
+
+def _cache_files() -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in uploads.cache_dir().rglob("*") if p.is_file()}
+
+
+def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classifier, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from test_app_dicom import dicom_bytes
+
+    client = Client(served, verbose=False)
+    assert {"/predict", "/explain", "/batch"} <= set(client.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"])  # fmt: skip
+    pixels = np.asarray(Image.open(clf.examples[2].path))
+    scan = (pixels.astype(np.uint16) * 16).astype(np.uint16)  # a 12-bit scan of a real test image
+    dcm = tmp_path / "patient.dcm"
+    dcm.write_bytes(dicom_bytes(scan, bits_stored=12, PatientName="Doe^Jane"))
+    png = tmp_path / "patient.png"
+    Image.fromarray(to_uint8(scan)).save(png)
+
+    before = set(_cache_files())  # (other demos of this module share the process's private cache)
+    # /predict takes DICOM through the same preprocessing: same probabilities as the equivalent PNG
+    probs_dcm = _probs(client.predict(handle_file(str(dcm)), api_name="/predict"))
+    assert probs_dcm == pytest.approx(_probs(client.predict(handle_file(str(png)), api_name="/predict")), abs=1e-9)
+    assert probs_dcm == pytest.approx(clf.predict(to_uint8(scan)), abs=1e-9)
+    stored = _cache_files()
+    uploaded = {dcm.read_bytes(), png.read_bytes()}
+    assert not uploaded & set(stored.values()), "an upload is still on disk after its request"
+    new = [p for p, data in stored.items() if p not in before and data and uploads.digest(p) not in _public(clf)]
+    assert not new, f"files left by /predict: {new}"
+
+    # /explain returns the overlay; it is swept from the server's cache shortly after
+    overlay_path = client.predict(handle_file(str(dcm)), api_name="/explain")
+    picture = np.asarray(Image.open(overlay_path).convert("RGB"))
+    assert picture.shape == (320, 320, 3) and picture.std() > 0
+    time.sleep(OUTPUT_TTL_S * 2 + 1.5)
+    leftover = [p for p, d in _cache_files().items() if p not in before and d and uploads.digest(p) not in _public(clf)]
+    assert not leftover, leftover
+    # the run's examples are still cached for the page, although uploads with their bytes came and went
+    assert _public(clf) <= {uploads.digest(p) for p in _cache_files()}
+
+    # a corrupt DICOM: a clear message, the server keeps serving
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(dcm.read_bytes()[:300])
+    with pytest.raises(AppError, match="Could not read the upload as an image: .*DICOM"):
+        client.predict(handle_file(str(broken)), api_name="/predict")
+
+    # batch: files and a zip (with a bad member) -> table and CSV
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(dcm, "series/1.dcm")
+        zf.write(png, "series/2.png")
+        zf.writestr("series/notes.txt", "not an image")
+    table, csv_path = client.predict(
+        [handle_file(str(p)) for p in (clf.examples[0].path, archive, broken)], api_name="/batch"
+    )
+    assert table["headers"] == ["file", "prediction", "probability", "decision"]
+    rows = {r[0]: r for r in table["data"]}
+    assert list(rows) == [clf.examples[0].path.name, "study.zip/series/1.dcm", "study.zip/series/2.png",
+                          "study.zip/series/notes.txt", "broken.dcm"]  # fmt: skip
+    name, prediction, probability, decision = rows["study.zip/series/1.dcm"]
+    assert prediction == max(probs_dcm, key=probs_dcm.get) and probability == pytest.approx(max(probs_dcm.values()))
+    expected = "pneumonia" if probs_dcm["pneumonia"] >= clf.run["decision_threshold"] else "normal"
+    assert decision == expected
+    assert rows["study.zip/series/notes.txt"][1].startswith("error: not a readable image")
+    assert rows["broken.dcm"][1].startswith("error:") and rows["broken.dcm"][2:] == ["", ""]
+    with open(csv_path, newline="") as fh:
+        csv_rows = list(csv.reader(fh))
+    assert csv_rows[0] == table["headers"] and len(csv_rows) == 6
+    assert [r[0] for r in csv_rows[1:]] == list(rows) and csv_rows[2][3] == decision
+    with pytest.raises(AppError, match="No files"):
+        client.predict([], api_name="/batch")
+    stored = _cache_files()
+    assert not ({archive.read_bytes(), broken.read_bytes()} & set(stored.values()))
+
+
+def _public(clf: Classifier) -> set[str]:
+    return {uploads.digest(p) for p in [*(e.path for e in clf.examples), clf.curves] if p}
+
+
+def test_server_shutdown_leaves_no_upload(run_dir: Path, tmp_path: Path) -> None:
+    """The real command: after a request and SIGTERM, nothing of the upload remains in the temp dir."""
+    from gradio_client import Client, handle_file
+
+    temp = tmp_path / "gradio-temp"
+    port = _free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(temp), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--adapter", str(run_dir / "adapter"), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the app did not start in 180 s"
+                time.sleep(0.5)
+        private = [p for p in temp.iterdir() if p.name.startswith("deer-app-")]
+        assert len(private) == 1 and (private[0].stat().st_mode & 0o777) == 0o700
+        scan = tmp_path / "upload.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)).save(scan)
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(scan)), api_name="/predict")
+        client.predict(handle_file(str(scan)), api_name="/explain")  # leaves an overlay in the cache
+        files = [p for p in temp.rglob("*") if p.is_file()]
+        assert scan.read_bytes() not in {p.read_bytes() for p in files}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    # (Gradio itself creates an empty vibe_edit_history/ folder in GRADIO_TEMP_DIR when imported.)
+    left = [p for p in temp.rglob("*") if p.is_file() or p.name.startswith("deer-app-")]
+    assert not left, f"left behind: {left}"
+
+
+def test_corrupt_adapter_weights_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
+    weights = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    for name, data in (("truncated", weights[: len(weights) // 2]), ("random", os.urandom(4096)), ("empty", b""),
+                       ("header", weights[:20])):  # fmt: skip
+        adapter = _copy_adapter(run_dir, tmp_path / name / "adapter")
+        (adapter / "adapter_model.safetensors").write_bytes(data)
+        _set_base(adapter, str(run_dir / "base-model"))
+        with pytest.raises(AdapterError, match="adapter_model.safetensors is corrupt or truncated"):
+            load_classifier(adapter)
+        capsys.readouterr()
+        assert app_main(["--adapter", str(adapter), "--port", str(_free_port())]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("deer-app: error:") and "\n" not in err and "corrupt or truncated" in err, err
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------------------------------------
+# a real browser
+
+
+def _screenshot_tool():
+    spec = importlib.util.spec_from_file_location("app_screenshot", ROOT / "bench" / "app_screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_browser_classifies_an_example(clf: Classifier, tmp_path: Path) -> None:
+    """Headless Chromium loads the page, clicks an example, sees the decision and heatmap; a screenshot is saved."""
+    tool = _screenshot_tool()
+    binary = tool.find_chromium()
+    if binary is None:
+        reason = "no Chromium on PATH (.ci/install installs Debian's chromium where apt-get is permitted)"
+        print(f"SKIPPED browser test: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    example = clf.examples[-1]
+    probs = clf.probabilities(decode(example.path))[0]
+    decided = clf.class_names[clf.decide(probs)]
+    demo = build_demo([clf])
+    port = _free_port()
+    launch(demo, port=port, prevent_thread_lock=True)
+    out = tmp_path / "app.png"
+    try:
+        shown = tool.classify_example_in_browser(
+            f"http://127.0.0.1:{port}/", f"{example.class_name} ({example.path.name})", out, binary
+        )
+    finally:
+        close(demo)
+    assert f"Decision at the operating threshold: {decided}" in shown["decision"]
+    assert f"P(pneumonia) = {format_probability(probs[1])}" in shown["decision"]
+    assert shown["heatmaps"] >= 1
+    picture = Image.open(out)
+    assert picture.size == tuple(shown["size"]) and picture.size[0] == 1280 and picture.size[1] > 900
+    assert np.asarray(picture.convert("L")).std() > 10  # not a blank page
