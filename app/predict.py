@@ -120,8 +120,13 @@ class Classifier:
 def _load_merged(adapter_dir: Path, config: dict[str, Any], run: dict[str, Any], base: str) -> torch.nn.Module:
     """Base model + adapter, merged; AdapterError when the adapter does not fit the base."""
     from peft import PeftModel
-    from safetensors import SafetensorError
 
+    from peft_deer.checkpoint import DamagedFileError, check_adapter
+
+    try:
+        check_adapter(adapter_dir)  # one line naming the damaged file, before anything is loaded
+    except DamagedFileError as exc:
+        raise AdapterError(str(exc)) from exc
     names = [str(c) for c in run["class_names"]]
     try:
         backbone = load_backbone(
@@ -143,11 +148,6 @@ def _load_merged(adapter_dir: Path, config: dict[str, Any], run: dict[str, Any],
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = PeftModel.from_pretrained(backbone.model, str(adapter_dir))
-    except SafetensorError as exc:
-        raise AdapterError(
-            f"{adapter_dir / 'adapter_model.safetensors'} is corrupt or truncated ({first_line(exc)}); "
-            "copy the adapter again from the run directory"
-        ) from exc
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise AdapterError(
             f"{adapter_dir} does not fit base model {base!r} (belongs to another base model?): {first_line(exc)}"

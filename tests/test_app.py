@@ -432,12 +432,12 @@ def test_corrupt_adapter_weights_one_line(run_dir: Path, tmp_path: Path, capsys)
         adapter = _copy_adapter(run_dir, tmp_path / name / "adapter")
         (adapter / "adapter_model.safetensors").write_bytes(data)
         _set_base(adapter, str(run_dir / "base-model"))
-        with pytest.raises(AdapterError, match="adapter_model.safetensors is corrupt or truncated"):
+        with pytest.raises(AdapterError, match="adapter_model.safetensors is unreadable or damaged"):
             load_classifier(adapter)
         capsys.readouterr()
         assert app_main(["--adapter", str(adapter), "--port", str(_free_port())]) == 1
         err = capsys.readouterr().err.strip()
-        assert err.startswith("deer-app: error:") and "\n" not in err and "corrupt or truncated" in err, err
+        assert err.startswith("deer-app: error:") and "\n" not in err and "unreadable or damaged" in err, err
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()
