@@ -72,7 +72,8 @@ from .federated import accountant as _accountant
 from .federated.accountant import ReleaseAccountant, check_delta
 from .federated.adapter_state import AdapterLayout, AdapterState, adapter_layout, get_adapter_state, load_adapter_state
 from .federated.aggregate import ClientDP, clip_client_update
-from .federated.client import ClientTask, ClientUpdate, LocalTraining, set_phase_trainability, train_client
+from .federated.client import train_client
+from .federated.local_training import ClientTask, ClientUpdate, LocalTraining, set_phase_trainability
 from .federated.mechanism import Whitener, build_whiteners
 from .federated.randomness import DPRandomness
 from .federated.record_dp import RecordAccountants, RecordDP, record_sample_rate, record_steps

@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from .federated.client import autocast_for
+from .federated.local_training import autocast_for
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ that runs without error but yields unusable models: per-sample gradients of LoRA
 wrong for some peft/opacus version pairs. Clipping, noise and the privacy guarantee of the project's
 DP-SGD all rest on `p.grad_sample`, so this test recomputes every per-sample gradient with plain autograd,
 one example at a time, and requires exact agreement (float32 round-off) through the project's own helper
-`peft_deer.federated.record_dp.per_sample_gradients` (opacus `GradSampleModule(batch_first=True,
+`peft_deer.federated.dp_sgd.per_sample_gradients` (opacus `GradSampleModule(batch_first=True,
 loss_reduction="mean", strict=False)`).
 
 Covered: plain PEFT `LoraConfig` on a small MLP (nn.Linear targets, A and B both trained); the project's
@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from peft_deer.federated.record_dp import per_sample_gradients
+from peft_deer.federated.dp_sgd import per_sample_gradients
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:.*is_gradient_checkpointing")
 

@@ -30,16 +30,14 @@ from peft_deer.federated import (
     metric_norm,
     train_client,
 )
-from peft_deer.federated.client import set_phase_trainability
+from peft_deer.federated.dp_sgd import WhitenedDPOptimizer, per_sample_gradients, whitened_norms
+from peft_deer.federated.local_training import set_phase_trainability
 from peft_deer.federated.record_dp import (
     RecordDP,
     RecordLevel,
-    WhitenedDPOptimizer,
     calibrate_record_sigmas,
-    per_sample_gradients,
     record_sample_rate,
     record_steps,
-    whitened_norms,
 )
 
 pytestmark = pytest.mark.filterwarnings(

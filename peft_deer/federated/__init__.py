@@ -23,7 +23,8 @@ from .aggregate import (
     validate_updates,
 )
 from .batched import BatchedEngine
-from .client import ClientEngine, ClientTask, ClientUpdate, LocalTraining, SequentialEngine, train_client
+from .client import ClientEngine, SequentialEngine, train_client
+from .local_training import ClientTask, ClientUpdate, LocalTraining
 from .mechanism import Whitener, build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
 from .randomness import DPRandomness
 from .schedule import METHOD_SPECS, MethodSpec, Phase, iter_phases, method_spec

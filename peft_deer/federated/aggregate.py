@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_state import AdapterLayout, AdapterState
-from .client import ClientUpdate
+from .local_training import ClientUpdate
 from .mechanism import (
     Whitener,
     build_whiteners,

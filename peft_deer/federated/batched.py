@@ -39,16 +39,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from .adapter_state import AdapterLayout, AdapterState
-from .client import (
+from .label_skew import adjusted_cross_entropy, logit_offsets
+from .local_training import (
     ClientTask,
     ClientUpdate,
     LocalTraining,
-    _make_optimizer,
     autocast_for,
     begin_local_training,
+    make_optimizer,
     num_labels,
 )
-from .label_skew import adjusted_cross_entropy, logit_offsets
 from .schedule import Phase
 
 
@@ -396,7 +396,7 @@ class BatchedEngine:
         # torch's own optimizer, as `train_client` makes it: its update is elementwise, so each row of a
         # stack steps exactly as that client's parameter would (AdamW's step count is shared: all rows
         # that still train are at the same step)
-        optimizer = _make_optimizer(list(stacks.values()), training)
+        optimizer = make_optimizer(list(stacks.values()), training)
         steps = _schedule([client_order(t, training) for t in tasks], device)
         batch = _StepData(tasks, steps, device, self.stage_on_device)
         autocast = autocast_for(device, training.mixed_precision)

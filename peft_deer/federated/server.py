@@ -13,7 +13,7 @@ import numpy as np
 from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_delta
 from .adapter_state import AdapterLayout, AdapterState
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase
-from .client import ClientUpdate
+from .local_training import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
 from .record_dp import RecordLevel, merge_ledgers
