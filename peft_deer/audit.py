@@ -77,7 +77,7 @@ from .federated.local_training import ClientTask, ClientUpdate, LocalTraining, s
 from .federated.mechanism import Whitener, build_whiteners
 from .federated.randomness import DPRandomness
 from .federated.record_dp import RecordAccountants, RecordDP, record_sample_rate, record_steps
-from .federated.schedule import Phase, iter_phases, method_spec
+from .federated.schedule import NoiseKind, Phase, iter_phases, method_spec
 from .federated.seeding import derive_seed
 from .federated.server import FederatedServer
 
@@ -261,14 +261,14 @@ def _fixed_direction(keys: Sequence[str], shapes: dict[str, torch.Size], norm_: 
 def canary_update(
     keys: Sequence[str],
     whiteners: dict[str, Whitener],
-    noise_kind: str,
+    noise_kind: NoiseKind,
     state: AdapterState,
     clip_norm: float,
     seed: int,
 ) -> AdapterState:
     """The worst-case clipped update of one client for the mechanism `noise_kind` (module doc, 2)."""
     shapes = {k: state[k].shape for k in keys}
-    if noise_kind != "reference":
+    if noise_kind != NoiseKind.REFERENCE:
         u = _fixed_direction(keys, shapes, clip_norm, seed)
         return {k: whiteners[k].color(u[k]) for k in keys}
     out = {}
@@ -497,7 +497,7 @@ def run_client_audit(
         ledger.step(s, setup.clients_per_phase / num_clients)
         nominal.step(noise_multiplier, setup.clients_per_phase / num_clients)
     exact = None
-    if clients_per_phase == num_clients and (releases == 1 or spec.noise != "reference"):
+    if clients_per_phase == num_clients and (releases == 1 or spec.noise != NoiseKind.REFERENCE):
         # q = 1: the T-fold composition of a Gaussian mechanism with multiplier s is one with s / sqrt(T)
         exact = gaussian_epsilon(min_sigma[0] / math.sqrt(releases), delta)
     return AuditResult(
@@ -583,7 +583,7 @@ def run_record_audit(
         raise ValueError(f"--rank {rank} must be in [1, --dim={dim}]")
     if not (frozen_scale > 0 and math.isfinite(frozen_scale)):
         raise ValueError(f"--frozen-scale {frozen_scale} must be finite and > 0")
-    noise = "regulated" if method_spec(method).noise == "regulated" else "plain"
+    noise = method_spec(method).record_noise
     record = RecordDP(noise_multipliers=(noise_multiplier,), clip_norm=clip_norm, delta=delta, noise=noise, ridge=ridge)
     training = LocalTraining(
         local_epochs=1, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0, record_dp=record

@@ -8,8 +8,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from peft import LoraConfig, PeftConfig
 
+from .methods import METHODS, method_spec
+
 PHASES = ("A", "B")
-METHODS = ("deer", "rolora", "ffa", "lora", "deer-reference")
 
 
 class DeerPeftType(enum.StrEnum):
@@ -69,8 +70,7 @@ class DeerLoraConfig(LoraConfig):
             raise ValueError(f"phase={self.phase!r} is not one of {PHASES}")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
-        if self.method == "ffa" and self.phase != "B":
-            raise ValueError("method='ffa' trains only B: phase must be 'B'")
+        method_spec(self.method).check_phase(self.phase)
         if self.clip_norm <= 0:
             raise ValueError(f"clip_norm={self.clip_norm} must be > 0")
         if self.noise_multiplier < 0:
@@ -161,5 +161,5 @@ def refused_option(config: LoraConfig) -> tuple[str, str] | None:
 
 
 def trained_factors(method: str, phase: str) -> tuple[str, ...]:
-    """Factors trained by `method` in `phase`: `lora` trains both, everything else only `phase`."""
-    return ("A", "B") if method == "lora" else (phase,)
+    """Factors trained by `method` in `phase`: both for a joint method (`lora`), else only `phase`."""
+    return method_spec(method).trained_factors(phase)

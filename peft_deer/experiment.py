@@ -274,7 +274,7 @@ def client_dp(args: argparse.Namespace) -> ClientDP | None:
     sample_rate = (args.clients_per_round or args.num_clients) / args.num_clients
     sigma = args.noise_multiplier or calibrate_sigma(args, sample_rate, args.rounds * spec.releases_per_round)
     # deer-reference reproduces the authors: --epsilon is their nominal target; the ledger shows the true one.
-    budget = None if args.method == "deer-reference" else args.epsilon
+    budget = args.epsilon if spec.enforces_budget else None
     return ClientDP(sigma, args.clip_norm, args.regulator_ridge, args.noise_placement, args.delta, budget)
 
 
@@ -297,7 +297,7 @@ def make_record_level(args: argparse.Namespace, client_sizes: list[int]) -> Reco
             args.record_epsilon, args.record_delta, client_sizes, args.batch_size, args.local_epochs, updates
         )
         calibration = f"per client: epsilon {args.record_epsilon:g} after {updates} updates (all phases)"
-    noise = "regulated" if spec.noise == "regulated" else "plain"
+    noise = spec.record_noise
     rdp = RecordDP(
         sigmas,
         args.record_clip_norm,
@@ -632,7 +632,7 @@ def run_phases(
     process validates, appends to metrics.jsonl and tracks the best adapter; then a checkpoint.
     """
     args, server = exp.args, exp.server
-    spec = method_spec(args.method)
+    spec = server.spec
     acc = progress.round_acc
     phases = list(iter_phases(args.method, args.rounds, progress.next_phase))
     done_this_call, stopped = 0, None
@@ -799,7 +799,7 @@ def finalize(
         write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)
     if progress.rows:
         plot_curves(progress.rows, out / "curves.png", ledger)
-    rounds_done = len(server.releases) // method_spec(args.method).releases_per_round
+    rounds_done = len(server.releases) // server.spec.releases_per_round
     info = {
         "method": args.method,
         "dataset": args.dataset,

@@ -15,6 +15,7 @@ from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, Lo
 from torch import nn
 
 from .config import PHASES, DeerLoraConfig, trained_factors
+from .methods import method_spec
 
 # The PEFT attributes (`adapter_layer_names`) that hold each factor: Linear/Conv use modules, Embedding parameters.
 FACTOR_LAYER_NAMES = {"A": ("lora_A", "lora_embedding_A"), "B": ("lora_B", "lora_embedding_B")}
@@ -76,8 +77,7 @@ class DeerLoraModel(LoraModel):
             raise ValueError(f"phase={phase!r} is not one of {PHASES}")
         name = adapter_name or self.active_adapters[0]
         config: DeerLoraConfig = self.peft_config[name]
-        if config.method == "ffa" and phase != "B":
-            raise ValueError("method='ffa' trains only B: phase must be 'B'")
+        method_spec(config.method).check_phase(phase)
         layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and has_adapter(m, name)]
         was_trainable = any(
             p.requires_grad

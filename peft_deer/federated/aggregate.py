@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods import NoiseKind
 from .adapter_state import AdapterLayout, AdapterState
 from .local_training import ClientUpdate
 from .mechanism import (
@@ -99,10 +100,10 @@ _NORM_TAIL = 8.0
 
 
 def clip_client_update(
-    delta: AdapterState, whiteners: dict[str, Whitener], noise_kind: str, clip_norm: float
+    delta: AdapterState, whiteners: dict[str, Whitener], noise_kind: NoiseKind, clip_norm: float
 ) -> tuple[AdapterState, float]:
     """Clip one client's whole update as the mechanism prescribes; returns (clipped, norm before clipping)."""
-    if noise_kind == "reference":
+    if noise_kind == NoiseKind.REFERENCE:
         return clip_per_matrix(delta, clip_norm), _frobenius(delta)
     return clip_update(delta, whiteners, clip_norm)
 
@@ -110,7 +111,7 @@ def clip_client_update(
 def privatize_update(
     delta: AdapterState,
     whiteners: dict[str, Whitener],
-    noise_kind: str,
+    noise_kind: NoiseKind,
     dp: ClientDP,
     num_shares: int,
     generator: torch.Generator,
@@ -130,14 +131,14 @@ def privatize_update(
 
 
 def check_privatized_update(
-    update: ClientUpdate, whiteners: dict[str, Whitener], noise_kind: str, dp: ClientDP, num_shares: int
+    update: ClientUpdate, whiteners: dict[str, Whitener], noise_kind: NoiseKind, dp: ClientDP, num_shares: int
 ) -> None:
     """Raise `InvalidClientUpdate` if a client-privatized update is too large to have been clipped to C.
 
     The check is exact up to the noise: a clipped update plus its noise share has metric norm at most
     C + share_std * (sqrt(d) + 8) except with probability < 1e-14. Not defined for `reference` (skipped).
     """
-    if noise_kind == "reference":
+    if noise_kind == NoiseKind.REFERENCE:
         return
     share_std = dp.noise_multiplier * dp.clip_norm / math.sqrt(num_shares)
     dim = sum(v.numel() for v in update.delta.values())
@@ -156,7 +157,7 @@ def aggregate_phase(
     layout: AdapterLayout,
     global_state: AdapterState,
     trained_keys: list[str],
-    noise_kind: str,
+    noise_kind: NoiseKind,
     dp: ClientDP | None,
     denominator: float,
     randomness: DPRandomness,
@@ -216,7 +217,7 @@ def aggregate_phase(
     delta = {k: v / denominator for k, v in total.items()}
     sigma_eff = (
         reference_effective_multiplier(dp.noise_multiplier, whiteners)
-        if noise_kind == "reference"
+        if noise_kind == NoiseKind.REFERENCE
         else dp.noise_multiplier
     )
     # With privatized updates r >= k shares arrived: the noise has std sigma*C*sqrt(r/k) >= sigma*C. The

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
 from .label_skew import adjusted_cross_entropy, logit_offsets
 from .record_dp import RecordDP
-from .schedule import Phase
+from .schedule import Phase, method_spec
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class ClientUpdate:
 def set_phase_trainability(model: PeftModel, phase: Phase) -> None:
     """Make exactly the phase's factor(s) (and the head) trainable on the process's model."""
     config = model.peft_config[model.active_adapter]
-    if config.method != "lora":
+    if not method_spec(config.method).trains_jointly:
         model.base_model.set_deer_phase(phase.config_phase)
 
 

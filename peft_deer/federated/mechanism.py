@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods import NoiseKind
 from .adapter_state import AdapterLayout, AdapterState
 
 
@@ -66,9 +67,9 @@ def factor_metric(frozen: torch.Tensor, frozen_factor: str, scaling: float, ridg
 
 
 def build_whiteners(
-    layout: AdapterLayout, state: AdapterState, keys: Iterable[str], noise: str, ridge: float
+    layout: AdapterLayout, state: AdapterState, keys: Iterable[str], noise: NoiseKind, ridge: float
 ) -> dict[str, Whitener]:
-    """Whiteners for the trained `keys` under noise kind 'plain', 'regulated' or 'reference'.
+    """Whiteners for the trained `keys` under noise kind PLAIN, REGULATED or REFERENCE.
 
     'regulated' uses M = s^2 Y Y^T (+ lambda I), the product-space metric; 'reference' uses the
     authors' unscaled Y^T Y (+ lambda I). Both need a single trained factor per module.
@@ -77,7 +78,7 @@ def build_whiteners(
     out: dict[str, Whitener] = {}
     for key in keys:
         found = layout.frozen_factor(key)
-        if noise == "plain" or found is None:
+        if noise == NoiseKind.PLAIN or found is None:
             out[key] = Whitener(None, "right")
             continue
         module, trained = found
@@ -85,7 +86,7 @@ def build_whiteners(
         frozen_key = module.b_key if trained == "A" else module.a_key
         if frozen_key in keys:
             raise ValueError(f"noise={noise!r} needs one trained factor per module; {module.module} trains both")
-        scaling = module.scaling if noise == "regulated" else 1.0
+        scaling = module.scaling if noise == NoiseKind.REGULATED else 1.0
         frozen = state[frozen_key].flatten(
             1
         )  # conv A (r, c_in, *k) -> (r, c_in k); conv B (c_out, r, 1..) -> (c_out, r)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from opacus.accountants import RDPAccountant
 
+from ..methods import NoiseKind
 from .accountant import calibrate_noise_multiplier
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class RecordDP:
     noise_multipliers: tuple[float, ...]
     clip_norm: float = 1.0
     delta: float = 1e-5
-    noise: str = "plain"
+    noise: NoiseKind = NoiseKind.PLAIN
     ridge: float = 1e-6
     max_physical_batch_size: int | None = None
     target_epsilon: float | None = None
@@ -82,8 +83,9 @@ class RecordDP:
             raise ValueError(f"record-level delta {self.delta} must be in (0, 1)")
         if any(not (s > 0 and math.isfinite(s)) for s in self.noise_multipliers):
             raise ValueError("record-level noise multipliers must be finite and > 0")
-        if self.noise not in ("plain", "regulated"):
-            raise ValueError(f"record-level noise {self.noise!r} is not 'plain' or 'regulated'")
+        if self.noise not in (NoiseKind.PLAIN, NoiseKind.REGULATED):
+            raise ValueError(f"record-level noise {str(self.noise)!r} is not 'plain' or 'regulated'")
+        object.__setattr__(self, "noise", NoiseKind(self.noise))  # a str 'plain' becomes NoiseKind.PLAIN
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise ValueError("--max-physical-batch-size must be >= 1")
 
@@ -154,14 +156,14 @@ class RecordLevel:
         eps = self.accountants.epsilons(self.dp.delta)
         return {
             "mechanism": {
-                "regulated": "regulated DP-SGD (per-sample metric clipping, noise sigma^2 C^2 M^-1)",
-                "plain": "DP-SGD (per-sample clipping, isotropic Gaussian noise)",
+                NoiseKind.REGULATED: "regulated DP-SGD (per-sample metric clipping, noise sigma^2 C^2 M^-1)",
+                NoiseKind.PLAIN: "DP-SGD (per-sample clipping, isotropic Gaussian noise)",
             }[self.dp.noise],
             "sampling": "poisson (opacus DPDataLoader), q_k = batch_size / n_k",
             "noise_multipliers": {str(c): s for c, s in enumerate(self.dp.noise_multipliers)},
             "calibration": self.dp.calibration,
             "clip_norm": self.dp.clip_norm,
-            "regulator_ridge": self.dp.ridge if self.dp.noise == "regulated" else None,
+            "regulator_ridge": self.dp.ridge if self.dp.noise == NoiseKind.REGULATED else None,
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "steps": {str(c): sum(n for _, _, n in h) for c, h in sorted(self.accountants.history.items())},

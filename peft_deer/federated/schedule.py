@@ -1,6 +1,7 @@
-"""Method schedules: which LoRA factor(s) each phase of a round trains, aggregates and how it is noised.
+"""Schedules: the phases of a run, in order, as each method's `MethodSpec` lays them out.
 
-The five methods share one code path and differ only by the data in `METHOD_SPECS`.
+A method is data (`peft_deer.methods.METHOD_SPECS`: factors per phase, noise kind); this module turns
+it into `Phase`s. The method table is re-exported here, where the federated core has always found it.
 """
 
 from __future__ import annotations
@@ -8,34 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..config import METHODS
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method as data: the factors trained in each phase of a round and the DP noise kind.
-
-    `noise` is 'plain' (isotropic in factor space), 'regulated' (DESIGN 2.3, covariance
-    sigma^2 C^2 M^-1 with whole-update clipping in the metric M) or 'reference' (the authors' mechanism).
-    """
-
-    name: str
-    phases: tuple[tuple[str, ...], ...]
-    noise: str
-
-    @property
-    def releases_per_round(self) -> int:
-        return len(self.phases)
-
-
-METHOD_SPECS: dict[str, MethodSpec] = {
-    "lora": MethodSpec("lora", (("A", "B"),), "plain"),
-    "ffa": MethodSpec("ffa", (("B",),), "plain"),
-    "rolora": MethodSpec("rolora", (("B",), ("A",)), "plain"),
-    "deer": MethodSpec("deer", (("B",), ("A",)), "regulated"),
-    "deer-reference": MethodSpec("deer-reference", (("B",), ("A",)), "reference"),
-}
-assert set(METHOD_SPECS) == set(METHODS)
+from ..methods import METHOD_SPECS, MethodSpec, NoiseKind, method_spec
 
 
 @dataclass(frozen=True)
@@ -56,12 +30,6 @@ class Phase:
         return "B" if "B" in self.factors and len(self.factors) == 1 else self.factors[0]
 
 
-def method_spec(method: str) -> MethodSpec:
-    if method not in METHOD_SPECS:
-        raise ValueError(f"method={method!r} is not one of {tuple(METHOD_SPECS)}")
-    return METHOD_SPECS[method]
-
-
 def iter_phases(method: str, rounds: int, start: tuple[int, int] = (0, 0)) -> Iterator[Phase]:
     """Phases of `rounds` rounds in order, beginning at `start` = (round, phase index)."""
     spec = method_spec(method)
@@ -69,3 +37,6 @@ def iter_phases(method: str, rounds: int, start: tuple[int, int] = (0, 0)) -> It
         for i, factors in enumerate(spec.phases):
             if (r, i) >= start:
                 yield Phase(r, i, factors)
+
+
+__all__ = ["METHOD_SPECS", "MethodSpec", "NoiseKind", "Phase", "iter_phases", "method_spec"]

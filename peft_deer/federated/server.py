@@ -17,7 +17,7 @@ from .local_training import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
 from .record_dp import RecordLevel, merge_ledgers
-from .schedule import MethodSpec, Phase, method_spec
+from .schedule import MethodSpec, NoiseKind, Phase, method_spec
 from .server_optimizer import ServerOptimizer
 
 
@@ -77,10 +77,10 @@ class FederatedServer:
         """sigma the release of `phase` really has (smaller than nominal for `deer-reference`)."""
         if self.dp is None:
             return None
-        if self.spec.noise != "reference":
+        if self.spec.noise != NoiseKind.REFERENCE:
             return self.dp.noise_multiplier
         keys = self.trained_keys(phase)
-        whiteners = build_whiteners(self.layout, self.global_state, keys, "reference", self.dp.ridge)
+        whiteners = build_whiteners(self.layout, self.global_state, keys, NoiseKind.REFERENCE, self.dp.ridge)
         return reference_effective_multiplier(self.dp.noise_multiplier, whiteners)
 
     def check_budget(self, phase: Phase) -> None:
@@ -182,9 +182,9 @@ class FederatedServer:
             **base,
             "level": "client",
             "mechanism": {
-                "regulated": "regulated-gaussian (metric clipping, noise sigma^2 C^2 M^-1)",
-                "plain": "gaussian (factor-space clipping, isotropic noise)",
-                "reference": "authors' mechanism (per-matrix clipping, unscaled (Y^T Y)^-1 noise)",
+                NoiseKind.REGULATED: "regulated-gaussian (metric clipping, noise sigma^2 C^2 M^-1)",
+                NoiseKind.PLAIN: "gaussian (factor-space clipping, isotropic noise)",
+                NoiseKind.REFERENCE: "authors' mechanism (per-matrix clipping, unscaled (Y^T Y)^-1 noise)",
             }[self.spec.noise],
             "trust_model": self.dp.placement,
             "trust_model_description": TRUST_MODELS[self.dp.placement],
@@ -205,7 +205,7 @@ class FederatedServer:
             "accountant": "opacus RDP (epsilon, budget) and PRV",
             "effective_noise_multipliers": [r["effective_noise_multiplier"] for r in self.releases],
         }
-        if self.spec.noise == "reference":
+        if self.spec.noise == NoiseKind.REFERENCE:
             ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, "rdp")
             ledger["epsilon_semantics"] = "running tally"
             ledger["note"] = (

@@ -1,0 +1,52 @@
+"""The method table (`peft_deer.methods`): the behaviour each name used to be compared for, now asked of its spec."""
+
+import json
+
+import pytest
+
+from peft_deer import DeerLoraConfig
+from peft_deer.config import METHODS, trained_factors
+from peft_deer.io import dumps_strict
+from peft_deer.methods import METHOD_SPECS, NoiseKind, method_spec
+
+
+def test_method_order_and_names_are_the_public_ones():
+    assert METHODS == ("deer", "rolora", "ffa", "lora", "deer-reference")
+    assert all(METHOD_SPECS[m].name == m for m in METHODS)
+
+
+@pytest.mark.parametrize(
+    ("method", "joint", "factors", "noise", "record_noise", "budget"),
+    [
+        ("lora", True, ("A", "B"), "plain", "plain", True),
+        ("ffa", False, ("B",), "plain", "plain", True),
+        ("rolora", False, ("A", "B"), "plain", "plain", True),
+        ("deer", False, ("A", "B"), "regulated", "regulated", True),
+        ("deer-reference", False, ("A", "B"), "reference", "plain", False),
+    ],
+)
+def test_spec_properties_match_the_former_name_tests(method, joint, factors, noise, record_noise, budget):
+    spec = method_spec(method)
+    assert spec.trains_jointly is joint  # was: method == "lora"
+    assert spec.factors == factors  # was: method == "ffa" -> only B
+    assert spec.noise is NoiseKind(noise)
+    assert spec.record_noise is NoiseKind(record_noise)  # was: "regulated" if noise == "regulated" else "plain"
+    assert spec.enforces_budget is budget  # was: method == "deer-reference" -> no budget stop
+    assert trained_factors(method, "A") == (("A", "B") if joint else ("A",))
+
+
+def test_noise_kind_serialises_as_its_old_string():
+    assert json.loads(dumps_strict({"noise": NoiseKind.REGULATED})) == {"noise": "regulated"}
+    assert f"{NoiseKind.REFERENCE}" == "reference"
+    assert NoiseKind.PLAIN == "plain"
+
+
+def test_ffa_phase_a_is_refused_with_the_same_message():
+    with pytest.raises(ValueError, match=r"^method='ffa' trains only B: phase must be 'B'$"):
+        DeerLoraConfig(r=2, target_modules=["q"], method="ffa", phase="A")
+    DeerLoraConfig(r=2, target_modules=["q"], method="deer", phase="A")
+
+
+def test_unknown_method_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="is not one of"):
+        method_spec("fedavg")
