@@ -66,9 +66,7 @@ class MethodSpec:
         """Raise ValueError when the method never trains `phase` (e.g. 'A' for ffa, whose A stays at init)."""
         if phase not in self.factors:
             allowed = " or ".join(repr(f) for f in self.factors)
-            raise ValueError(
-                f"method={self.name!r} trains only {' and '.join(self.factors)}: phase must be {allowed}"
-            )
+            raise ValueError(f"method={self.name!r} trains only {' and '.join(self.factors)}: phase must be {allowed}")
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
