@@ -543,7 +543,7 @@ class RunProgress:
 
 def _new_round_acc() -> dict:
     """What a round's phases add up for its diagnostics (all of it computed from client data, un-noised)."""
-    return {"loss": 0.0, "images": 0, "seconds": 0.0, "n": 0, "update_norms": [], "participants": []}
+    return {"loss": 0.0, "images": 0, "seconds": 0.0, "update_norms": [], "participants": []}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -653,7 +653,6 @@ def run_phases(
         acc["seconds"] += time.perf_counter() - t0
         acc["images"] += sum(u.images_seen for u in updates)
         acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates)
-        acc["n"] += sum(u.images_seen for u in updates)
         acc["update_norms"].append(release.mean_update_norm)
         acc["participants"].append(len(release.participants))
         done_this_call += 1
@@ -710,7 +709,7 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     # Server-private: computed from the clients' data without noise.
     private = {
         "round": phase.round,
-        "train_loss": acc["loss"] / max(acc["n"], 1),
+        "train_loss": acc["loss"] / max(acc["images"], 1),
         "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
         "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
         "participants_per_phase": list(acc["participants"]),

@@ -50,3 +50,11 @@ def test_ffa_phase_a_is_refused_with_the_same_message():
 def test_unknown_method_names_the_allowed_ones():
     with pytest.raises(ValueError, match="is not one of"):
         method_spec("fedavg")
+
+
+def test_config_phase_is_the_trained_factor_and_a_for_joint_phases():
+    from peft_deer.federated.schedule import Phase, iter_phases
+
+    assert [p.config_phase for p in iter_phases("deer", 1)] == ["B", "A"]
+    assert [p.config_phase for p in iter_phases("ffa", 2)] == ["B", "B"]
+    assert Phase(0, 0, ("A", "B")).config_phase == "A"  # what its docstring now says (it said 'B')

@@ -26,8 +26,11 @@ class Phase:
 
     @property
     def config_phase(self) -> str:
-        """The `DeerLoraConfig.phase` value for this phase ('B' when both factors train)."""
-        return "B" if "B" in self.factors and len(self.factors) == 1 else self.factors[0]
+        """The `DeerLoraConfig.phase` value for this phase: its trained factor.
+
+        When both factors train (`lora`) it is 'A', but unused: a joint method sets no adapter phase.
+        """
+        return self.factors[0]
 
 
 def iter_phases(method: str, rounds: int, start: tuple[int, int] = (0, 0)) -> Iterator[Phase]:
