@@ -765,7 +765,7 @@ def finalize(
         target = out / ("adapter" if name == "final" else "adapter-best")
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # vision backbones: no resized vocabulary to save
         write_json_atomic(
             tmp / "peft_deer_run.json",
             {

@@ -26,7 +26,7 @@ def export_lora_adapter(source: PeftModel | str | Path, out_dir: str | Path, ada
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(source, PeftModel):
-            source.save_pretrained(tmp, selected_adapters=[adapter_name])
+            source.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
             src = Path(tmp) if adapter_name == "default" else Path(tmp) / adapter_name
         else:
             src = Path(source)
