@@ -138,14 +138,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _check_digest(name: str, actual: str, expected: str | None) -> None:
-    if expected is not None and actual != expected:
-        raise ValueError(
-            f"base model {name!r} has weights sha256 {actual[:16]}..., expected {expected[:16]}...: not the weights "
-            "the adapter was trained on; load the adapter's own base model"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # module discovery
 
