@@ -520,7 +520,10 @@ def _run_outcome(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     privacy = json.loads((run_dir / "privacy.json").read_text())
     level = summary["privacy_level"]
+    val_aucs = validation_aucs(run_dir)
     return {
+        "val_auc_final": val_aucs[-1] if val_aucs else None,
+        "val_auc_best": max(val_aucs) if val_aucs else None,
         "test_final": summary["test"]["final"],
         "test_best": summary["test"].get("best"),
         "epsilon": privacy.get("epsilon") if level in ("client", "client+record") else None,
@@ -530,6 +533,27 @@ def _run_outcome(run_dir: Path) -> dict[str, Any]:
         "rounds_completed": summary.get("rounds_completed"),
         "stopped": summary.get("stopped"),
     }
+
+
+def validation_aucs(run_dir: Path) -> list[float]:
+    """Validation AUC of every evaluated round, in order, from `run_dir/metrics.jsonl` (empty if none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    aucs = []
+    for line in path.read_text().splitlines():
+        try:
+            auc = json.loads(line).get("val_auc")
+        except ValueError:  # a line cut by a crash
+            continue
+        if isinstance(auc, int | float) and not math.isnan(auc):
+            aucs.append(float(auc))
+    return aucs
+
+
+def _probe_val_auc(row: Mapping[str, Any]) -> float | None:
+    info = row.get("probe") or {}
+    return (info.get("val_scores") or {}).get(str(info.get("C")))
 
 
 def execute_probe(probe: Probe, out: Path) -> dict[str, Any]:
@@ -686,6 +710,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], planned: int | None = Non
     groups, varying = _groups(rows)
     probes = [r for r in ok if r.get("kind") == "probe"]
     has_balanced = any(_balanced(r.get("test_final")) is not None for r in ok)
+    has_val = any(r.get("val_auc_final") is not None for r in ok)
     counts = f"{len(ok)} ok, {len(failed)} failed" + (f", of {planned} planned" if planned is not None else "")
     lines = [
         "# Results campaign",
@@ -695,7 +720,13 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], planned: int | None = Non
         'over seeds ("–": one seed). AUC is macro one-vs-rest with more than two classes. ε achieved: '
         "client-level ε (RDP) and/or record-level ε (max over clients) as each run's `privacy.json` states "
         "(δ as set). Seconds: mean wall time per run, start-up included. The linear probe is centralized "
-        "(no federation, no DP) on frozen features: CLS + mean patch token, C chosen on validation.",
+        "(no federation, no DP) on frozen features: CLS + mean patch token, C chosen on validation."
+        + (
+            " Val AUC: the validation split's AUC after the last round (the probe: at the chosen C), the "
+            "figure to choose settings by; test AUC is not for choosing."
+            if has_val
+            else ""
+        ),
         "",
         f"![test AUC vs ε]({PLOT})",
     ]
@@ -727,20 +758,25 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], planned: int | None = Non
                 if k not in other_keys and ds_runs[0].get(k) is not None
             ]
             lines += [f"Common settings: {', '.join(common)}.", ""]
-        head = ["method", "privacy", *other_keys, "test AUC", *(["balanced acc."] if has_balanced else [])]
+        head = ["method", "privacy", *other_keys, *(["val AUC"] if has_val else []), "test AUC"]
+        head += ["balanced acc."] if has_balanced else []
         head += ["ε achieved", "runs", "mean s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in (p for p in probes if p["dataset"] == dataset):
             info = r.get("probe") or {}
             size = info.get("image_size") or r["settings"].get("image_size")
             name = f"linear-probe ({r['settings'].get('model')}, {size} px, centralized; C={_g(info.get('C'))})"
-            cells = [name, "none", *("–" for _ in other_keys), _pm([(r["test_final"] or {}).get("auc")])]
+            cells = [name, "none", *("–" for _ in other_keys)]
+            cells += [_pm([_probe_val_auc(r)])] if has_val else []
+            cells.append(_pm([(r["test_final"] or {}).get("auc")]))
             cells += [_pm([_balanced(r["test_final"])])] if has_balanced else []
             cells += ["–", "1", f"{r['seconds']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for g in ds_groups:
             eps = _pm_eps(g)
             cells = [g.method, g.privacy[1], *(_g(v) for _, v in g.other)]
+            if has_val:
+                cells.append(_pm(g.values(lambda r: r.get("val_auc_final"))))
             cells.append(_pm(g.values(lambda r: (r["test_final"] or {}).get("auc"))))
             if has_balanced:
                 cells.append(_pm(g.values(lambda r: _balanced(r["test_final"]))))

@@ -326,3 +326,31 @@ def test_linear_probe_on_an_rgb_multiclass_medmnist_file(tmp_path):
     result = lp.linear_probe("medmnist:dermamnist", model="tiny-vit", data_dir=tmp_path, c_grid=(0.1, 1.0))
     assert result["C"] in (0.1, 1.0) and set(result["val_scores"]) == {"0.1", "1.0"}
     assert result["test"]["auc"] > 0.9  # macro one-vs-rest over 7 classes; the classes differ in brightness
+
+
+def test_validation_auc_is_read_from_the_run_and_shown_beside_test_auc(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = {"auc": 0.8, "balanced_accuracy": 0.7}
+    (run / "summary.json").write_text(
+        json.dumps({"privacy_level": "none", "test": {"final": metrics, "best": metrics}, "total_seconds": 1.0})
+    )
+    (run / "privacy.json").write_text(json.dumps({"level": "none"}))
+    lines = [{"round": 0, "val_auc": 0.61}, {"round": 1, "val_auc": 0.93}, {"round": 2, "val_auc": 0.88}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"round": 3, "val_au')
+    outcome = campaign._run_outcome(run)
+    assert (outcome["val_auc_final"], outcome["val_auc_best"]) == (0.88, 0.93)
+
+    row = {
+        "id": "a", "kind": "run", "method": "deer", "dataset": "d", "seed": 0,
+        "settings": {"dataset": "d", "dp": "none", "seed": 0}, "status": "ok", "seconds": 2.0, **outcome,
+    }  # fmt: skip
+    probe = {
+        "id": "p", "kind": "probe", "method": "linear-probe", "dataset": "d", "seed": 0, "status": "ok",
+        "settings": {"dataset": "d", "model": "m", "image_size": 56}, "seconds": 1.0,
+        "test_final": {"auc": 0.9}, "probe": {"C": 0.1, "val_scores": {"0.1": 0.95, "1.0": 0.97}},
+    }  # fmt: skip
+    md = campaign.render_markdown([probe, row])
+    assert "| method | privacy | val AUC | test AUC | balanced acc. |" in md
+    assert "| deer | none | 0.880 ± – | 0.800 ± – | 0.700 ± – |" in md
+    assert "centralized; C=0.1) | none | 0.950 ± – | 0.900 ± – |" in md
