@@ -48,7 +48,7 @@ def flower_config() -> dict:
 
 def test_the_app_config_in_pyproject_is_valid_and_names_real_components():
     args, options = parse_run_config(flower_config())
-    assert (args.method, args.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
+    assert (args.federation.method, args.data.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
 
     assert components == {

@@ -6,7 +6,7 @@ Clients are split across processes (client c runs on rank c mod world); their up
 sorted by client id and aggregated identically on every process, so results do not depend on the
 number of processes. The model is never `accelerator.prepare()`d: DDP would average different
 clients' gradients. The algorithm lives in `peft_deer.federated`, the run (data, loop, checkpoints,
-outputs) in `peft_deer.experiment`; this driver only places clients on processes.
+outputs) in `peft_deer.run`; this driver only places clients on processes.
 
 Errors: the arguments and the output dir are checked before torch, transformers and PEFT load (a bad
 flag is reported in a fraction of a second); every later step that bad input can make fail runs on
@@ -23,7 +23,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peft_deer.settings import RunSettings
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -32,18 +35,24 @@ PROG = "deer-fed"
 
 def _settings() -> ModuleType:
     """`peft_deer.settings`, loaded on its own when the `peft_deer` package is not imported yet: importing the
-    package loads torch and PEFT (seconds), and the settings module needs neither."""
-    if "peft_deer" in sys.modules:
-        from peft_deer import settings
-
-        return settings
+    package loads torch and PEFT (seconds), and the settings package needs neither. It is registered under
+    its own name, so the run code that imports it later gets this same module."""
+    if "peft_deer.settings" in sys.modules or "peft_deer" in sys.modules:
+        return importlib.import_module("peft_deer.settings")
     package = importlib.util.find_spec("peft_deer")
     if package is None or not package.submodule_search_locations:
         raise ImportError("peft_deer is not installed; run `pip install -e .` in the repository")
-    path = Path(list(package.submodule_search_locations)[0]) / "settings.py"
-    spec = importlib.util.spec_from_file_location("_deer_fed_settings", path)
+    folder = Path(list(package.submodule_search_locations)[0]) / "settings"
+    spec = importlib.util.spec_from_file_location(
+        "peft_deer.settings", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules["peft_deer.settings"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["peft_deer.settings"]
+        raise
     return module
 
 
@@ -51,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return _settings().build_parser(PROG)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> RunSettings:
+    """The run's settings from the command line (and --config); exits 2 with one line if bad."""
     return _settings().parse_args(argv, PROG)
 
 
@@ -63,37 +73,28 @@ def _say_error(message: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = _settings()
-    args = settings.parse_args(argv, PROG)
+    settings_module = _settings()
+    settings = settings_module.parse_args(argv, PROG)
     try:
-        settings.check_output_dir(args.output_dir)
+        settings_module.check_output_dir(settings.output.output_dir)
     except ValueError as err:
         _say_error(err)
         return 2
-    return _run(args)
+    return _run(settings)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(settings: RunSettings) -> int:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
 
-    from peft_deer.experiment import (
-        SettingsMismatch,
-        build_experiment,
-        final_line,
-        finalize,
-        prepare_output_dir,
-        run_phases,
-        simulated_release,
-        start_or_resume,
-    )
+    from peft_deer.run import Host, SettingsMismatch, SetupFailed, Simulation, run_experiment
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
 
-    def together(step: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-        """Run `step` on every process; (its result, the first process's error or None), the same on all."""
+    def together(step: Callable[[], Any]) -> Any:
+        """Run `step` on every process; its result, or the first process's error raised on all of them."""
         try:
             result, error = step(), None
         except (ValueError, RuntimeError, OSError) as err:  # bad input: one-line messages by design
@@ -103,41 +104,26 @@ def _run(args: argparse.Namespace) -> int:
             first = next((e for e in errors if e is not None), None)
             kind = SettingsMismatch if first is not None and first[0] == "SettingsMismatch" else ValueError
             error = None if first is None else kind(first[1])
-        return result, error
+        if error is not None:
+            raise error
+        return result
 
-    # Everything that bad inputs can make fail happens before the output dir is touched.
-    exp, error = together(
-        lambda: build_experiment(args, accelerator.device, say=accelerator.print, share=_from_main_process)
-    )
-    if error is None:
-        _, error = together(lambda: prepare_output_dir(args, PROG) if main_proc else None)
-    if error is not None:
-        _say_error(error)
-        return 1
-    if world > 1:  # prepare_output_dir may turn --resume of a run that never checkpointed into a fresh start
-        args.resume = broadcast_object_list([args.resume], from_process=0)[0]
-    out = Path(args.output_dir)
-    progress, error = together(lambda: start_or_resume(exp, out, main_proc, accelerator.print))
-    if error is not None:
-        _say_error(error)
-        return 2 if isinstance(error, SettingsMismatch) else 1
+    def broadcast(value: Any) -> Any:
+        """The main process's `value` on every process (the run's DP secret must be one per run)."""
+        return broadcast_object_list([value], from_process=0)[0] if world > 1 else value
 
-    release = simulated_release(exp, rank, world, gather_object)
-    stopped = run_phases(exp, out, progress, release, main_proc, accelerator.wait_for_everyone, accelerator.print)
-    if stopped == "max-phases":
+    host = Host(
+        accelerator.device, accelerator.print, accelerator.is_main_process, together, broadcast,
+        accelerator.wait_for_everyone,
+    )  # fmt: skip
+    try:
+        outcome = run_experiment(settings, Simulation(rank, world, gather_object), host)
+    except SetupFailed as failed:
+        _say_error(failed.error)
+        return 2 if isinstance(failed.error, SettingsMismatch) else 1
+    if outcome.stopped == "max-phases":
         accelerator.print("stopped after --max-phases phases; continue with --resume")
-        return 0
-    if main_proc:
-        print(final_line(finalize(exp, out, progress, stopped), out))
-    accelerator.wait_for_everyone()
     return 0
-
-
-def _from_main_process(value):
-    """The main process's `value` on every process (the run's DP secret must be one per run)."""
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
 
 
 if __name__ == "__main__":
