@@ -333,7 +333,7 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     assert "testing only" in flower_ledger["client_noise"]
     _check_site_evaluation(flower_out, sim_out, run_config_dict(settings), state_dir)
     # Same output layout: the Gradio app's loader serves the Flower-trained adapter.
-    from app.predict import load_classifier
+    from peft_deer.demo.predict import load_classifier
 
     clf = load_classifier(flower_out / "adapter")
     assert clf.privacy["transport"] == "flower" and len(clf.examples) > 0

@@ -93,3 +93,20 @@ def test_the_site_side_imports_no_server_builder():
             reached.add(nxt)
             todo.append(nxt)
     assert reached & server_side == set()
+
+
+def test_what_pip_installs_lives_under_peft_deer():
+    """No generic top-level `train` or `app` in site-packages; every console script resolves inside peft_deer;
+    the repository's `train/` and `app/` stay thin entry points."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["peft_deer*"]
+    scripts = project["project"]["scripts"]
+    assert set(scripts) == {"deer-fed", "deer-app", "deer-build-dinov2", "deer-audit"}
+    for target in scripts.values():
+        module, _, function = target.partition(":")
+        assert module.split(".")[0] == "peft_deer" and callable(getattr(importlib.import_module(module), function))
+    for entry in ("train/fed.py", "app/__main__.py", "app/__init__.py"):
+        assert len((ROOT / entry).read_text().splitlines()) <= 40, entry
