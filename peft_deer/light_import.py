@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent  # the peft_deer package folder
 
 
 def load(*names: str) -> ModuleType:
-    """Import `names` (e.g. "peft_deer.settings", "peft_deer.commands.fed") in order; the last one.
+    """Import `names` (e.g. "peft_deer.defaults", "peft_deer.settings", "peft_deer.commands.fed") in order,
+    each after the modules it imports; returns the last one.
 
     Once `peft_deer` itself is imported this is plain `importlib.import_module`.
     """

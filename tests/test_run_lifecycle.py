@@ -86,3 +86,35 @@ def test_run_experiment_calls_the_transport_hooks_in_order(one_thread, tmp_path)
     assert json.loads((out / "privacy.json").read_text())["transport"] == "recorded"
     assert json.loads((out / "server-private" / "deployment.json").read_text()) == {"private": 1}
     assert json.loads((out / "summary.json").read_text())["args"] == settings.flat()
+
+
+def test_each_dp_default_has_one_home():
+    """delta, C and lambda: the flags, the adapter config, the core's ClientDP/RecordDP and the Flower app's
+    declared run config all take peft_deer.defaults' values."""
+    import tomllib
+
+    from conftest import ROOT
+
+    from peft_deer import defaults
+    from peft_deer.config import DeerLoraConfig
+    from peft_deer.federated import ClientDP
+    from peft_deer.federated.record_dp import RecordDP
+
+    s = RunSettings()
+    assert (s.privacy.delta, s.record.record_delta) == (defaults.DELTA,) * 2
+    assert (s.privacy.clip_norm, s.record.record_clip_norm) == (defaults.CLIP_NORM,) * 2
+    assert s.privacy.regulator_ridge == defaults.RIDGE
+    config = DeerLoraConfig(target_modules=["q"])
+    assert (config.dp_delta, config.clip_norm, config.regulator_ridge) == (
+        defaults.DELTA,
+        defaults.CLIP_NORM,
+        defaults.RIDGE,
+    )
+    dp, record = ClientDP(1.0, 1.0), RecordDP((1.0,))
+    assert (dp.delta, dp.ridge, record.delta, record.ridge, record.clip_norm) == (
+        defaults.DELTA, defaults.RIDGE, defaults.DELTA, defaults.RIDGE, defaults.CLIP_NORM
+    )  # fmt: skip
+    flower = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    declared = {k: flower[k] for k in ("delta", "record-delta", "clip-norm", "record-clip-norm", "regulator-ridge")}
+    assert declared == {"delta": defaults.DELTA, "record-delta": defaults.DELTA, "clip-norm": defaults.CLIP_NORM,
+                        "record-clip-norm": defaults.CLIP_NORM, "regulator-ridge": defaults.RIDGE}  # fmt: skip

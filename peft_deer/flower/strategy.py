@@ -197,7 +197,7 @@ class DeerStrategy(Strategy):
 
     # -- used by the ServerApp -----------------------------------------------------------------------
     def release_phase(self, grid: Grid):
-        """The `release_phase` callable for `peft_deer.experiment.run_phases`."""
+        """The `release_phase` callable for `peft_deer.run.run_phases`."""
 
         def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
             server_round = self.phases.index(phase) + 1

@@ -9,7 +9,7 @@ run-config reader are generated.
 
 `from_mapping` reads a Flower run config (`num-clients = 2`) through the same fields and checks.
 Standard library and PyYAML only, so a driver checks its settings before torch loads (`train/fed.py`
-loads this package by file path, without importing `peft_deer`).
+loads this package through `peft_deer.light_import`, without importing the `peft_deer` package).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..defaults import CLIP_NORM, DELTA, RIDGE
+
 # The library's names, repeated so that parsing imports no torch (tests/test_bad_inputs.py checks they match
 # peft_deer.config.METHODS and peft_deer.federated.SERVER_OPTIMIZERS).
 METHODS = ("deer", "rolora", "ffa", "lora", "deer-reference")
@@ -22,10 +24,7 @@ MAX_SEED = 2**32 - 1  # numpy / flwr-datasets seeds
 DP_LEVELS = ("none", "client", "record", "client,record")
 NOISE_PLACEMENTS = ("central", "distributed")
 
-# The one home of the DP defaults (the adapter config and the core take them from a run's settings).
-DEFAULT_DELTA = 1e-5
-DEFAULT_CLIP_NORM = 1.0
-DEFAULT_RIDGE = 1e-6
+DEFAULT_DELTA, DEFAULT_CLIP_NORM, DEFAULT_RIDGE = DELTA, CLIP_NORM, RIDGE  # their home: peft_deer/defaults.py
 
 
 def setting(default: Any, help: str = "", **argparse_kwargs: Any) -> Any:
