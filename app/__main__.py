@@ -19,5 +19,10 @@ def _load_command():
     return light.load("peft_deer.demo", "peft_deer.demo.__main__")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The demo command's `main` (also what an older `deer-app` script, `app.__main__:main`, calls)."""
+    return _load_command().main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(_load_command().main())
+    sys.exit(main())
