@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradio_client import Client, handle_file
 
     sys.path.insert(0, str(ROOT))
-    from app.run import check_adapter_dir, read_examples
-    from app.uploads import digest
+    from peft_deer.demo.run import check_adapter_dir, read_examples
+    from peft_deer.demo.uploads import digest
 
     adapter = Path(args.adapter).resolve()
     check_adapter_dir(adapter)

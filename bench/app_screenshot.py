@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--example", type=int, default=-1, help="index of the run's example to click (default: last)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from app.predict import load_classifier
-    from app.ui import build_demo, close, launch
+    from peft_deer.demo.predict import load_classifier
+    from peft_deer.demo.ui import build_demo, close, launch
 
     clf = load_classifier(args.adapter)
     if not clf.examples:

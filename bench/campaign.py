@@ -68,9 +68,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from peft_deer.config import METHODS
-from peft_deer.experiment import CHECKPOINT
 from peft_deer.io import dumps_strict
-from peft_deer.settings import RaisingParser, build_parser, parse_args, values_to_argv
+from peft_deer.run_dir import CHECKPOINT
+from peft_deer.settings import RaisingParser, RunSettings, build_parser, parse_args, values_to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 FED = ROOT / "train" / "fed.py"
@@ -132,7 +132,7 @@ def _coerce(dest: str, value: Any) -> Any:
     return coerced
 
 
-def _parse(tokens: list[str], where: str) -> argparse.Namespace:
+def _parse(tokens: list[str], where: str) -> RunSettings:
     """deer-fed's own `parse_args` (types, choices, cross-checks); a failure becomes a one-line GridError."""
     captured = io.StringIO()
     try:
@@ -367,7 +367,7 @@ def _make_run(origin: str, settings: Mapping[str, Any], seed: int, varied: Mappi
     args = _parse(tokens, where)
     defaults = setting_defaults()
     canonical = {
-        k: v for k, v in sorted(vars(args).items()) if k in defaults and k not in CAMPAIGN_SET and v != defaults[k]
+        k: v for k, v in sorted(args.flat().items()) if k in defaults and k not in CAMPAIGN_SET and v != defaults[k]
     }
     canonical["seed"] = seed
     return Run(_short_hash(canonical), canonical, seed, origin, dict(varied))

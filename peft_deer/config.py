@@ -8,6 +8,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from peft import LoraConfig, PeftConfig
 
+from . import defaults
 from .methods import METHODS, method_spec
 
 PHASES = ("A", "B")
@@ -36,19 +37,21 @@ class DeerLoraConfig(LoraConfig):
         metadata={"help": f"Federated method, one of {METHODS}; decides which factors train in a phase."},
     )
     clip_norm: float = field(
-        default=1.0,
+        default=defaults.CLIP_NORM,
         metadata={"help": "Client-level DP clip norm C of a whole client update (metric norm for `deer`)."},
     )
     noise_multiplier: float = field(
         default=0.0, metadata={"help": "Gaussian noise multiplier sigma per release; 0 disables DP noise."}
     )
     regulator_ridge: float = field(
-        default=1e-6,
+        default=defaults.RIDGE,
         metadata={
             "help": "Ridge lambda >= 0 added to the regulator metric M = s^2 Y^T Y + lambda I (keeps M invertible)."
         },
     )
-    dp_delta: float = field(default=1e-5, metadata={"help": "Target delta of the (epsilon, delta) guarantee."})
+    dp_delta: float = field(
+        default=defaults.DELTA, metadata={"help": "Target delta of the (epsilon, delta) guarantee."}
+    )
     target_epsilon: float | None = field(
         default=None, metadata={"help": "Privacy budget; a run stops before a release that would exceed it."}
     )

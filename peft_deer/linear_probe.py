@@ -258,7 +258,7 @@ def linear_probe(
     backbone.model.to(device)
     train_idx = None
     if train_subset:
-        from .experiment import stratified_subset  # only needed for subsets
+        from .run.task import stratified_subset  # only needed for subsets
 
         train_idx = stratified_subset(splits.train.labels, train_subset, seed)
     weights = encoder_digest(backbone.model)

@@ -11,7 +11,6 @@ Only the standard library: the drivers check the output dir before loading torch
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
@@ -50,14 +49,14 @@ def run_state(out: Path) -> str:
     return "unstarted" if any((out / f).exists() for f in RUN_FILES) else "foreign"
 
 
-def prepare_output_dir(args: argparse.Namespace, prog: str = "deer-fed") -> Path:
-    """Check `args.output_dir` against --resume/--overwrite before anything is written; returns it.
+def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """Check `output_dir` against --resume/--overwrite before anything is written; (it, whether to resume).
 
     Raises `OutputDirError` with one line naming the state and the fix. A stale staging dir (a run that
     stopped before its first checkpoint) is removed; `--resume` of such a run starts it from the
-    beginning (nothing of it was kept) and sets `args.resume` to False.
+    beginning (nothing of it was kept): then the returned resume is False.
     """
-    out = Path(args.output_dir)
+    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--output-dir {out} is a file, not a directory; choose a directory path")
     state, staging = run_state(out), staging_dir(out)
@@ -73,7 +72,7 @@ def prepare_output_dir(args: argparse.Namespace, prog: str = "deer-fed") -> Path
     if state == "finished":
         # killed between writing summary.json and deleting the checkpoint: that file holds the DP secret
         (out / CHECKPOINT).unlink(missing_ok=True)
-    if args.resume:
+    if resume:
         if state == "finished":
             raise OutputDirError(f"{out} holds a finished run: nothing to resume; pass --overwrite to replace it")
         if state == "unstarted":
@@ -81,12 +80,12 @@ def prepare_output_dir(args: argparse.Namespace, prog: str = "deer-fed") -> Path
         if state == "absent":
             if not staging.is_dir():
                 raise OutputDirError(f"--resume given but {out} holds no run; drop --resume to start one")
-            args.resume = False  # it stopped before its first checkpoint: starting again is the same run
-    elif state != "absent" and not args.overwrite:
+            resume = False  # it stopped before its first checkpoint: starting again is the same run
+    elif state != "absent" and not overwrite:
         raise OutputDirError(hint[state])
     if staging.is_dir():
         shutil.rmtree(staging)
-    return out
+    return out, resume
 
 
 def create_staging(out: Path) -> Path:

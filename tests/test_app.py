@@ -1,5 +1,5 @@
-"""The Gradio demo (app/): prediction on real MedMNIST images with a tiny trained run, the served
-app through gradio_client (/predict, /explain, /batch, DICOM), the operating threshold and trust
+"""The Gradio demo (peft_deer/demo, `python -m app`): prediction on real MedMNIST images with a tiny trained
+run, the served app through gradio_client (/predict, /explain, /batch, DICOM), the operating threshold and trust
 panel, uploads deleted after each request and on shutdown, and bad inputs (corrupt/empty image,
 broken, corrupt or foreign adapters)."""
 
@@ -25,12 +25,12 @@ import pytest
 from conftest import MEDMNIST_DIR, ROOT, tiny_vit
 from PIL import Image
 
-from app import uploads
-from app.__main__ import main as app_main
-from app.decode import decode
-from app.predict import AdapterError, Classifier, load_classifier
-from app.ui import build_demo, close, decision_md, describe, format_probability, launch
 from peft_deer.data import load_dataset_spec
+from peft_deer.demo import uploads
+from peft_deer.demo.__main__ import main as app_main
+from peft_deer.demo.decode import decode
+from peft_deer.demo.predict import AdapterError, Classifier, load_classifier
+from peft_deer.demo.ui import build_demo, close, decision_md, describe, format_probability, launch
 from peft_deer.evaluation import classification_metrics
 from peft_deer.intensity import to_uint8
 

@@ -15,7 +15,7 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom is a dependency of the 
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
-from app.decode import UnreadableFile, decode, read_uploads  # noqa: E402
+from peft_deer.demo.decode import UnreadableFile, decode, read_uploads  # noqa: E402
 from peft_deer.intensity import to_uint8  # noqa: E402
 
 

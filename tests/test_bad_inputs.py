@@ -99,9 +99,9 @@ def test_non_finite_numbers_in_config_files_and_flower_run_config(tmp_path, caps
     # The Flower run config (TOML floats may be nan/inf) goes through the same parser.
     for key in ("lr", "epsilon", "clip-norm", "server-momentum", "lora-alpha"):
         with pytest.raises(ValueError, match="is not a finite number"):
-            settings.run_config_to_args({key: float("nan"), "dp": "client", "noise-multiplier": 1.0})
-    args = settings.run_config_to_args({"lr": 0.01, "dp": "client", "epsilon": 8.0})
-    assert args.lr == 0.01 and args.epsilon == 8.0
+            settings.from_mapping({key: float("nan"), "dp": "client", "noise-multiplier": 1.0})
+    args, _ = settings.from_mapping({"lr": 0.01, "dp": "client", "epsilon": 8.0})
+    assert args.local.lr == 0.01 and args.privacy.epsilon == 8.0
 
 
 def test_library_names_match_the_settings_copies():
@@ -187,12 +187,12 @@ def test_invalid_settings_are_found_before_the_output_dir(tmp_path, medmnist_dir
 def test_hints_agree_on_every_state_of_the_output_dir(tmp_path, medmnist_dir, capsys, monkeypatch):
     out = tmp_path / "run"
     # 1. a run that dies in its first phase (before any checkpoint) leaves no output dir, only its staging
-    import peft_deer.experiment as experiment
+    import peft_deer.run.simulation as simulation
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "simulated_release", lambda *a, **k: die)
+    monkeypatch.setattr(simulation, "simulated_release", lambda *a, **k: die)
     with pytest.raises(KeyboardInterrupt):
         fed.main(tiny_argv(out, "--rounds", "2"))
     monkeypatch.undo()
@@ -415,6 +415,7 @@ def test_dinov2_adapter_names_its_base_portably(tmp_path, medmnist_dir, capsys):
 def test_shipped_yaml_config_still_parses():
     for path in sorted((ROOT / "train" / "configs").glob("*.yaml")):
         args = fed.parse_args(["--config", str(path)])
-        assert all(math.isfinite(getattr(args, a.dest)) for a in settings.build_parser()._actions
-                   if a.type is settings.finite_float and getattr(args, a.dest) is not None)  # fmt: skip
+        flat = args.flat()
+        assert all(math.isfinite(flat[a.dest]) for a in settings.build_parser()._actions
+                   if a.type is settings.finite_float and flat[a.dest] is not None)  # fmt: skip
         assert yaml.safe_load(path.read_text())

@@ -22,13 +22,8 @@ from peft_deer.federated import (
     get_adapter_state,
     iter_phases,
 )
-from peft_deer.federated.batched import (
-    _schedule,
-    _StepData,
-    batched_unsupported_reason,
-    client_order,
-    select_engine,
-)
+from peft_deer.federated.batched import batched_unsupported_reason, select_engine
+from peft_deer.federated.batched_plan import _schedule, _StepData, client_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from peft_deer import experiment
 from peft_deer.evaluation import choose_threshold, classification_metrics
+from peft_deer.run import evaluate
 
 
 def binary_probs(p1) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_runs_choose_the_threshold_on_validation_and_report_it(tmp_path, medmnis
         high, low = (0.9, 0.7) if len(labels) == val_size else (0.6, 0.4)
         return binary_probs(np.where(labels == 1, high, low))
 
-    monkeypatch.setattr(experiment, "predict_proba", fake_predict_proba)
+    monkeypatch.setattr(evaluate, "predict_proba", fake_predict_proba)
     out = tmp_path / "run"
     argv = ["--model", "tiny-vit", "--data-dir", str(medmnist_dir), "--train-subset", "200", "--num-clients", "2",
             "--rounds", "1", "--partition", "iid", "--output-dir", str(out)]  # fmt: skip

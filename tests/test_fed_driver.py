@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer.data import preprocess_images
-from peft_deer.experiment import CHECKPOINT
+from peft_deer.run_dir import CHECKPOINT
 from train import fed
 
 FED = ROOT / "train" / "fed.py"
@@ -457,10 +457,12 @@ def test_config_file(tmp_path, medmnist_dir, capsys):
         )
     )
     args = fed.parse_args(["--config", str(config)])
-    assert (args.method, args.rounds, args.lr, args.num_clients) == ("ffa", 3, 0.01, 3)
-    assert args.target_modules == ["q_proj", "v_proj"] and args.data_dir == str(medmnist_dir)
+    flat = args.flat()
+    assert (flat["method"], flat["rounds"], flat["lr"], flat["num_clients"]) == ("ffa", 3, 0.01, 3)
+    assert flat["target_modules"] == ["q_proj", "v_proj"] and args.data.data_dir == str(medmnist_dir)
     args = fed.parse_args(["--config", str(config), "--rounds", "1", "--method", "lora", "--target-modules", "k_proj"])
-    assert (args.method, args.rounds, args.lr, args.target_modules) == ("lora", 1, 0.01, ["k_proj"])
+    flat = args.flat()
+    assert (flat["method"], flat["rounds"], flat["lr"], flat["target_modules"]) == ("lora", 1, 0.01, ["k_proj"])
 
     out = tmp_path / "cli-out"
     assert fed.main(["--config", str(config), "--rounds", "1", "--output-dir", str(out)]) == 0

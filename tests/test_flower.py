@@ -40,6 +40,7 @@ from peft_deer.federated import (  # noqa: E402
 from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
 from peft_deer.flower.protocol import read_train_message, update_reply  # noqa: E402
 from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
+from peft_deer.methods import NoiseKind  # noqa: E402
 
 
 def flower_config() -> dict:
@@ -48,7 +49,7 @@ def flower_config() -> dict:
 
 def test_the_app_config_in_pyproject_is_valid_and_names_real_components():
     args, options = parse_run_config(flower_config())
-    assert (args.method, args.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
+    assert (args.federation.method, args.data.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
 
     assert components == {
@@ -201,6 +202,43 @@ def test_distributed_noise_drops_an_unclipped_update_and_keeps_the_noise_floor(f
     assert strategy.private_ledger()["dropped_updates"][0]["client"] == 2
 
 
+def test_the_train_instruction_carries_the_mechanism_and_sites_check_it(flower_task_identity):
+    """sigma, C, lambda and the noise kind travel with each train message (distributed noise only); a site
+    refuses malformed terms, missing terms, terms it does not expect, and another method's noise kind."""
+    import types
+
+    from peft_deer.flower.protocol import NoiseTerms, read_train_content
+    from peft_deer.flower.site import Site
+    from peft_deer.settings import RunSettings
+
+    dp = ClientDP(noise_multiplier=1.7, clip_norm=0.5, ridge=1e-4, delta=1e-3, placement="distributed")
+    *_, messages = phase_setup(2, dp)
+    terms = {read_train_message(m).noise for m in messages}
+    assert terms == {NoiseTerms(1.7, 0.5, 1e-4, NoiseKind.REGULATED)}
+    assert {read_train_message(m).noise for m in phase_setup(2, dataclasses.replace(dp, placement="central"))[-1]} == {
+        None
+    }
+    assert {read_train_message(m).noise for m in phase_setup(2)[-1]} == {None}
+    config = messages[0].content.config_records["config"]
+    for key, bad in (("noise-multiplier", 0.0), ("clip-norm", math.inf), ("ridge", -1.0), ("noise-kind", "loud")):
+        original = config[key]
+        config[key] = bad
+        with pytest.raises(ValueError, match="sigma > 0|noise kind"):
+            read_train_content(messages[0].content)
+        config[key] = original
+    flat = {"dp": "client", "noise_multiplier": 1.7, "num_clients": 2, "delta": 1e-3}
+    distributed = types.SimpleNamespace(settings=RunSettings.from_flat({**flat, "noise_placement": "distributed"}))
+    central = types.SimpleNamespace(settings=RunSettings.from_flat(flat))
+    received = read_train_content(messages[0].content).noise
+    assert Site.expected_noise(distributed, received) == received
+    with pytest.raises(ValueError, match="carries no noise terms"):
+        Site.expected_noise(distributed, None)
+    with pytest.raises(ValueError, match="not distributed"):
+        Site.expected_noise(central, received)
+    with pytest.raises(ValueError, match="asks for plain noise"):
+        Site.expected_noise(distributed, dataclasses.replace(received, noise=NoiseKind.PLAIN))
+
+
 # --------------------------------------------------------------------------------- a real deployment
 
 
@@ -295,7 +333,7 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
     assert "testing only" in flower_ledger["client_noise"]
     _check_site_evaluation(flower_out, sim_out, run_config_dict(settings), state_dir)
     # Same output layout: the Gradio app's loader serves the Flower-trained adapter.
-    from app.predict import load_classifier
+    from peft_deer.demo.predict import load_classifier
 
     clf = load_classifier(flower_out / "adapter")
     assert clf.privacy["transport"] == "flower" and len(clf.examples) > 0

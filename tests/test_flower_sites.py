@@ -246,8 +246,8 @@ def _train_content(work) -> RecordDict:
 
 
 def _tiny_global_state(run_config: dict) -> dict:
-    from peft_deer.experiment import build_model, load_run_backbone, load_run_data
     from peft_deer.flower.run_config import parse_run_config
+    from peft_deer.run.task import build_model, load_run_backbone, load_run_data
 
     args, _ = parse_run_config(run_config)
     backbone = load_run_backbone(args, load_run_data(args).splits)
@@ -259,6 +259,6 @@ def test_the_flower_app_takes_record_level_dp_settings():
     from peft_deer.flower.run_config import parse_run_config
 
     args, _ = parse_run_config(tiny_run_config(dp="client,record", epsilon=8.0, **{"record-epsilon": 4.0}))
-    assert (args.dp, args.epsilon, args.record_epsilon) == ("client,record", 8.0, 4.0)
+    assert (args.privacy.dp, args.privacy.epsilon, args.record.record_epsilon) == ("client,record", 8.0, 4.0)
     with pytest.raises(ValueError, match="record-epsilon or --record-noise-multiplier"):
         parse_run_config(tiny_run_config(dp="record"))

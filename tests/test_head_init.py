@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_deer.experiment import build_experiment, simulated_release
 from peft_deer.federated import iter_phases
+from peft_deer.run import build_experiment, simulated_release
 from peft_deer.settings import parse_args
 
 

@@ -71,8 +71,8 @@ def test_logit_adjustment_must_be_finite_and_non_negative():
 def test_flag_is_parsed_checked_and_refused_with_record_dp(capsys):
     from peft_deer.settings import parse_args
 
-    assert parse_args(["--logit-adjustment", "1.0"]).logit_adjustment == 1.0
-    assert parse_args([]).logit_adjustment == 0.0
+    assert parse_args(["--logit-adjustment", "1.0"]).local.logit_adjustment == 1.0
+    assert parse_args([]).local.logit_adjustment == 0.0
     for argv, message in [
         (["--logit-adjustment", "nan"], "must be a finite number >= 0"),
         (["--logit-adjustment", "-0.5"], "must be a finite number >= 0"),

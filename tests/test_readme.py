@@ -26,6 +26,6 @@ def test_main_job_config_parses_and_states_an_honest_guarantee():
     from peft_deer.settings import parse_args
 
     args = parse_args(["--config", str(ROOT / "train" / "configs" / "pneumonia_deer.yaml")])
-    assert args.dp == "record" and args.record_epsilon <= 8 and args.record_delta <= 1e-5
-    assert not args.reproducible_noise and args.method == "deer" and args.train_subset is None
+    assert args.privacy.dp == "record" and args.record.record_epsilon <= 8 and args.record.record_delta <= 1e-5
+    assert not args.privacy.reproducible_noise and args.federation.method == "deer" and args.data.train_subset is None
     assert "train/configs/pneumonia_deer.yaml" in (ROOT / "README.md").read_text()

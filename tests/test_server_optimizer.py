@@ -139,7 +139,8 @@ def test_bad_settings_and_deltas_are_refused(capsys):
             parse_args(argv)
         assert message in capsys.readouterr().err
     args = parse_args(["--server-optimizer", "adam", "--server-lr", "1e-3"])
-    assert (args.server_optimizer, args.server_lr, args.server_momentum) == ("adam", 1e-3, 0.9)
+    fed = args.federation
+    assert (fed.server_optimizer, fed.server_lr, fed.server_momentum) == ("adam", 1e-3, 0.9)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import defaults
 from ..methods import NoiseKind
 from .adapter_state import AdapterLayout, AdapterState
 from .local_training import ClientUpdate
@@ -46,9 +47,9 @@ class ClientDP:
 
     noise_multiplier: float
     clip_norm: float
-    ridge: float = 1e-6
+    ridge: float = defaults.RIDGE
     placement: str = "central"
-    delta: float = 1e-5
+    delta: float = defaults.DELTA
     target_epsilon: float | None = None
 
     def __post_init__(self) -> None:

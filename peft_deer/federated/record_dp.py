@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from opacus.accountants import RDPAccountant
 
+from .. import defaults
 from ..methods import NoiseKind
 from .accountant import calibrate_noise_multiplier
 
@@ -68,10 +69,10 @@ class RecordDP:
     """
 
     noise_multipliers: tuple[float, ...]
-    clip_norm: float = 1.0
-    delta: float = 1e-5
+    clip_norm: float = defaults.CLIP_NORM
+    delta: float = defaults.DELTA
     noise: NoiseKind = NoiseKind.PLAIN
-    ridge: float = 1e-6
+    ridge: float = defaults.RIDGE
     max_physical_batch_size: int | None = None
     target_epsilon: float | None = None
     calibration: str = "per-client"

@@ -2,8 +2,9 @@
 
 Three message kinds:
 - query "hello" (once per run): the node answers with the client id it holds and its example count;
-- train (once per phase and participant): the server sends the global adapter, the phase and the
-  run key; the client answers with the delta of the phase's trained parameters only, its example
+- train (once per phase and participant): the server sends the global adapter, the phase, the run
+  key and, with distributed noise, the mechanism's terms (sigma, C, lambda, noise kind); the client
+  answers with the delta of the phase's trained parameters only, its example
   count and, under record-level DP, its accountant (`RecordReport`);
 - evaluate (once, after the run): the server sends the final adapter and its decision threshold; the
   site answers with counts on its own held-out images (`SiteCounts`).
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from ..federated import AdapterState, ClientUpdate, InvalidClientUpdate, validate_updates
+from ..federated import AdapterState, ClientDP, ClientUpdate, InvalidClientUpdate, validate_updates
+from ..methods import NoiseKind
 
 GLOBAL = "global"  # ArrayRecord: the global adapter state (all LoRA factors and the head)
 UPDATE = "update"  # ArrayRecord: the client's delta of the phase's trained parameters
@@ -42,10 +44,40 @@ def record_to_state(record: ArrayRecord) -> AdapterState:
 
 
 @dataclass(frozen=True)
+class NoiseTerms:
+    """The client-level mechanism a site applies before its update leaves it (distributed noise): noise
+    multiplier sigma, clip norm C, ridge lambda of the metric, and the noise kind. The site draws its
+    noise share from its own OS secret; these terms are the server's calibration, so no site recalibrates."""
+
+    noise_multiplier: float
+    clip_norm: float
+    ridge: float
+    noise: NoiseKind
+
+    def __post_init__(self) -> None:
+        finite = all(math.isfinite(v) for v in (self.noise_multiplier, self.clip_norm, self.ridge))
+        if not (finite and self.noise_multiplier > 0 and self.clip_norm > 0 and self.ridge >= 0):
+            raise ValueError(
+                f"noise terms sigma={self.noise_multiplier}, C={self.clip_norm}, lambda={self.ridge} need sigma > 0, "
+                "C > 0 and lambda >= 0 (finite); the ServerApp is misconfigured"
+            )
+        if self.noise not in tuple(NoiseKind):
+            raise ValueError(f"noise kind {self.noise!r} is not one of {[k.value for k in NoiseKind]}")
+
+    @classmethod
+    def of(cls, dp: ClientDP, noise: NoiseKind) -> NoiseTerms:
+        return cls(dp.noise_multiplier, dp.clip_norm, dp.ridge, noise)
+
+    def client_dp(self) -> ClientDP:
+        """The terms as the core's `ClientDP` (distributed placement)."""
+        return ClientDP(self.noise_multiplier, self.clip_norm, self.ridge, "distributed")
+
+
+@dataclass(frozen=True)
 class TrainInstruction:
-    """One client's work order: the global adapter, the phase (round, index), the noise share count m, and
-    the run key (an HMAC of the server's secret: the same for a run and its resumes, new for a new run;
-    a site files its record-level accountant under it)."""
+    """One client's work order: the global adapter, the phase (round, index), the noise share count m, the
+    run key (an HMAC of the server's secret: the same for a run and its resumes, new for a new run; a site
+    files its record-level accountant under it) and, with distributed noise, the `NoiseTerms` to apply."""
 
     global_state: AdapterState
     round: int
@@ -53,6 +85,7 @@ class TrainInstruction:
     client_id: int
     num_shares: int
     run_key: str = ""
+    noise: NoiseTerms | None = None
 
 
 def hello_message(node_id: int) -> Message:
@@ -85,12 +118,29 @@ def train_message(node_id: int, instruction: TrainInstruction) -> Message:
             "run-key": instruction.run_key,
         }
     )
+    if instruction.noise is not None:
+        terms = instruction.noise
+        config["noise-multiplier"] = float(terms.noise_multiplier)
+        config["clip-norm"] = float(terms.clip_norm)
+        config["ridge"] = float(terms.ridge)
+        config["noise-kind"] = terms.noise.value
     content = RecordDict({GLOBAL: state_to_record(instruction.global_state), CONFIG: config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
 def read_train_content(content: RecordDict) -> TrainInstruction:
+    """The work order in a train message; ValueError (one line) if its noise terms are malformed."""
     config = content.config_records[CONFIG]
+    noise = None
+    if "noise-kind" in config:
+        try:
+            kind = NoiseKind(str(config["noise-kind"]))
+        except ValueError:
+            raise ValueError(
+                f"noise kind {config['noise-kind']!r} is not one of {[k.value for k in NoiseKind]}"
+            ) from None
+        terms = (float(config["noise-multiplier"]), float(config["clip-norm"]), float(config["ridge"]))
+        noise = NoiseTerms(*terms, kind)
     return TrainInstruction(
         record_to_state(content.array_records[GLOBAL]),
         int(config["round"]),
@@ -98,6 +148,7 @@ def read_train_content(content: RecordDict) -> TrainInstruction:
         int(config["client-id"]),
         int(config["num-shares"]),
         str(config.get("run-key", "")),
+        noise,
     )
 
 

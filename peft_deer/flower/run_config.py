@@ -4,30 +4,31 @@ that only a deployment has. Both come from `[tool.flwr.app.config]` and `flwr ru
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import run_config_to_args
+from ..settings import RunSettings, from_mapping, setting
 
 
 @dataclass(frozen=True)
 class DeploymentOptions:
-    """Settings of a deployment that a simulation does not have.
+    """Settings of a deployment that a simulation does not have (read with the run's settings, same checks).
 
-    min_clients_per_phase: fewer valid updates than this (or than the phase's participants, if fewer)
-        stop the run before the release; resume it later with `resume=true`.
-    node_wait_s: how long the ServerApp waits for all `num-clients` SuperNodes to connect.
-    reply_timeout_s: how long a phase waits for its clients' replies; a late client is dropped.
-        With distributed noise, min_clients_per_phase is also the noise floor: each client adds
-        1/k of the noise variance, k = min(min_clients_per_phase, sampled), so any release the server
-        accepts carries at least the full noise.
+    With distributed noise, min_clients_per_phase is also the noise floor: each client adds 1/k of the
+    noise variance, k = min(min_clients_per_phase, sampled), so any release the server accepts carries at
+    least the full noise.
     """
 
-    min_clients_per_phase: int = 1
-    node_wait_s: float = 300.0
-    reply_timeout_s: float = 3600.0
+    min_clients_per_phase: int = setting(
+        1,
+        "fewer valid updates than this (or than the phase's participants, if fewer) stop the run before the "
+        "release; resume it later with resume=true",
+    )
+    node_wait_s: float = setting(300.0, "how long the ServerApp waits for all num-clients SuperNodes to connect")
+    reply_timeout_s: float = setting(
+        3600.0, "how long a phase waits for its clients' replies; a late client is dropped"
+    )
 
     def __post_init__(self) -> None:
         if self.min_clients_per_phase < 1:
@@ -36,15 +37,11 @@ class DeploymentOptions:
             raise ValueError("node-wait-s and reply-timeout-s must be > 0")
 
 
-OPTION_KEYS = {
-    "min-clients-per-phase": ("min_clients_per_phase", int),
-    "node-wait-s": ("node_wait_s", float),
-    "reply-timeout-s": ("reply_timeout_s", float),
-}
+# The run-config keys of the deployment options (a site's loaded data does not depend on them).
+OPTION_KEYS = {name.replace("_", "-") for name in DeploymentOptions.__dataclass_fields__}
 
 
-def parse_run_config(run_config: Mapping[str, Any]) -> tuple[argparse.Namespace, DeploymentOptions]:
-    """(run settings, deployment options) from a Flower run config; ValueError / SystemExit on bad values."""
-    options = {dest: cast(run_config[key]) for key, (dest, cast) in OPTION_KEYS.items() if key in run_config}
-    args = run_config_to_args({k: v for k, v in run_config.items() if k not in OPTION_KEYS})
-    return args, DeploymentOptions(**options)
+def parse_run_config(run_config: Mapping[str, Any]) -> tuple[RunSettings, DeploymentOptions]:
+    """(run settings, deployment options) from a Flower run config; ValueError (one line) on bad values."""
+    settings, options = from_mapping(run_config, extra=[DeploymentOptions])
+    return settings, DeploymentOptions(**options)

@@ -1,11 +1,12 @@
 """The DEeR `ServerApp`: the same run as `deer-fed`, with the clients on Flower SuperNodes.
 
-It builds the run exactly as the simulation does (`peft_deer.experiment`), waits for `num-clients`
-SuperNodes, learns which client id each holds, and runs the phase loop (`run_phases`: budget stop,
-validation on the server's held-out split, best adapter, checkpoints, `resume`) with `DeerStrategy`
-moving the messages. The outputs land in `output-dir` in the simulation's layout, so `python -m app
---adapter OUTPUT_DIR/adapter` serves a Flower-trained adapter unchanged. After the run every site
-evaluates the final adapter on its own held-out images; the per-site table goes to
+It runs the simulation's lifecycle (`peft_deer.run.run_experiment`: the same build, phase loop with
+budget stop, validation on the server's held-out split, best adapter, checkpoints, `resume`, and
+outputs) with a `FlowerTransport`: it waits for `num-clients` SuperNodes, learns which client id each
+holds, and lets `DeerStrategy` move the messages. The outputs land in `output-dir` in the
+simulation's layout, so `python -m app --adapter OUTPUT_DIR/adapter` serves a Flower-trained adapter
+unchanged. After the run every site evaluates the final adapter on its own held-out images; the
+per-site table goes to
 `server-private/site_evaluation.*` (not DP-covered; the model card says so).
 """
 
@@ -19,17 +20,8 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..experiment import (
-    PRIVATE_DIR,
-    SettingsMismatch,
-    build_experiment,
-    final_line,
-    finalize,
-    prepare_output_dir,
-    run_phases,
-    start_or_resume,
-)
 from ..federated import AdapterState
+from ..run import PRIVATE_DIR, Experiment, Host, ReleasePhase, SettingsMismatch, SetupFailed, Transport, run_experiment
 from .protocol import SiteCounts, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .run_config import DeploymentOptions, parse_run_config
 from .site_accounting import SiteRecordLevel
@@ -92,43 +84,59 @@ def evaluate_sites(
     return counts, failed
 
 
-def run_key(exp, out: Path) -> str:
+def run_key(exp: Experiment, out: Path) -> str:
     """The key sites file their record-level accountants under: an HMAC of the run's DP secret and output
     directory, so the same for a run and its resumes (the secret is in the checkpoint), new for a new run
     (also with reproducible noise), and revealing nothing about the secret."""
     return f"{exp.server.randomness.seed('flower-site-run-key', str(out)):016x}"
 
 
+class FlowerTransport(Transport):
+    """Client updates from the sites: `DeerStrategy` sends each phase's train messages over `grid`."""
+
+    with_client_data = False  # the sites hold the training images
+
+    def __init__(self, grid: Grid, options: DeploymentOptions) -> None:
+        self.grid, self.options = grid, options
+        self.nodes: dict[int, int] = {}
+        self.strategy: DeerStrategy | None = None
+
+    def before_start(self, exp: Experiment, out: Path) -> None:
+        logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
+        if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
+            exp.server.record = SiteRecordLevel(exp.server.record)
+
+    def release_phase(self, exp: Experiment, out: Path) -> ReleasePhase:
+        self.nodes = discover_clients(self.grid, exp.settings.data.num_clients, self.options)
+        rounds = exp.settings.federation.rounds
+        self.strategy = DeerStrategy(exp.server, self.nodes, rounds, self.options, run_key(exp, out))
+        self.strategy.summary()
+        return self.strategy.release_phase(self.grid)
+
+    def ledgers(self) -> tuple[dict | None, dict | None]:
+        return self.strategy.deployment_ledger(), self.strategy.private_ledger()
+
+    def after_finalize(self, exp: Experiment, out: Path, summary: dict) -> None:
+        """Every site evaluates the final adapter on its own held-out images (server-private table)."""
+        threshold = summary["test"]["final"]["threshold"]
+        counts, failed = evaluate_sites(self.grid, self.nodes, exp.server.global_state, threshold, self.options)
+        write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed)
+        add_model_card_note(out)
+        logger.info(
+            "per-site evaluation of %d sites -> %s (server-private, not DP-covered)", len(counts), out / PRIVATE_DIR
+        )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    args, options = parse_run_config(context.run_config)
-    args.output_dir = str(Path(args.output_dir).resolve())
+    settings, options = parse_run_config(context.run_config)
+    settings = settings.replace(output_dir=str(Path(settings.output.output_dir).resolve()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    exp = build_experiment(args, device, with_client_data=False, say=logger.info)
-    out = prepare_output_dir(args, prog="deer-flower")
-    logger.info("DEeR run %s -> %s", args.method, out)
-    exp.save_base_model()
-    if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
-        exp.server.record = SiteRecordLevel(exp.server.record)
     try:
-        progress = start_or_resume(exp, out, say=logger.info)
-    except SettingsMismatch as err:
-        raise ValueError(f"deer-flower: {err}") from err
-    nodes = discover_clients(grid, args.num_clients, options)
-    strategy = DeerStrategy(exp.server, nodes, args.rounds, options, run_key(exp, out))
-    strategy.summary()
-    stopped = run_phases(exp, out, progress, strategy.release_phase(grid), say=logger.info)
-    if stopped == "max-phases":
+        outcome = run_experiment(settings, FlowerTransport(grid, options), Host(device, logger.info))
+    except SetupFailed as failed:
+        if isinstance(failed.error, SettingsMismatch):
+            raise ValueError(f"deer-flower: {failed.error}") from None
+        raise failed.error from None
+    if outcome.stopped == "max-phases":
         logger.info("stopped after max-phases; continue with resume=true")
-        return
-    summary = finalize(
-        exp, out, progress, stopped, extra_privacy=strategy.deployment_ledger(), private_extra=strategy.private_ledger()
-    )
-    threshold = summary["test"]["final"]["threshold"]
-    counts, failed = evaluate_sites(grid, nodes, exp.server.global_state, threshold, options)
-    write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed)
-    add_model_card_note(out)
-    logger.info(
-        "per-site evaluation of %d sites -> %s (server-private, not DP-covered)", len(counts), out / PRIVATE_DIR
-    )
-    logger.info(final_line(summary, out))

@@ -17,14 +17,15 @@ Node config (`flower-supernode --node-config '...'`):
 
 Each train message runs the core's `train_client` with the seed the simulation would use for this
 client and phase. With client-level DP and the `distributed` noise placement the client clips its
-update in the metric and adds its noise share (`privatize_update`) before anything leaves the site.
+update in the metric and adds its noise share (`privatize_update`) before anything leaves the site,
+with the sigma, C, lambda and noise kind the train instruction carries (`protocol.NoiseTerms`,
+checked against this site's own run settings).
 With record-level DP it trains with DP-SGD (the core's `record_dp`), sigma calibrated on its own image
 count, and returns its accountant (`SiteAccountant`) with the update.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -44,16 +45,6 @@ from torch.utils.data import Dataset
 
 from ..data import partition_clients
 from ..evaluation import predict_proba
-from ..experiment import (
-    RunData,
-    build_model,
-    client_dataset,
-    load_run_backbone,
-    load_run_data,
-    local_training,
-    tensor_dataset,
-)
-from ..experiment import client_dp as run_client_dp
 from ..federated import (
     AdapterLayout,
     ClientTask,
@@ -68,8 +59,12 @@ from ..federated import (
     train_client,
 )
 from ..federated.record_dp import RecordLevel
+from ..run.privacy import local_training
+from ..run.task import RunData, build_model, client_dataset, load_run_backbone, load_run_data, tensor_dataset
+from ..settings import RunSettings
 from .protocol import (
     SCORE_BINS,
+    NoiseTerms,
     SiteCounts,
     hello_content,
     read_evaluate_content,
@@ -94,7 +89,7 @@ def default_state_dir() -> Path:
 class Site:
     """One site of one run's settings: its training partition, held-out images, model and DP settings."""
 
-    args: argparse.Namespace
+    settings: RunSettings
     client_id: int
     num_partitions: int
     data: RunData
@@ -108,26 +103,27 @@ class Site:
     @classmethod
     def build(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
         """Load the site's data, backbone and model. ValueError (one line) on bad node config."""
-        args, _ = parse_run_config(run_config)
+        settings, _ = parse_run_config(run_config)
         if "partition-id" not in node_config:
             raise ValueError("this SuperNode has no partition-id in its --node-config")
         client_id = int(node_config["partition-id"])
-        num_partitions = int(node_config.get("num-partitions", args.num_clients))
-        if not 0 <= client_id < args.num_clients:
-            raise ValueError(f"partition-id {client_id} is outside [0, num-clients={args.num_clients})")
-        if num_partitions != 1 and num_partitions != args.num_clients:
-            raise ValueError(f"num-partitions {num_partitions} must be 1 (own data) or num-clients={args.num_clients}")
+        num_clients = settings.data.num_clients
+        num_partitions = int(node_config.get("num-partitions", num_clients))
+        if not 0 <= client_id < num_clients:
+            raise ValueError(f"partition-id {client_id} is outside [0, num-clients={num_clients})")
+        if num_partitions != 1 and num_partitions != num_clients:
+            raise ValueError(f"num-partitions {num_partitions} must be 1 (own data) or num-clients={num_clients}")
         data = load_run_data(
-            args, node_config.get("dataset") or None, node_config.get("data-dir") or None, num_partitions
+            settings, node_config.get("dataset") or None, node_config.get("data-dir") or None, num_partitions
         )
-        backbone = load_run_backbone(args, data.splits)
+        backbone = load_run_backbone(settings, data.splits)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, layout = build_model(args, backbone, 0.0, device)
+        model, layout = build_model(settings, backbone, 0.0, device)
         partition = 0 if num_partitions == 1 else client_id
         train_data = client_dataset(data, backbone, partition)
-        record = site_record_level(args, len(train_data))
+        record = site_record_level(settings, len(train_data))
         state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
-        site = cls(args, client_id, num_partitions, data, model, layout, train_data, record, state_dir)
+        site = cls(settings, client_id, num_partitions, data, model, layout, train_data, record, state_dir)
         site.held_out = tensor_dataset(backbone, data.splits.test, site.held_out_indices())
         return site
 
@@ -141,9 +137,9 @@ class Site:
         labels = self.data.splits.test.labels
         if self.num_partitions == 1:
             return np.arange(len(labels))
-        args = self.args
+        data, seed = self.settings.data, self.settings.federation.seed
         parts = partition_clients(
-            labels, self.num_partitions, args.partition, args.dirichlet_alpha, seed=derive_seed(args.seed, "site-test")
+            labels, self.num_partitions, data.partition, data.dirichlet_alpha, seed=derive_seed(seed, "site-test")
         )
         return np.sort(parts[self.client_id])
 
@@ -154,41 +150,61 @@ class Site:
 
     def train(self, content: RecordDict) -> RecordDict:
         """One phase of local training from the received global adapter; the trained factor's delta."""
-        args, client_id = self.args, self.client_id
+        settings, client_id = self.settings, self.client_id
+        seed = settings.federation.seed
         work = read_train_content(content)
         if work.client_id != client_id:
             raise ValueError(f"asked to train client {work.client_id}, but this SuperNode holds client {client_id}")
-        phase = _phase(args.method, args.rounds, work.round, work.phase)
+        phase = _phase(settings.federation.method, settings.federation.rounds, work.round, work.phase)
+        noise = self.expected_noise(work.noise)
         # DP draws: the site's own secret; with reproducible-noise the simulation's (no guarantee: testing only).
-        randomness = DPRandomness.from_seed(args.seed) if args.reproducible_noise else None
+        randomness = DPRandomness.from_seed(seed) if settings.privacy.reproducible_noise else None
         task = ClientTask(
             client_id,
             self.train_data,
-            derive_seed(args.seed, *phase.step, client_id, "train"),
+            derive_seed(seed, *phase.step, client_id, "train"),
             dp_seed=None
             if randomness is None or self.record is None
             else randomness.seed(*phase.step, client_id, "record-dp"),
         )
         update = train_client(
-            self.model, self.layout, work.global_state, phase, task, local_training(args, self.record)
+            self.model, self.layout, work.global_state, phase, task, local_training(settings, self.record)
         )
         report = None
         if self.record is not None:
             report = SiteAccountant(self.state_dir, work.run_key, client_id).step(self.record, update.num_examples)
-        dp = run_client_dp(args)
-        if dp is not None and dp.placement == "distributed":
-            noise = method_spec(args.method).noise
-            whiteners = build_whiteners(self.layout, work.global_state, list(update.delta), noise, dp.ridge)
+        if noise is not None:
+            whiteners = build_whiteners(self.layout, work.global_state, list(update.delta), noise.noise, noise.ridge)
             generator = (randomness or DPRandomness.secret()).generator(*phase.step, client_id, "noise")
-            delta, _ = privatize_update(update.delta, whiteners, noise, dp, work.num_shares, generator)
+            delta, _ = privatize_update(
+                update.delta, whiteners, noise.noise, noise.client_dp(), work.num_shares, generator
+            )
             update = dataclasses.replace(update, delta=delta)
         return update_content(update, report)
+
+    def expected_noise(self, received: NoiseTerms | None) -> NoiseTerms | None:
+        """The noise terms to apply, once checked against this site's run settings: distributed client-level
+        noise needs them (else the update would leave un-noised), with the noise kind of the site's method."""
+        privacy = self.settings.privacy
+        wanted = privacy.client_level and privacy.noise_placement == "distributed"
+        if wanted and received is None:
+            raise ValueError("the run adds distributed noise but the train instruction carries no noise terms")
+        if not wanted and received is not None:
+            raise ValueError("the train instruction carries noise terms, but this run's noise is not distributed")
+        kind = method_spec(self.settings.federation.method).noise
+        if received is not None and received.noise != kind:
+            raise ValueError(
+                f"the train instruction asks for {received.noise.value} noise; this run's method uses {kind.value}"
+            )
+        return received
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Counts of the global adapter's decisions (and, binary, P(class 1) histograms) on the held-out images."""
         state, threshold = read_evaluate_content(content)
         load_adapter_state(self.model, state)
-        probs = predict_proba(self.model, self.held_out, self.args.eval_batch_size, self.args.mixed_precision)
+        probs = predict_proba(
+            self.model, self.held_out, self.settings.output.eval_batch_size, self.settings.local.mixed_precision
+        )
         labels = self.held_out.tensors[1].numpy()
         k = probs.shape[1]
         if k == 2 and threshold is not None:

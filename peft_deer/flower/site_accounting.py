@@ -10,29 +10,29 @@ per-client histories are the sites' reports, so `privacy.json` lists every site'
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import re
 from pathlib import Path
 
-from ..experiment import make_record_level
 from ..federated.record_dp import RecordAccountants, RecordLevel, record_sample_rate, record_steps
 from ..io import write_json_atomic
+from ..run.privacy import record_level
+from ..settings import RunSettings
 from .protocol import RecordReport
 
 logger = logging.getLogger("flwr")
 
 
-def site_record_level(args: argparse.Namespace, num_examples: int) -> RecordLevel | None:
+def site_record_level(settings: RunSettings, num_examples: int) -> RecordLevel | None:
     """The run's record-level DP-SGD settings as one site applies them: sigma calibrated on this site's own
     image count, exactly as `deer-fed` calibrates that client (None without record-level DP)."""
-    record = make_record_level(args, [num_examples])
+    record = record_level(settings, [num_examples])
     if record is None:
         return None
     # RecordDP indexes multipliers by client id; this site only ever trains its own.
-    sigmas = record.dp.noise_multipliers * args.num_clients
+    sigmas = record.dp.noise_multipliers * settings.data.num_clients
     return RecordLevel(dataclasses.replace(record.dp, noise_multipliers=sigmas), record.batch_size, record.local_epochs)
 
 

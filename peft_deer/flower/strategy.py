@@ -26,6 +26,7 @@ from ..federated import (
     iter_phases,
 )
 from .protocol import (
+    NoiseTerms,
     RecordReport,
     TrainInstruction,
     read_record_report,
@@ -93,8 +94,12 @@ class DeerStrategy(Strategy):
         sent = [c for c in participants if c in self.nodes]
         self._sent[server_round] = participants
         state, shares = self.server.global_state, self.noise_shares(len(participants))
+        dp = self.server.dp
+        noise = NoiseTerms.of(dp, self.server.spec.noise) if dp and dp.placement == "distributed" else None
         return [
-            train_message(self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, shares, self.run_key))
+            train_message(
+                self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, shares, self.run_key, noise)
+            )
             for c in sent
         ]
 
@@ -192,7 +197,7 @@ class DeerStrategy(Strategy):
 
     # -- used by the ServerApp -----------------------------------------------------------------------
     def release_phase(self, grid: Grid):
-        """The `release_phase` callable for `peft_deer.experiment.run_phases`."""
+        """The `release_phase` callable for `peft_deer.run.run_phases`."""
 
         def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
             server_round = self.phases.index(phase) + 1

@@ -215,7 +215,7 @@ def _probs_dict(clf: Classifier, probs: np.ndarray) -> dict[str, float]:
 def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_TTL_S) -> gr.Blocks:
     """The demo for one classifier, or several side by side on the same image.
 
-    Uploads go to this process's private cache (`app.uploads`) and are deleted when their request is
+    Uploads go to this process's private cache (`peft_deer.demo.uploads`) and are deleted when their request is
     done; returned images and CSVs are deleted after `output_ttl_s` seconds, everything on `close`.
     """
     if not classifiers:

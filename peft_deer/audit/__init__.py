@@ -1,0 +1,79 @@
+"""`deer-audit`: an empirical privacy audit of the project's own DP mechanisms (runs on CPU in minutes).
+
+Modules: `bounds` (statistics and the bound), `setting` (the audited adapter), `game` (what both levels
+share), `client_level`, `record_level`, `cli`.
+
+The audit plays the distinguishing game behind the definition of (epsilon, delta)-DP and turns the
+adversary's success into a statistical **lower bound** on the epsilon the mechanism really has:
+
+1. *Setting.* A tiny adapter (rank-2 LoRA on two 4 x 4 linear layers; one 4 -> 2 layer at record
+   level) whose frozen factors have largest singular value `--frozen-scale` (default 3). The adversary
+   knows everything except one bit: whether the canary took part.
+2. *Client level* (default). N clients; client 0 is the canary, every other client sends a zero update
+   (the adversary knows them). A trial picks "in" or "out" (balanced, from `--seed`), then runs
+   `--releases` releases through a fresh `FederatedServer` -- the project's own client sampling,
+   clipping, noise and accounting, not a re-implementation -- following `iter_phases(method, ...)`.
+   In the "out" world client 0 is dropped from every phase. The canary sends the worst-case clipped
+   update for the mechanism: for 'regulated' and 'plain' noise `whitener.color(u)` with u a fixed
+   whitened vector of norm C (metric norm exactly C: clipping leaves it); for 'reference' (the authors'
+   mechanism) per matrix a rank-one update of Frobenius norm C along the top eigenvector of that
+   matrix's metric M_j, whose whitened norm is C sqrt(sum_j lambda_max(M_j)) -- more than C once the
+   frozen factor's largest singular value passes 1.
+3. *Test statistic* (the likelihood-ratio test for the Gaussian). Per release the adversary takes the
+   released sum (delta times the public denominator q N), whitens it with the whiteners the mechanism
+   used (`build_whiteners` on the public global state), projects it on the canary's whitened direction
+   and divides by the canary's whitened norm and sigma C; the statistic sums this over the releases.
+4. *Bound.* Trials are split in two halves. The threshold is chosen on the first half (the one with the
+   largest bound there, computed as below at a stricter 99.9 % level so that no tail threshold fitted
+   to a few trials is picked); on the second half FPR and FNR get the upper ends of their two-sided
+   95 % Clopper-Pearson intervals (each holds with 97.5 %, both together with >= 95 %), and
+       epsilon_lower = max(0, log((1 - delta - FNR_up) / FPR_up), log((1 - delta - FPR_up) / FNR_up)).
+   One threshold is tested on fresh trials, so with probability >= 95 % the mechanism's true epsilon
+   at `--delta` is at least epsilon_lower. A sound mechanism gives epsilon_lower <= epsilon_ledger.
+5. *Seed known to the adversary* (`--reproducible-noise`): the mechanism draws from
+   `DPRandomness.from_seed(trial seed)` with a public per-trial seed; the adversary reruns the trial in
+   the "out" world with the same seed and subtracts (statistic: whitened norm of the difference, 0 in
+   the "out" world, the canary's contribution in the "in" world), which breaks any claimed epsilon.
+   Without it every trial uses `DPRandomness.secret()` (OS entropy), as a real run does.
+6. *Record level* (`--level record`): one client's DP-SGD (`train_client` with `RecordDP`, opacus
+   Poisson batches, per-sample clipping and noise; whitened for `deer`). Its dataset has zero-input
+   records (zero LoRA gradient) and, in the "in" world, one canary record with a large input whose
+   per-sample gradient is clipped; the "out" world replaces it by another zero record. Statistic: the
+   client's delta projected on the canary's first-step clipped gradient (whitened), in units of sigma C.
+
+Reported: epsilon_lower; epsilon_ledger (what the project's ledger claims: the server's RDP epsilon,
+from the effective multipliers for `deer-reference`, or opacus RDP over the DP-SGD steps);
+epsilon_nominal (sigma alone, the published mechanism's claim for `deer-reference`); and, with every
+client in every release (q = 1) of a Gaussian mechanism, epsilon_gaussian_exact, the exact epsilon of
+that Gaussian mechanism (analytic Gaussian, Balle & Wang 2018) -- the best any audit can find.
+"""
+
+from .bounds import (
+    CONFIDENCE,
+    AuditResult,
+    Bound,
+    clopper_pearson_upper,
+    epsilon_from_rates,
+    epsilon_lower_bound,
+    gaussian_epsilon,
+)
+from .cli import build_parser, main
+from .client_level import canary_update, run_client_audit
+from .record_level import run_record_audit
+from .setting import build_audit_adapter
+
+__all__ = [
+    "CONFIDENCE",
+    "AuditResult",
+    "Bound",
+    "build_audit_adapter",
+    "build_parser",
+    "canary_update",
+    "clopper_pearson_upper",
+    "epsilon_from_rates",
+    "epsilon_lower_bound",
+    "gaussian_epsilon",
+    "main",
+    "run_client_audit",
+    "run_record_audit",
+]

@@ -1,0 +1,142 @@
+"""A run's final outputs: adapters (final, best, plain-LoRA export), privacy ledger, test metrics, curves,
+model card and `summary.json` (written last).
+
+Output layout of a run directory: adapter/, adapter-best/, adapter-lora/ (plain LoRA export),
+privacy.json, metrics.jsonl, summary.json, curves.png, examples/, base-model/ (random backbones only)
+-- all of it publishable: nothing in it is computed from a client's data without noise.
+`server-private/` holds what is (training losses, update norms, participants, per-client label counts,
+dropped updates); `checkpoint.pt` (while unfinished) also holds the run's DP secret. Never publish either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..export import export_lora_adapter
+from ..federated import load_adapter_state
+from ..io import write_json_atomic
+from ..reporting import model_card, plot_curves
+from ..run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
+from .evaluate import test_metrics, validation_metrics
+from .experiment import Experiment
+from .progress import PRIVATE_DIR, RunProgress
+
+DECISION_RULE = "class 1 when P(class 1) >= decision_threshold (Youden's J on the validation split)"
+
+
+def finalize(
+    exp: Experiment,
+    out: Path,
+    progress: RunProgress,
+    stopped: str | None,
+    extra_privacy: dict | None = None,
+    private_extra: dict | None = None,
+) -> dict[str, Any]:
+    """Write adapters, ledger, test metrics, curves and the model card; `summary.json` last. Returns the summary.
+
+    `extra_privacy` is merged into the ledger (a deployment states its transport and trust model there);
+    `private_extra` goes to `server-private/deployment.json` (e.g. which clients' updates were dropped).
+    """
+    settings, model, server, splits, backbone = exp.settings, exp.model, exp.server, exp.data.splits, exp.backbone
+    data = settings.data
+    published, out = out, live_dir(out)  # a run that ended before its first checkpoint is still staged
+    remove_temp_files(out)  # from a run killed while writing its outputs, now resumed
+    test = {}
+    adapters = {"final": server.global_state}
+    if progress.best is not None:
+        adapters["best"] = progress.best["state"]
+    for name, state in adapters.items():
+        load_adapter_state(model, state)
+        with exp.model_inputs():
+            val = validation_metrics(exp)  # this adapter's decision threshold, chosen on validation only
+            test[name] = test_metrics(exp, val["threshold"])
+        target = out / ("adapter" if name == "final" else "adapter-best")
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # vision backbones: no resized vocabulary to save
+        write_json_atomic(
+            tmp / "peft_deer_run.json",
+            {
+                "class_names": splits.class_names,
+                "image_size": backbone.image_size,
+                "num_channels": backbone.num_channels,
+                "mean": list(backbone.mean),
+                "std": list(backbone.std),
+                "base_model": exp.base_name,
+                "base_model_sha256": backbone.weights_sha256,
+                "model": settings.model.model,
+                "base_description": backbone.description,
+                "method": settings.federation.method,
+                "dataset": settings.data.dataset,
+                "decision_threshold": val["threshold"],
+                "decision_rule": DECISION_RULE if val["threshold"] is not None else "argmax",
+                "val_sensitivity": val["sensitivity"],
+                "val_specificity": val["specificity"],
+            },
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    load_adapter_state(model, server.global_state)
+    export_lora_adapter(out / "adapter", out / "adapter-lora")
+    shutil.copy2(out / "adapter" / "peft_deer_run.json", out / "adapter-lora" / "peft_deer_run.json")
+
+    ledger = {**server.ledger(), "dataset": settings.data.dataset, **(extra_privacy or {})}
+    write_json_atomic(out / "privacy.json", ledger)
+    if private_extra:
+        write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)
+    if progress.rows:
+        plot_curves(progress.rows, out / "curves.png", ledger)
+    rounds_done = len(server.releases) // server.spec.releases_per_round
+    info = {
+        "method": settings.federation.method,
+        "dataset": settings.data.dataset,
+        "base_model": exp.base_name,
+        "base_model_sha256": backbone.weights_sha256,
+        "base_description": backbone.description,
+        "class_names": splits.class_names,
+        "num_clients": settings.data.num_clients,
+        "partition": data.partition + (f" alpha={data.dirichlet_alpha}" if data.partition == "dirichlet" else ""),
+        "image_size": backbone.image_size,
+        "rank": settings.model.rank,
+        "lora_alpha": settings.model.lora_alpha,
+        "server_optimizer": server.optimizer.describe(),
+        "rounds_completed": rounds_done,
+        "privacy": ledger,
+        "test": test,
+    }
+    (out / "adapter" / "README.md").write_text(model_card(info))
+    for name in ("adapter-best", "adapter-lora"):
+        if (out / name).exists():
+            shutil.copy2(out / "adapter" / "README.md", out / name / "README.md")
+    summary = {
+        **{k: v for k, v in info.items() if k != "privacy"},
+        "epsilon": ledger.get("epsilon"),
+        "delta": ledger.get("delta"),
+        "privacy_level": ledger["level"],
+        "stopped": stopped,
+        "best_round": None if progress.best is None else progress.best["round"],
+        "total_seconds": sum(r["seconds"] for r in progress.rows),
+        "args": settings.flat(),
+        "args_sha256": hashlib.sha256(json.dumps(settings.fingerprint(), sort_keys=True).encode()).hexdigest(),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    publish(published)
+    return summary
+
+
+def final_line(summary: dict[str, Any], out: Path) -> str:
+    """The one-line result a driver prints at the end."""
+    final = summary["test"]["final"]
+    auc = "n/a" if final["auc"] is None else f"{final['auc']:.4f}"
+    eps = summary.get("epsilon")
+    return (
+        f"done: {summary['method']} test acc {final['accuracy']:.4f} bal acc {final['balanced_accuracy']:.4f} auc {auc}"
+        + ("" if eps in (None, float("inf")) else f" eps {eps:.3f}")
+        + f" -> {out}"
+    )

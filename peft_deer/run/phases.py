@@ -1,0 +1,136 @@
+"""The phase loop: budget stop, release, per-round validation, best adapter and a checkpoint per phase.
+
+`run_phases` is the same for every driver; a phase's client updates come from `release_phase`
+(in-process training in the simulation, messages to the sites under Flower).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..federated import ClientUpdate, Phase, PhaseRelease, PrivacyBudgetExceeded, iter_phases, load_adapter_state
+from ..run_dir import CHECKPOINT, live_dir, publish
+from .evaluate import validation_metrics
+from .experiment import Experiment
+from .progress import PRIVATE_DIR, RunProgress, append_jsonl, new_round_acc
+
+# (phase, participating client ids) -> (the updates that were aggregated, the release)
+ReleasePhase = Callable[[Phase, list[int]], tuple[list[ClientUpdate], PhaseRelease]]
+
+
+def _next_step(phase: Phase, per_round: int) -> tuple[int, int]:
+    return (phase.round + 1, 0) if phase.index + 1 == per_round else (phase.round, phase.index + 1)
+
+
+def run_phases(
+    exp: Experiment,
+    out: Path,
+    progress: RunProgress,
+    release_phase: ReleasePhase,
+    main_proc: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    say: Callable = print,
+) -> str | None:
+    """Run the remaining phases; returns why it stopped early ("budget", "max-phases") or None.
+
+    Every phase: budget check, sampling, `release_phase`; after the last phase of a round the main
+    process validates, appends to metrics.jsonl and tracks the best adapter; then a checkpoint.
+    """
+    settings, server = exp.settings, exp.server
+    spec = server.spec
+    acc = progress.round_acc
+    phases = list(iter_phases(settings.federation.method, settings.federation.rounds, progress.next_phase))
+    done_this_call, stopped = 0, None
+    bar = tqdm(phases, desc=f"{settings.federation.method} phases", disable=not main_proc, unit="phase")
+    for phase in bar:
+        if settings.output.max_phases is not None and done_this_call >= settings.output.max_phases:
+            stopped = "max-phases"
+            break
+        try:
+            server.check_budget(phase)
+        except PrivacyBudgetExceeded as err:
+            say(f"budget stop: {err}")
+            stopped = "budget"
+            break
+        t0 = time.perf_counter()
+        with exp.model_inputs():
+            updates, release = release_phase(phase, server.participants(phase))
+        acc["seconds"] += time.perf_counter() - t0
+        acc["images"] += sum(u.images_seen for u in updates)
+        acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates)
+        acc["update_norms"].append(release.mean_update_norm)
+        acc["participants"].append(len(release.participants))
+        done_this_call += 1
+        last_of_round = phase.index == spec.releases_per_round - 1
+        if last_of_round and main_proc:
+            with exp.model_inputs():
+                _validate_round(exp, live_dir(out), progress, phase, acc, bar.write)
+        if last_of_round:
+            acc = progress.round_acc = new_round_acc()
+        progress.next_phase = _next_step(phase, spec.releases_per_round)
+        if main_proc:
+            save_checkpoint(
+                live_dir(out) / CHECKPOINT,
+                {
+                    "fingerprint": settings.fingerprint(),
+                    "server": server.state_dict(),
+                    "next_phase": progress.next_phase,
+                    "rows": progress.rows,
+                    "best": progress.best,
+                    "round_acc": acc,
+                    "private_rows": progress.private_rows,
+                },
+            )
+            publish(out)  # a new run's directory appears now, with a checkpoint to resume from
+        barrier()
+    bar.close()
+    return stopped
+
+
+def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Phase, acc: dict, say) -> None:
+    settings, server = exp.settings, exp.server
+    load_adapter_state(exp.model, server.global_state)
+    val = validation_metrics(exp)
+    # RDP only (the budget's accountant): server.epsilon() also runs PRV, seconds per call.
+    eps = server.accountant.epsilon(server.dp.delta, "rdp") if server.dp else None
+    norms = [n for n in acc["update_norms"] if not math.isnan(n)]
+    # Public: the server's own validation split, the guarantee spent, wall time.
+    row = {
+        "round": phase.round,
+        **{f"val_{k}": v for k, v in val.items()},
+        "epsilon": eps,
+        **({"record_epsilon_max": server.record.epsilon_max()} if server.record else {}),
+        "seconds": acc["seconds"],
+    }
+    # Server-private: computed from the clients' data without noise.
+    private = {
+        "round": phase.round,
+        "train_loss": acc["loss"] / max(acc["images"], 1),
+        "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
+        "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
+        "participants_per_phase": list(acc["participants"]),
+    }
+    progress.rows.append(row)
+    progress.private_rows.append(private)
+    append_jsonl(out / "metrics.jsonl", row)
+    append_jsonl(out / PRIVATE_DIR / "diagnostics.jsonl", private)
+    score = val["auc"] if val["auc"] is not None else val["accuracy"]
+    if progress.best is None or score > progress.best["score"]:
+        progress.best = {"score": score, "round": phase.round, "state": dict(server.global_state)}
+    auc = "n/a" if val["auc"] is None else f"{val['auc']:.3f}"
+    eps_text = "" if eps is None else f" eps {eps:.2f}"
+    # Logs are public: the training loss is a client statistic, shown only when nothing is private.
+    loss_text = ""
+    if settings.privacy.dp == "none":
+        loss_text = f" (train loss {private['train_loss']:.4f}, {private['images_per_s']:.1f} img/s)"
+    say(
+        f"round {phase.round + 1}/{settings.federation.rounds}: val acc {val['accuracy']:.3f} bal acc "
+        f"{val['balanced_accuracy']:.3f} auc {auc}{eps_text}{loss_text}"
+    )

@@ -1,0 +1,107 @@
+"""A run's DP settings as the core's objects: sigma, the client-level mechanism, record-level DP-SGD,
+local training and the run's DP randomness.
+
+The client-level mechanism is written into the adapter's `DeerLoraConfig` (`noise_multiplier`,
+`clip_norm`, `regulator_ridge`, `dp_delta`, `target_epsilon`, `noise_placement`) and the server reads
+it back from there (`client_dp`), so a saved adapter states the mechanism it was trained under.
+"""
+
+from __future__ import annotations
+
+from ..config import DeerLoraConfig
+from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
+from ..federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
+from ..settings import RunSettings
+
+
+def local_training(settings: RunSettings, record: RecordLevel | None = None) -> LocalTraining:
+    """What a client does in a phase (with DP-SGD when `record` is given)."""
+    local = settings.local
+    return LocalTraining(
+        local.local_epochs,
+        local.batch_size,
+        local.lr,
+        local.momentum,
+        local.weight_decay,
+        local.optimizer,
+        local.mixed_precision,
+        logit_adjustment=local.logit_adjustment,
+        record_dp=record.dp if record else None,
+    )
+
+
+def client_sigma(settings: RunSettings) -> float:
+    """The client-level noise multiplier per release: --noise-multiplier, else calibrated for --epsilon over
+    the planned run (0.0 without client-level DP). A ValueError names an impossible target."""
+    privacy, data = settings.privacy, settings.data
+    if not privacy.client_level:
+        return 0.0
+    if privacy.noise_multiplier is not None:
+        return privacy.noise_multiplier
+    releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
+    sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
+    try:
+        return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases)
+    except ValueError as err:
+        raise ValueError(
+            f"cannot calibrate a noise multiplier for --epsilon {privacy.epsilon:g} at --delta {privacy.delta:g} "
+            f"over {releases} releases (sample rate {sample_rate:g}): {err}"
+        ) from err
+
+
+def client_dp(config: DeerLoraConfig) -> ClientDP | None:
+    """The client-level mechanism an adapter config states (None: noise multiplier 0, no client-level DP)."""
+    if config.noise_multiplier == 0:
+        return None
+    # deer-reference reproduces the authors: --epsilon is their nominal target; the ledger shows the true one.
+    budget = config.target_epsilon if method_spec(config.method).enforces_budget else None
+    return ClientDP(
+        config.noise_multiplier,
+        config.clip_norm,
+        config.regulator_ridge,
+        config.noise_placement,
+        config.dp_delta,
+        budget,
+    )
+
+
+def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel | None:
+    """Record-level DP-SGD settings (sigma calibrated per client for the whole planned run); None without."""
+    record, local = settings.record, settings.local
+    if not settings.privacy.record_level:
+        return None
+    if min(client_sizes) < 1:
+        raise ValueError("--dp record needs every client to hold at least one image")
+    if record.record_delta >= 1.0 / max(client_sizes):
+        raise ValueError(
+            f"--record-delta {record.record_delta:g} must be < 1 / largest client size ({max(client_sizes)})"
+        )
+    spec = method_spec(settings.federation.method)
+    updates = settings.federation.rounds * spec.releases_per_round
+    if record.record_noise_multiplier is not None:
+        sigmas = (record.record_noise_multiplier,) * len(client_sizes)
+        calibration = "fixed (--record-noise-multiplier)"
+    else:
+        sigmas = calibrate_record_sigmas(
+            record.record_epsilon, record.record_delta, client_sizes, local.batch_size, local.local_epochs, updates
+        )
+        calibration = f"per client: epsilon {record.record_epsilon:g} after {updates} updates (all phases)"
+    rdp = RecordDP(
+        sigmas,
+        record.record_clip_norm,
+        record.record_delta,
+        spec.record_noise,
+        settings.privacy.regulator_ridge,
+        record.max_physical_batch_size,
+        record.record_epsilon,
+        calibration,
+    )
+    return RecordLevel(rdp, local.batch_size, local.local_epochs)
+
+
+def run_randomness(settings: RunSettings) -> DPRandomness:
+    """The run's DP randomness: a fresh OS secret with DP, unless --reproducible-noise (or no DP) asks for
+    draws derived from --seed (then nothing is private: the ledger says so)."""
+    if settings.privacy.dp != "none" and not settings.privacy.reproducible_noise:
+        return DPRandomness.secret()
+    return DPRandomness.from_seed(settings.federation.seed)

@@ -1,0 +1,123 @@
+"""Where a run stands: its progress between phases and across a resume, and the start of its run directory.
+
+`start_or_resume` either restores the server and progress from the checkpoint (`--resume`, refused
+with `SettingsMismatch` if the settings differ) or creates the staging dir with the run's first
+outputs: example images, and, server-private, the per-client label counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint
+from ..data import format_label_table, label_count_table, plot_label_counts
+from ..io import dumps_strict, write_json_atomic
+from ..run_dir import CHECKPOINT, create_staging, live_dir
+from .experiment import Experiment
+
+PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
+
+
+class SettingsMismatch(ValueError):
+    """`--resume` of a run whose checkpoint was written with other settings."""
+
+
+def save_example_images(split, out_dir: Path, per_class: int = 2) -> list[dict[str, Any]]:
+    """A few test images per class as PNGs (the demo's one-click examples)."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, name in enumerate(split.class_names):
+        for j, i in enumerate(np.flatnonzero(split.labels == c)[:per_class]):
+            img = split.images[i]
+            file = out_dir / f"{c}_{j}.png"
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(file)
+            rows.append({"file": file.name, "label": int(c), "class_name": name})
+    write_json_atomic(out_dir / "examples.json", rows)
+    return rows
+
+
+@dataclass
+class RunProgress:
+    """What the phase loop carries between phases and across a resume."""
+
+    next_phase: tuple[int, int] = (0, 0)
+    rows: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished round (public)
+    best: dict | None = None  # {"score", "round", "state"} of the best validated round
+    round_acc: dict = field(default_factory=lambda: new_round_acc())
+    private_rows: list[dict] = field(default_factory=list)  # server-private/diagnostics.jsonl rows
+
+
+def new_round_acc() -> dict:
+    """What a round's phases add up for its diagnostics (all of it computed from client data, un-noised)."""
+    return {"loss": 0.0, "images": 0, "seconds": 0.0, "update_norms": [], "participants": []}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(dumps_strict(r) + "\n" for r in rows)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(dumps_strict(row) + "\n")
+
+
+def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Callable = print) -> RunProgress:
+    """Restore the server and progress from the checkpoint (--resume), else create the run's staging dir
+    (`peft_deer.run_dir`) with its first outputs.
+
+    Raises `SettingsMismatch` if the checkpoint was written with other settings, `DamagedFileError` if it
+    cannot be read, `OutputDirError` if the run dir cannot be created (each a one-line ValueError).
+    """
+    settings = exp.settings
+    if settings.output.resume:
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        if not isinstance(ckpt["fingerprint"], dict):
+            raise SettingsMismatch(f"{out / CHECKPOINT} holds no settings; pass --overwrite to start again")
+        if ckpt["fingerprint"] != settings.fingerprint():
+            saved, mine = ckpt["fingerprint"], settings.fingerprint()
+            changed = sorted(k for k in {*saved, *mine} if saved.get(k) != mine.get(k))
+            raise SettingsMismatch(
+                f"--resume with different settings {changed}; resume with the run's settings (its summary "
+                "lists them once finished) or pass --overwrite to start again"
+            )
+        try:
+            exp.server.load_state_dict(ckpt["server"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise SettingsMismatch(
+                f"{out / CHECKPOINT} does not fit this run ({type(err).__name__}: {str(err)[:100]}); pass --overwrite "
+                "to start again"
+            ) from None
+        progress = RunProgress(
+            tuple(ckpt["next_phase"]), ckpt["rows"], ckpt["best"], ckpt["round_acc"], ckpt["private_rows"]
+        )
+    else:
+        progress = RunProgress()
+        if main_proc:
+            run_dir = create_staging(out)
+            exp.save_base_model(run_dir)
+            private = run_dir / PRIVATE_DIR
+            # Per-client label counts are client statistics: server-private, and printed only without DP.
+            private.mkdir(parents=True, exist_ok=True)
+            splits = exp.data.splits
+            label_rows = label_count_table(exp.data.train_labels, exp.data.partitions, splits.class_names)
+            table = format_label_table(label_rows)
+            (private / "label_counts.txt").write_text(table + "\n")
+            write_json_atomic(private / "label_counts.json", label_rows)
+            plot_label_counts(label_rows, splits.class_names, private / "label_counts.png")
+            save_example_images(splits.test, run_dir / "examples")
+            if settings.privacy.dp == "none":
+                say(table)
+    if main_proc:
+        run_dir = live_dir(out)
+        (run_dir / PRIVATE_DIR).mkdir(parents=True, exist_ok=True)
+        write_jsonl(run_dir / "metrics.jsonl", progress.rows)
+        write_jsonl(run_dir / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows)
+    return progress
