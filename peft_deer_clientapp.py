@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -48,9 +50,18 @@ def hello(msg: Message, context: Context) -> Message:
     return _answer("hello", msg, context)
 
 
-@app.train()
+def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `secaggplus_mod` for the train messages of a SecAgg+ phase (they carry its config record; the
+    mod masks the update the site returns), the plain train path for the others."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """One phase of local training; the reply carries only the trained factor's delta."""
+    """One phase of local training; the reply carries only the trained factor's delta (privatized under
+    distributed noise; masked by SecAgg+ when the server runs the phase through it)."""
     return _answer("train", msg, context)
 
 

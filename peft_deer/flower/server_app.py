@@ -32,6 +32,7 @@ from ..experiment import (
 from ..federated import AdapterState
 from .protocol import SiteCounts, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .run_config import DeploymentOptions, parse_run_config
+from .secagg import SecAggDeerStrategy
 from .site_accounting import SiteRecordLevel
 from .site_evaluation import add_model_card_note, site_table, write_site_evaluation
 from .strategy import DeerStrategy
@@ -117,12 +118,18 @@ def main(grid: Grid, context: Context) -> None:
     nodes = discover_clients(grid, args.num_clients, options)
     strategy = DeerStrategy(exp.server, nodes, args.rounds, options, run_key(exp, out))
     strategy.summary()
-    stopped = run_phases(exp, out, progress, strategy.release_phase(grid), say=logger.info)
+    releaser = strategy
+    if options.secure_aggregation:  # each phase through SecAgg+: the server sees only the sum
+        releaser = SecAggDeerStrategy(strategy, grid, context.run_id)
+        release = releaser.release_phase(grid, context)
+    else:
+        release = strategy.release_phase(grid)
+    stopped = run_phases(exp, out, progress, release, say=logger.info)
     if stopped == "max-phases":
         logger.info("stopped after max-phases; continue with resume=true")
         return
     summary = finalize(
-        exp, out, progress, stopped, extra_privacy=strategy.deployment_ledger(), private_extra=strategy.private_ledger()
+        exp, out, progress, stopped, extra_privacy=releaser.deployment_ledger(), private_extra=releaser.private_ledger()
     )
     threshold = summary["test"]["final"]["threshold"]
     counts, failed = evaluate_sites(grid, nodes, exp.server.global_state, threshold, options)

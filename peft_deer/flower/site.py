@@ -57,6 +57,7 @@ from ..experiment import client_dp as run_client_dp
 from ..federated import (
     AdapterLayout,
     ClientTask,
+    ClientUpdate,
     DPRandomness,
     Phase,
     build_whiteners,
@@ -70,13 +71,16 @@ from ..federated import (
 from ..federated.record_dp import RecordLevel
 from .protocol import (
     SCORE_BINS,
+    RecordReport,
     SiteCounts,
+    TrainInstruction,
     hello_content,
     read_evaluate_content,
     read_train_content,
     update_content,
 )
 from .run_config import OPTION_KEYS, parse_run_config
+from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .site_accounting import SiteAccountant, site_record_level
 
 # Run settings only the server uses: runs that differ in these share a site's loaded data and model.
@@ -154,8 +158,11 @@ class Site:
 
     def train(self, content: RecordDict) -> RecordDict:
         """One phase of local training from the received global adapter; the trained factor's delta."""
+        return update_content(*self.train_update(read_train_content(content)))
+
+    def train_update(self, work: TrainInstruction) -> tuple[ClientUpdate, RecordReport | None]:
+        """Train one phase as `work` says: (the update, privatized under distributed noise; the record-level report)."""
         args, client_id = self.args, self.client_id
-        work = read_train_content(content)
         if work.client_id != client_id:
             raise ValueError(f"asked to train client {work.client_id}, but this SuperNode holds client {client_id}")
         phase = _phase(args.method, args.rounds, work.round, work.phase)
@@ -182,7 +189,7 @@ class Site:
             generator = (randomness or DPRandomness.secret()).generator(*phase.step, client_id, "noise")
             delta, _ = privatize_update(update.delta, whiteners, noise, dp, work.num_shares, generator)
             update = dataclasses.replace(update, delta=delta)
-        return update_content(update, report)
+        return update, report
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Counts of the global adapter's decisions (and, binary, P(class 1) histograms) on the held-out images."""
@@ -249,6 +256,8 @@ def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_c
     site = site_for(run_config, node_config)
     if kind == "hello":
         return site.hello()
+    if kind == "train" and is_fit_ins(content):  # a SecAgg+ phase: legacy FitIns in, FitRes out (secagg.py)
+        return fit_res_content(*site.train_update(read_fit_ins(content)))
     if kind == "train":
         return site.train(content)
     if kind == "evaluate":
