@@ -54,7 +54,7 @@ from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
 from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
 from peft_deer.flower.secagg import SecAggDeerStrategy  # noqa: E402
 from peft_deer.flower.secagg_protocol import fit_res_content, read_fit_ins  # noqa: E402
-from peft_deer_clientapp import secagg_when_asked  # noqa: E402
+from peft_deer_clientapp import keyed_masks, secagg_when_asked  # noqa: E402
 
 DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
 
@@ -200,6 +200,33 @@ def test_bad_secure_aggregation_settings_are_refused_with_the_reason(override, m
     with pytest.raises(ValueError, match=message) as err:
         parse_run_config({**good, **override})
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------- the masks
+
+
+def test_masks_use_the_whole_key_where_flower_folds_it_to_32_bits():
+    import importlib
+
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_masks
+
+    dims = [(3, 4), (5,)]
+    key = bytes(range(32))
+    # Another key with the same XOR fold of its 4-byte words: Flower's masks coincide, so 2^32 seeds cover them all.
+    twin = bytes([key[0] ^ 0xFF, key[1], key[2], key[3], key[4] ^ 0xFF]) + key[5:]
+    flower = zip(flower_masks(key, 2**32, dims), flower_masks(twin, 2**32, dims), strict=True)
+    assert all((a == b).all() for a, b in flower)
+    mine, again, other = keyed_masks(key, 2**32, dims), keyed_masks(key, 2**32, dims), keyed_masks(twin, 2**32, dims)
+    assert [m.shape for m in mine] == dims and all(m.dtype.name == "int64" for m in mine)
+    assert all((a == b).all() for a, b in zip(mine, again, strict=True))  # both sides derive the same masks
+    assert not any((a == b).all() for a, b in zip(mine, other, strict=True))
+    big = keyed_masks(key, 2**32, [(200_000,)])[0]
+    assert 0 <= big.min() and big.max() < 2**32 and abs(big.mean() / 2**32 - 0.5) < 0.01
+    for name in (
+        "flwr.client.mod.secure_aggregation.secaggplus_mod",
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
+    ):
+        assert importlib.import_module(name).pseudo_rand_gen is keyed_masks  # the protocol tests below use them
 
 
 # --------------------------------------------------------------------------------- the protocol, in process

@@ -13,7 +13,9 @@ checkpoints and resume.
 Per phase: reconstruction threshold k (the noise floor: fewer than k survivors cannot be unmasked, and
 would carry less noise than sigma), every sampled site a neighbour of every other (num_shares = all),
 weight 1 for everyone (`max_weight` 1, so SecAgg+ does not scale the updates), and the entry range
-`clipping_range` from C, sigma, k and the frozen factor (`peft_deer.federated.quantization`).
+`clipping_range` from C, sigma, k and the frozen factor (`peft_deer.federated.quantization`). Masks are
+drawn from the whole 32-byte keys on both sides (`peft_deer_clientapp.keyed_masks`): flwr 1.42 seeds
+them with 32 bits only.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
+
+from peft_deer_clientapp import harden_secaggplus_masks
 
 from ..federated import ClientUpdate, Phase, PhaseRelease, build_whiteners
 from ..federated.quantization import DEFAULT_TAIL, clipping_range, sum_error_bound
@@ -54,6 +58,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         server = deer.server
         if server.dp is None or server.dp.placement != "distributed":
             raise ValueError("secure aggregation needs client-level DP with noise-placement='distributed'")
+        harden_secaggplus_masks()  # the sites' ClientApp does the same: masks from the whole key, not 32 bits
         self.deer = deer
         self.clients: ClientManager = SimpleClientManager()
         self.proxies = {c: GridClientProxy(node, grid, run_id) for c, node in deer.nodes.items()}
