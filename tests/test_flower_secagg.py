@@ -302,7 +302,7 @@ def test_the_server_holds_only_the_unmasked_sum_which_matches_the_non_secure_rel
     assert len(grid.received) == 4 * 3  # 4 SecAgg+ stages x 3 sites
     for reply in grid.received:
         assert all(len(record) == 0 for record in reply.content.array_records.values())
-    ((survivors, parameters),) = secagg.summed_results
+    survivors, parameters = secagg.last_summed
     assert survivors == [0, 1, 2] and len(parameters) == 3 and all(p is parameters[0] for p in parameters)
     mean = dict(zip(sorted(layout.trained_keys(phase.factors)), parameters_to_ndarrays(parameters[0]), strict=True))
     rho = server.releases[0]["secure_aggregation"]["clipping_range"]
@@ -346,7 +346,7 @@ def test_a_site_dropping_out_mid_protocol_leaves_a_correctly_accounted_release(f
         3, k=2, dead={1: "collect_masked_vectors"}
     )
     _, out = release(phase, server.participants(phase))
-    ((survivors, _),) = secagg.summed_results
+    survivors, _ = secagg.last_summed
     assert survivors == [0, 2] and out.participants == [0, 2]
     reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
     expected = reference.finish_phase(phase, [private[0], private[2]], privatized_shares=2)
@@ -375,6 +375,30 @@ def test_a_sampled_site_without_a_supernode_below_the_floor_releases_nothing(flo
     with pytest.raises(TooFewClients, match="1 reachable sites of 2 sampled"):
         secagg.release_phase(LoopbackGrid({}), context)(phase, [0, 1])
     assert server.releases == []
+
+
+def test_a_sites_record_level_report_travels_in_its_fit_res_and_reaches_the_ledger(flower_task_identity):
+    """dp='client,record' with SecAgg+: the accountant report rides in the FitRes metrics (JSON), the server's
+    ledger takes it for every survivor of the sum; a reply without one is refused (it cannot leave the sum)."""
+    from flwr.compat.common import recorddict_compat as compat
+    from test_flower_sites import record_level
+
+    from peft_deer.flower.protocol import RecordReport
+    from peft_deer.flower.secagg_protocol import read_fit_res_report
+    from peft_deer.flower.site_accounting import SiteRecordLevel
+
+    report = RecordReport(1.1, 0.25, 8, ((1.1, 0.25, 8), (1.1, 0.25, 8)), 2.5)
+    update = ClientUpdate(1, {"w": torch.zeros(2)}, 40)
+    res = compat.recorddict_to_fitres(fit_res_content(update, report), keep_input=True)
+    assert res.num_examples == 1 and set(res.metrics) == {"client-id", "record-dp-json"}  # no loss, no counts
+    assert read_fit_res_report(res, 1) == report
+    ledger = SiteRecordLevel(record_level())
+    ledger.expect({1: report})
+    ledger.account_clients([1])
+    assert ledger.accountants.history[1] == [(1.1, 0.25, 8), (1.1, 0.25, 8)] and ledger.sigmas[1] == 1.1
+    bare = compat.recorddict_to_fitres(fit_res_content(update), keep_input=True)
+    with pytest.raises(Exception, match="carries no accountant"):
+        read_fit_res_report(bare, 1)
 
 
 def test_a_non_secure_train_message_passes_the_secagg_mod_untouched(flower_task_identity):

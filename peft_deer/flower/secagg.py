@@ -49,9 +49,8 @@ logger = logging.getLogger("flwr")
 class SecAggDeerStrategy(LegacyStrategy):
     """The legacy `Strategy` SecAgg+ drives, one phase (release) of `deer.server` per workflow run.
 
-    `release_phase(grid, context)` gives the ServerApp's `release_phase` callable. `summed_results` keeps,
-    per release, what `aggregate_fit` received (the client ids and the unmasked parameters each FitRes
-    carried), for the record and the tests.
+    `release_phase(grid, context)` gives the ServerApp's `release_phase` callable. `last_summed` is what the
+    last `aggregate_fit` received: the survivors' client ids and the parameters each FitRes carried.
     """
 
     def __init__(self, deer: DeerStrategy, grid: Grid, run_id: int) -> None:
@@ -64,7 +63,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         self.proxies = {c: GridClientProxy(node, grid, run_id) for c, node in deer.nodes.items()}
         for proxy in self.proxies.values():
             self.clients.register(proxy)
-        self.summed_results: list[tuple[list[int], list[Parameters]]] = []
+        self.last_summed: tuple[list[int], list[Parameters]] | None = None
         self._phase: tuple[Phase, list[int], int, float] | None = None  # phase, participants, k, rho
         self._release: PhaseRelease | None = None
 
@@ -145,7 +144,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         phase, sent, k, rho = self._current(server_round)
         client_of_node = {proxy.node_id: c for c, proxy in self.proxies.items()}
         survivors = sorted(client_of_node[proxy.node_id] for proxy, _ in results)
-        self.summed_results.append((survivors, [res.parameters for _, res in results]))
+        self.last_summed = (survivors, [res.parameters for _, res in results])
         for c in sent:
             if c not in survivors:
                 self.deer._drop(phase, c, "no masked update in the SecAgg+ round (failed or timed out)")
