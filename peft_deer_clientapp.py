@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -30,8 +32,11 @@ from multiprocessing.connection import AuthenticationError, Client, Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -48,9 +53,52 @@ def hello(msg: Message, context: Context) -> Message:
     return _answer("hello", msg, context)
 
 
-@app.train()
+def keyed_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """SecAgg+ masks drawn from the whole key: uniform int64 in [0, num_range), SHAKE-256(key) as the keystream.
+
+    Replaces flwr 1.42's `pseudo_rand_gen`, which folds the 32-byte key into a 32-bit seed of numpy's
+    `RandomState`: a server that has unmasked the sum (and so learnt each survivor's private mask) could
+    then try all 2^32 seeds of a pairwise mask and read a site's update when only two sites take part.
+    Server and sites must both use this one (`harden_secaggplus_masks`); a mismatch unmasks to noise that the
+    server's norm check refuses. Values: 8 keystream bytes each, reduced mod num_range (exact for 2^n).
+    """
+    counts = [math.prod(d) for d in dimensions_list]
+    stream = np.frombuffer(hashlib.shake_256(b"peft-deer-secagg-mask" + seed).digest(8 * sum(counts)), dtype="<u8")
+    values = (stream % np.uint64(num_range)).astype(np.int64)
+    out, start = [], 0
+    for dims, count in zip(dimensions_list, counts, strict=True):
+        out.append(values[start : start + count].reshape(dims))
+        start += count
+    return out
+
+
+def harden_secaggplus_masks() -> None:
+    """Make Flower's SecAgg+ (the sites' mod and the server's workflow) draw its masks with `keyed_masks`."""
+    for name in (
+        "flwr.client.mod.secure_aggregation.secaggplus_mod",
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
+    ):
+        module = importlib.import_module(name)  # the module (the package re-exports a function of the same name)
+        if not hasattr(module, "pseudo_rand_gen"):
+            raise ImportError(f"{module.__name__} has no pseudo_rand_gen: this flwr is not the 1.42 line we patch")
+        module.pseudo_rand_gen = keyed_masks
+
+
+harden_secaggplus_masks()
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `secaggplus_mod` for the train messages of a SecAgg+ phase (they carry its config record; the
+    mod masks the update the site returns), the plain train path for the others."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """One phase of local training; the reply carries only the trained factor's delta."""
+    """One phase of local training; the reply carries only the trained factor's delta (privatized under
+    distributed noise; masked by SecAgg+ when the server runs the phase through it)."""
     return _answer("train", msg, context)
 
 

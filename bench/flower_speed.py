@@ -20,7 +20,13 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOYMENT_ONLY = {"min-clients-per-phase", "node-wait-s", "reply-timeout-s"}
+DEPLOYMENT_ONLY = {
+    "min-clients-per-phase",
+    "node-wait-s",
+    "reply-timeout-s",
+    "secure-aggregation",
+    "quantization-range",
+}
 
 
 def parse_overrides(text: str) -> dict[str, str]:

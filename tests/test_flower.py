@@ -39,7 +39,7 @@ from peft_deer.federated import (  # noqa: E402
 )
 from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
 from peft_deer.flower.protocol import read_train_message, update_reply  # noqa: E402
-from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
+from peft_deer.flower.run_config import OPTION_KEYS, DeploymentOptions, parse_run_config  # noqa: E402
 from peft_deer.methods import NoiseKind  # noqa: E402
 
 
@@ -300,7 +300,8 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
 
     defaults = flower_config()
     argv = [f"--{k}={v}" for k, v in {**defaults, **settings}.items() if v != "" and not isinstance(v, bool)]
-    argv = [a for a in argv if not a.startswith(("--min-clients", "--node-wait", "--reply-timeout", "--reproducible"))]
+    deployment_only = tuple(f"--{key}=" for key in OPTION_KEYS) + ("--reproducible",)
+    argv = [a for a in argv if not a.startswith(deployment_only)]
     argv += [f"--data-dir={MEDMNIST_DIR}", f"--output-dir={sim_out}", "--engine=sequential", "--reproducible-noise"]
     assert fed.main(argv) == 0
 

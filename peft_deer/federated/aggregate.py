@@ -7,7 +7,8 @@ added, and the sum is divided by the public denominator q * num_clients (DESIGN 
 With the `distributed` placement each client privatizes its own update (`privatize_update`: clip,
 then add 1/m of the noise variance), so under secure aggregation the server only ever sees a sum
 that carries the full noise. A simulation runs that client step itself; a deployment receives
-updates already privatized and only checks them (`check_privatized_update`) and sums.
+updates already privatized and only checks them (`check_privatized_update`) and sums; under secure
+aggregation it receives only their sum and releases it with `privatized_sum`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def validate_updates(updates: list[ClientUpdate], shapes: dict[str, torch.Size])
 
 # A privatized update's metric norm exceeds C + share_std * (sqrt(d) + this) with probability
 # below exp(-this^2 / 2) ~ 1e-14 (Gaussian norm concentration): larger means it was not clipped.
-_NORM_TAIL = 8.0
+_NORM_TAIL = 8.0  # see _privatized_norm_bound
 
 
 def clip_client_update(
@@ -141,9 +142,7 @@ def check_privatized_update(
     """
     if noise_kind == NoiseKind.REFERENCE:
         return
-    share_std = dp.noise_multiplier * dp.clip_norm / math.sqrt(num_shares)
-    dim = sum(v.numel() for v in update.delta.values())
-    bound = dp.clip_norm + share_std * (math.sqrt(dim) + _NORM_TAIL)
+    bound = _privatized_norm_bound(update.delta, dp, num_updates=1, num_shares=num_shares)
     norm = metric_norm(update.delta, whiteners)
     if not norm <= bound:
         raise InvalidClientUpdate(
@@ -176,11 +175,8 @@ def aggregate_phase(
     """
     shapes = {k: global_state[k].shape for k in trained_keys}
     validate_updates(updates, shapes)
-    if dp is not None and privatized_shares is not None and len(updates) < privatized_shares:
-        raise ValueError(
-            f"{len(updates)} privatized updates carry less noise than sigma: each holds 1/{privatized_shares} "
-            "of the noise variance; nothing released"
-        )
+    if dp is not None and privatized_shares is not None:
+        _check_noise_floor(len(updates), privatized_shares)
     updates = sorted(updates, key=lambda u: u.client_id)
     participants = [u.client_id for u in updates]
     if dp is None:
@@ -215,6 +211,76 @@ def aggregate_phase(
         for k, n in sample_noise(whiteners, shapes, std, generator).items():
             total[k] += n
 
+    return _release(total, denominator, dp, noise_kind, whiteners, participants, norms, clipped)
+
+
+def privatized_sum(
+    total: AdapterState,
+    participants: list[int],
+    layout: AdapterLayout,
+    global_state: AdapterState,
+    trained_keys: list[str],
+    noise_kind: NoiseKind,
+    dp: ClientDP,
+    denominator: float,
+    noise_shares: int,
+) -> PhaseRelease:
+    """Release the sum of the privatized updates of `participants` that the server only holds summed.
+
+    Under secure aggregation each client clipped its update and added 1/k of the noise variance
+    (`privatize_update`, k = `noise_shares`), and the server receives only `total`, the sum of the
+    survivors' updates (fp32, `trained_keys` only). The release is `total / denominator` (uniform weights
+    over the public denominator, as `aggregate_phase`). ValueError, nothing released, if fewer than k
+    updates are in the sum (less noise than sigma), or if the sum has wrong keys, shapes, non-finite
+    values or a metric norm no sum of clipped, noised updates reaches (a sum garbled in unmasking).
+    """
+    _check_noise_floor(len(participants), noise_shares)
+    shapes = {k: global_state[k].shape for k in trained_keys}
+    if set(total) != set(shapes) or any(total[k].shape != s for k, s in shapes.items()):
+        raise ValueError(f"the summed update does not have the phase's trained parameters {sorted(shapes)[:3]}")
+    if not all(torch.isfinite(v).all() for v in total.values()):
+        raise ValueError("the summed update has non-finite values; nothing released")
+    whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.ridge)
+    if noise_kind != NoiseKind.REFERENCE:
+        bound = _privatized_norm_bound(total, dp, len(participants), noise_shares)
+        norm = metric_norm(total, whiteners)
+        if not norm <= bound:
+            raise ValueError(
+                f"the summed update has metric norm {norm:.4g} > {bound:.4g}, more than {len(participants)} clipped "
+                "updates and their noise can give (garbled unmasking or an unclipped update); nothing released"
+            )
+    total = {k: v.float() for k, v in total.items()}
+    norms = [math.nan] * len(participants)  # every norm before clipping stays with its client
+    return _release(total, denominator, dp, noise_kind, whiteners, sorted(participants), norms, 0)
+
+
+def _check_noise_floor(count: int, noise_shares: int) -> None:
+    if count < noise_shares:
+        raise ValueError(
+            f"{count} privatized updates carry less noise than sigma: each holds 1/{noise_shares} "
+            "of the noise variance; nothing released"
+        )
+
+
+def _privatized_norm_bound(delta: AdapterState, dp: ClientDP, num_updates: int, num_shares: int) -> float:
+    """Metric norm a sum of n clipped updates, each with noise std sigma C / sqrt(k), passes with probability
+    below exp(-8^2 / 2) ~ 1e-14 (Gaussian norm concentration; the noise std of the sum is sigma C sqrt(n/k))."""
+    std = dp.noise_multiplier * dp.clip_norm * math.sqrt(num_updates / num_shares)
+    dim = sum(v.numel() for v in delta.values())
+    return num_updates * dp.clip_norm + std * (math.sqrt(dim) + _NORM_TAIL)
+
+
+def _release(
+    total: AdapterState,
+    denominator: float,
+    dp: ClientDP,
+    noise_kind: NoiseKind,
+    whiteners: dict[str, Whitener],
+    participants: list[int],
+    norms: list[float],
+    clipped: int,
+) -> PhaseRelease:
+    """The release of a noised sum: divided by the public denominator, with its effective sigma."""
     delta = {k: v / denominator for k, v in total.items()}
     sigma_eff = (
         reference_effective_multiplier(dp.noise_multiplier, whiteners)
@@ -223,7 +289,7 @@ def aggregate_phase(
     )
     # With privatized updates r >= k shares arrived: the noise has std sigma*C*sqrt(r/k) >= sigma*C. The
     # release is accounted at the floor sigma, so the budget holds whatever arrives and r stays unpublished.
-    return PhaseRelease(delta, participants, sigma_eff, _mean(norms), clipped / max(1, len(updates)))
+    return PhaseRelease(delta, participants, sigma_eff, _mean(norms), clipped / max(1, len(participants)))
 
 
 def _frobenius(delta: AdapterState) -> float:

@@ -149,6 +149,11 @@ class RecordLevel:
             steps = record_steps(u.num_examples, self.batch_size, self.local_epochs)
             self.accountants.step(u.client_id, self.dp.noise_multiplier(u.client_id), q, steps)
 
+    def account_clients(self, client_ids: list[int]) -> None:
+        """Account a release whose updates the server never saw (secure aggregation): only a ledger fed by
+        the sites' own accountants can (`peft_deer.flower.site_accounting.SiteRecordLevel`)."""
+        raise TypeError("record-level accounting of a summed release needs the sites' own accountant reports")
+
     def epsilon_max(self) -> float:
         eps = self.accountants.epsilons(self.dp.delta)
         return max(eps.values(), default=0.0)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_delta
 from .adapter_state import AdapterLayout, AdapterState
-from .aggregate import ClientDP, PhaseRelease, aggregate_phase
+from .aggregate import ClientDP, PhaseRelease, aggregate_phase, privatized_sum
 from .local_training import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
@@ -116,19 +116,49 @@ class FederatedServer:
             phase_step=phase.step,
             privatized_shares=privatized_shares,
         )
+        if self.record is not None:
+            self.record.account(updates)
+        return self._apply(phase, release)
+
+    def finish_summed_phase(
+        self, phase: Phase, total: AdapterState, participants: list[int], noise_shares: int, facts: dict | None = None
+    ) -> PhaseRelease:
+        """Release `total`, the sum of the privatized updates of `participants` (secure aggregation: no
+        individual update reaches the server), each carrying 1/`noise_shares` of the noise variance; step the
+        global adapter and account it as `finish_phase` does. `facts` (e.g. the quantization range) go into
+        the release's record. Under record-level DP `self.record` must take the sites' own reports
+        (`account_clients`). ValueError, nothing applied or accounted, if the sum cannot be released."""
+        if self.dp is None or self.dp.placement != "distributed":
+            raise ValueError("a summed release needs client-level DP with the distributed noise placement")
+        release = privatized_sum(
+            total,
+            participants,
+            self.layout,
+            self.global_state,
+            self.trained_keys(phase),
+            self.spec.noise,
+            self.dp,
+            denominator=self.sample_rate * self.num_clients,
+            noise_shares=noise_shares,
+        )
+        if self.record is not None:
+            self.record.account_clients(sorted(participants))
+        return self._apply(phase, release, facts)
+
+    def _apply(self, phase: Phase, release: PhaseRelease, facts: dict | None = None) -> PhaseRelease:
+        """Step the global adapter with `release`, account it and log it in `releases`."""
         self.global_state = self.optimizer.step(self.global_state, release.delta, self.trained_keys(phase))
         record = {
             "round": phase.round,
             "phase": phase.index,
             "factors": "".join(phase.factors),
             "participants": len(release.participants),
+            **(facts or {}),
         }
         if self.dp is not None:
             self.accountant.step(release.effective_noise_multiplier, self.sample_rate)
             self.nominal_accountant.step(self.dp.noise_multiplier, self.sample_rate)
             record["effective_noise_multiplier"] = release.effective_noise_multiplier
-        if self.record is not None:
-            self.record.account(updates)
         self.releases.append(record)
         return release
 

@@ -248,7 +248,11 @@ class RecordReport:
 
 def read_record_report(reply: Message, client_id: int) -> RecordReport:
     """The record-level accountant a site sent with its update; `InvalidClientUpdate` if missing or malformed."""
-    config = reply.content.config_records.get(RECORD)
+    return record_report_from_config(reply.content.config_records.get(RECORD), client_id)
+
+
+def record_report_from_config(config: ConfigRecord | None, client_id: int) -> RecordReport:
+    """`read_record_report` on the record itself (a SecAgg+ reply carries it inside its FitRes metrics)."""
     if config is None:
         raise InvalidClientUpdate(client_id, "record-level DP run, but the reply carries no accountant")
     try:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..federated.quantization import check_quantization_range
 from ..settings import RunSettings, from_mapping, setting
 
 
@@ -29,12 +30,28 @@ class DeploymentOptions:
     reply_timeout_s: float = setting(
         3600.0, "how long a phase waits for its clients' replies; a late client is dropped"
     )
+    secure_aggregation: bool = setting(
+        False,
+        "carry each phase through Flower's SecAgg+ (peft_deer.flower.secagg): the server sees only the sum; "
+        "needs dp with 'client', noise-placement='distributed' and min-clients-per-phase >= 2",
+    )
+    quantization_range: int = setting(
+        2**24,
+        "SecAgg+ quantization levels per entry (Q, see peft_deer.federated.quantization); num-clients x Q must "
+        "stay below 2^32",
+    )
 
     def __post_init__(self) -> None:
         if self.min_clients_per_phase < 1:
             raise ValueError(f"min-clients-per-phase {self.min_clients_per_phase} must be >= 1")
         if not (self.node_wait_s > 0 and self.reply_timeout_s > 0):
             raise ValueError("node-wait-s and reply-timeout-s must be > 0")
+        check_quantization_range(self.quantization_range, 1)
+
+    def check(self, settings: RunSettings) -> None:
+        """ValueError (one line: the setting, and why) unless these options fit the run's `settings`."""
+        if self.secure_aggregation:
+            check_secure_aggregation(settings, self)
 
 
 # The run-config keys of the deployment options (a site's loaded data does not depend on them).
@@ -44,4 +61,27 @@ OPTION_KEYS = {name.replace("_", "-") for name in DeploymentOptions.__dataclass_
 def parse_run_config(run_config: Mapping[str, Any]) -> tuple[RunSettings, DeploymentOptions]:
     """(run settings, deployment options) from a Flower run config; ValueError (one line) on bad values."""
     settings, options = from_mapping(run_config, extra=[DeploymentOptions])
-    return settings, DeploymentOptions(**options)
+    deployment = DeploymentOptions(**options)
+    deployment.check(settings)
+    return settings, deployment
+
+
+def check_secure_aggregation(settings: RunSettings, options: DeploymentOptions) -> None:
+    """ValueError (one line: the setting, and why) unless the run can go through SecAgg+."""
+    privacy = settings.privacy
+    if not privacy.client_level:
+        raise ValueError(
+            f"secure-aggregation=true needs dp with 'client' (got dp={privacy.dp!r}): SecAgg+ quantizes each update "
+            "into a range derived from the client-level clip norm C, which bounds nothing without it"
+        )
+    if privacy.noise_placement != "distributed":
+        raise ValueError(
+            f"secure-aggregation=true needs noise-placement='distributed' (got {privacy.noise_placement!r}): central "
+            "noise is added by the server to the clients' raw updates, which secure aggregation hides from it"
+        )
+    if options.min_clients_per_phase < 2:
+        raise ValueError(
+            f"secure-aggregation=true needs min-clients-per-phase >= 2 (got {options.min_clients_per_phase}): "
+            "a sum of one update is that update; set it to the number of sites you expect to reply"
+        )
+    check_quantization_range(options.quantization_range, settings.data.num_clients)

@@ -3,11 +3,12 @@
 It runs the simulation's lifecycle (`peft_deer.run.run_experiment`: the same build, phase loop with
 budget stop, validation on the server's held-out split, best adapter, checkpoints, `resume`, and
 outputs) with a `FlowerTransport`: it waits for `num-clients` SuperNodes, learns which client id each
-holds, and lets `DeerStrategy` move the messages. The outputs land in `output-dir` in the
-simulation's layout, so `python -m app --adapter OUTPUT_DIR/adapter` serves a Flower-trained adapter
-unchanged. After the run every site evaluates the final adapter on its own held-out images; the
-per-site table goes to
-`server-private/site_evaluation.*` (not DP-covered; the model card says so).
+holds, and lets `DeerStrategy` move the messages (with `secure-aggregation=true`, `SecAggDeerStrategy`
+carries each phase through SecAgg+ and the server sees only the sum of the sites' privatized updates).
+The outputs land in `output-dir` in the simulation's layout, so `python -m app --adapter
+OUTPUT_DIR/adapter` serves a Flower-trained adapter unchanged. After the run every site evaluates the
+final adapter on its own held-out images; the per-site table goes to `server-private/site_evaluation.*`
+(not DP-covered; the model card says so).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..federated import AdapterState
 from ..run import PRIVATE_DIR, Experiment, Host, ReleasePhase, SettingsMismatch, SetupFailed, Transport, run_experiment
 from .protocol import SiteCounts, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .run_config import DeploymentOptions, parse_run_config
+from .secagg import SecAggDeerStrategy
 from .site_accounting import SiteRecordLevel
 from .site_evaluation import add_model_card_note, site_table, write_site_evaluation
 from .strategy import DeerStrategy
@@ -92,14 +94,17 @@ def run_key(exp: Experiment, out: Path) -> str:
 
 
 class FlowerTransport(Transport):
-    """Client updates from the sites: `DeerStrategy` sends each phase's train messages over `grid`."""
+    """Client updates from the sites: `DeerStrategy` sends each phase's train messages over `grid`; with
+    `secure-aggregation=true` `SecAggDeerStrategy` runs each phase as one SecAgg+ workflow (needs `context`)."""
 
     with_client_data = False  # the sites hold the training images
 
-    def __init__(self, grid: Grid, options: DeploymentOptions) -> None:
-        self.grid, self.options = grid, options
+    def __init__(self, grid: Grid, options: DeploymentOptions, context: Context | None = None) -> None:
+        if options.secure_aggregation and context is None:
+            raise ValueError("secure aggregation needs the ServerApp's Context (SecAgg+ runs a legacy workflow)")
+        self.grid, self.options, self.context = grid, options, context
         self.nodes: dict[int, int] = {}
-        self.strategy: DeerStrategy | None = None
+        self.strategy: DeerStrategy | SecAggDeerStrategy | None = None
 
     def before_start(self, exp: Experiment, out: Path) -> None:
         logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
@@ -109,9 +114,13 @@ class FlowerTransport(Transport):
     def release_phase(self, exp: Experiment, out: Path) -> ReleasePhase:
         self.nodes = discover_clients(self.grid, exp.settings.data.num_clients, self.options)
         rounds = exp.settings.federation.rounds
-        self.strategy = DeerStrategy(exp.server, self.nodes, rounds, self.options, run_key(exp, out))
-        self.strategy.summary()
-        return self.strategy.release_phase(self.grid)
+        deer = DeerStrategy(exp.server, self.nodes, rounds, self.options, run_key(exp, out))
+        deer.summary()
+        if self.options.secure_aggregation:  # each phase through SecAgg+: the server sees only the sum
+            self.strategy = SecAggDeerStrategy(deer, self.grid, self.context.run_id)
+            return self.strategy.release_phase(self.grid, self.context)
+        self.strategy = deer
+        return deer.release_phase(self.grid)
 
     def ledgers(self) -> tuple[dict | None, dict | None]:
         return self.strategy.deployment_ledger(), self.strategy.private_ledger()
@@ -133,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = settings.replace(output_dir=str(Path(settings.output.output_dir).resolve()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        outcome = run_experiment(settings, FlowerTransport(grid, options), Host(device, logger.info))
+        outcome = run_experiment(settings, FlowerTransport(grid, options, context), Host(device, logger.info))
     except SetupFailed as failed:
         if isinstance(failed.error, SettingsMismatch):
             raise ValueError(f"deer-flower: {failed.error}") from None

@@ -22,6 +22,9 @@ with the sigma, C, lambda and noise kind the train instruction carries (`protoco
 checked against this site's own run settings).
 With record-level DP it trains with DP-SGD (the core's `record_dp`), sigma calibrated on its own image
 count, and returns its accountant (`SiteAccountant`) with the update.
+In a SecAgg+ phase (`secure-aggregation=true`) the train message is a legacy `FitIns` holding the same
+instruction, noise terms included (`secagg_protocol`); the site trains and privatizes it alike and
+answers with a `FitRes`, which the ClientApp's `secaggplus_mod` quantizes and masks.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ..evaluation import predict_proba
 from ..federated import (
     AdapterLayout,
     ClientTask,
+    ClientUpdate,
     DPRandomness,
     Phase,
     build_whiteners,
@@ -65,13 +69,16 @@ from ..settings import RunSettings
 from .protocol import (
     SCORE_BINS,
     NoiseTerms,
+    RecordReport,
     SiteCounts,
+    TrainInstruction,
     hello_content,
     read_evaluate_content,
     read_train_content,
     update_content,
 )
 from .run_config import OPTION_KEYS, parse_run_config
+from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .site_accounting import SiteAccountant, site_record_level
 
 # Run settings only the server uses: runs that differ in these share a site's loaded data and model.
@@ -150,9 +157,13 @@ class Site:
 
     def train(self, content: RecordDict) -> RecordDict:
         """One phase of local training from the received global adapter; the trained factor's delta."""
+        return update_content(*self.train_update(read_train_content(content)))
+
+    def train_update(self, work: TrainInstruction) -> tuple[ClientUpdate, RecordReport | None]:
+        """Train one phase as `work` says (a plain train message or a SecAgg+ phase's `FitIns`): the update,
+        privatized with the noise terms `work` carries under distributed noise, and the record-level report."""
         settings, client_id = self.settings, self.client_id
         seed = settings.federation.seed
-        work = read_train_content(content)
         if work.client_id != client_id:
             raise ValueError(f"asked to train client {work.client_id}, but this SuperNode holds client {client_id}")
         phase = _phase(settings.federation.method, settings.federation.rounds, work.round, work.phase)
@@ -180,7 +191,7 @@ class Site:
                 update.delta, whiteners, noise.noise, noise.client_dp(), work.num_shares, generator
             )
             update = dataclasses.replace(update, delta=delta)
-        return update_content(update, report)
+        return update, report
 
     def expected_noise(self, received: NoiseTerms | None) -> NoiseTerms | None:
         """The noise terms to apply, once checked against this site's run settings: distributed client-level
@@ -265,6 +276,8 @@ def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_c
     site = site_for(run_config, node_config)
     if kind == "hello":
         return site.hello()
+    if kind == "train" and is_fit_ins(content):  # a SecAgg+ phase: legacy FitIns in, FitRes out (secagg.py)
+        return fit_res_content(*site.train_update(read_fit_ins(content)))
     if kind == "train":
         return site.train(content)
     if kind == "evaluate":

@@ -78,20 +78,25 @@ class SiteRecordLevel(RecordLevel):
         self._pending = dict(reports)
 
     def account(self, updates) -> None:
+        self.account_clients(sorted(u.client_id for u in updates))
+
+    def account_clients(self, client_ids: list[int]) -> None:
+        """Take the pending report of each client whose update went into the release (secure aggregation:
+        the server knows who survived, not their updates)."""
         history = self.accountants.history
-        for u in sorted(updates, key=lambda u: u.client_id):
-            report = self._pending.pop(u.client_id)
-            held = sum(n for _, _, n in history.get(u.client_id, []))
+        for client in sorted(client_ids):
+            report = self._pending.pop(client)
+            held = sum(n for _, _, n in history.get(client, []))
             if sum(n for _, _, n in report.history) >= held:
-                history[u.client_id] = list(report.history)
+                history[client] = list(report.history)
             else:
                 logger.warning(
                     "client %d reported a record-level history shorter than the ledger's (its state was lost?); "
                     "the ledger keeps its own and adds this update",
-                    u.client_id,
+                    client,
                 )
-                self.accountants.step(u.client_id, report.sigma, report.sample_rate, report.steps)
-            self.sigmas[u.client_id] = report.sigma
+                self.accountants.step(client, report.sigma, report.sample_rate, report.steps)
+            self.sigmas[client] = report.sigma
         self._pending = {}
 
     def ledger(self) -> dict:

@@ -1,0 +1,251 @@
+"""SecAgg+ for DEeR (`secure-aggregation=true`): each phase's updates reach the server only as their sum.
+
+Flower 1.42 ships SecAgg+ as a legacy fit workflow (`SecAggPlusWorkflow`, the `fit_workflow` of a
+`DefaultWorkflow`) that drives a legacy `flwr.server.strategy.Strategy` through `FitIns` / `FitRes`,
+with `secaggplus_mod` on the ClientApp. `SecAggDeerStrategy` is that legacy strategy over the same core
+as `DeerStrategy` (whose sampling, noise floor k and drop log it reuses): `configure_fit` sends the
+global adapter, the phase and the mechanism's `NoiseTerms` (sigma, C, lambda, noise kind: the same
+train instruction as a plain phase, in the FitIns config); the sites check those terms against their
+own settings, clip in the metric and add their noise share sigma C / sqrt(k) before the mod quantizes
+and masks; `aggregate_fit` receives only the unmasked sum of the survivors'
+updates and hands it to `FederatedServer.finish_summed_phase`. Each phase runs the workflow once (what
+`DefaultWorkflow` does per round) inside the phase loop of `peft_deer.run.run_experiment`, where
+`FlowerTransport.release_phase` hands it in: the run keeps its budget check, validation, checkpoints
+and resume.
+
+Per phase: reconstruction threshold k (the noise floor: fewer than k survivors cannot be unmasked, and
+would carry less noise than sigma), every sampled site a neighbour of every other (num_shares = all),
+weight 1 for everyone (`max_weight` 1, so SecAgg+ does not scale the updates), and the entry range
+`clipping_range` from C, sigma, k and the frozen factor (`peft_deer.federated.quantization`). Masks are
+drawn from the whole 32-byte keys on both sides (`peft_deer_clientapp.keyed_masks`): flwr 1.42 seeds
+them with 32 bits only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import FitIns, FitRes, Parameters
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from ..federated import ClientUpdate, Phase, PhaseRelease, build_whiteners
+from ..federated.quantization import DEFAULT_TAIL, clipping_range, sum_error_bound
+from .protocol import NoiseTerms, RecordReport, TrainInstruction
+from .secagg_protocol import fit_ins, read_fit_res_client, read_fit_res_report, summed_update
+from .strategy import DeerStrategy, TooFewClients
+
+logger = logging.getLogger("flwr")
+
+
+class SecAggDeerStrategy(LegacyStrategy):
+    """The legacy `Strategy` SecAgg+ drives, one phase (release) of `deer.server` per workflow run.
+
+    `release_phase(grid, context)` gives the ServerApp's `release_phase` callable. `last_summed` is what the
+    last `aggregate_fit` received: the survivors' client ids and the parameters each FitRes carried.
+    """
+
+    def __init__(self, deer: DeerStrategy, grid: Grid, run_id: int) -> None:
+        server = deer.server
+        if server.dp is None or server.dp.placement != "distributed":
+            raise ValueError("secure aggregation needs client-level DP with noise-placement='distributed'")
+        # The ClientApp module (the Flower app bundle's root, next to this package; not pip-installed) holds the
+        # mask generator both sides must share: masks from the whole key, not 32 bits (its docstring).
+        from peft_deer_clientapp import harden_secaggplus_masks
+
+        harden_secaggplus_masks()
+        self.deer = deer
+        self.clients: ClientManager = SimpleClientManager()
+        self.proxies = {c: GridClientProxy(node, grid, run_id) for c, node in deer.nodes.items()}
+        for proxy in self.proxies.values():
+            self.clients.register(proxy)
+        self.last_summed: tuple[list[int], list[Parameters]] | None = None
+        self._phase: tuple[Phase, list[int], int, float] | None = None  # phase, participants, k, rho
+        self._release: PhaseRelease | None = None
+
+    # -- the ServerApp's phase loop -------------------------------------------------------------------
+    def release_phase(self, grid: Grid, context: Context) -> Callable:
+        """The `release_phase` callable for `peft_deer.run.run_phases`: one SecAgg+ run per phase."""
+
+        def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
+            server_round = self.deer.phases.index(phase) + 1
+            sent = [c for c in participants if c in self.deer.nodes]
+            for c in participants:
+                if c not in self.deer.nodes:
+                    self.deer._drop(phase, c, "no SuperNode holds this client")
+            k = self.deer.noise_shares(len(participants))
+            if len(sent) < max(k, 2):
+                raise TooFewClients(
+                    f"{_name(phase)}: {len(sent)} reachable sites of {len(participants)} sampled, fewer than "
+                    f"SecAgg+ and the noise floor k={max(k, 2)} need; nothing released. Resume with resume=true "
+                    "once the SuperNodes are back."
+                )
+            rho = self.phase_clipping_range(phase, k)
+            self._phase, self._release = (phase, sent, k, rho), None
+            workflow = SecAggPlusWorkflow(
+                num_shares=1.0,  # every sampled site holds a share of every other's keys
+                reconstruction_threshold=k,
+                max_weight=1.0,
+                clipping_range=rho,
+                quantization_range=self.deer.options.quantization_range,
+                timeout=self.deer.options.reply_timeout_s,
+            )
+            legacy = LegacyContext(context, ServerConfig(len(self.deer.phases)), self, self.clients)
+            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+            legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the adapter travels in FitIns
+            workflow(grid, legacy)
+            if self._release is None:
+                raise TooFewClients(
+                    f"{_name(phase)}: SecAgg+ stopped before unmasking: fewer than k={k} of {len(sent)} sites "
+                    "completed the protocol (failed or timed out), and a sum of fewer than k updates carries less "
+                    "noise than sigma; nothing released. Resume with resume=true once the SuperNodes are back."
+                )
+            return [], self._release
+
+        return release
+
+    def phase_clipping_range(self, phase: Phase, noise_shares: int) -> float:
+        """rho for `phase`: the entry range holding any privatized update but with probability `DEFAULT_TAIL`."""
+        server = self.deer.server
+        keys = server.trained_keys(phase)
+        whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, server.dp.ridge)
+        shapes = {k: server.global_state[k].shape for k in keys}
+        return clipping_range(whiteners, shapes, server.spec.noise, server.dp, noise_shares)
+
+    # -- the legacy Strategy interface ----------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """One `FitIns` per reachable sampled site: the server's global adapter, the phase, k and the noise terms."""
+        phase, sent, k, _ = self._current(server_round)
+        server = self.deer.server
+        state, run_key, noise = server.global_state, self.deer.run_key, NoiseTerms.of(server.dp, server.spec.noise)
+        return [
+            (self.proxies[c], fit_ins(TrainInstruction(state, phase.round, phase.index, c, k, run_key, noise)))
+            for c in sent
+        ]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict]:
+        """Release the unmasked sum of the survivors' privatized updates through the core (nothing else is seen).
+
+        Every FitRes carries the same parameters, SecAgg+'s mean over the n survivors; the survivors are
+        known (who sent a masked update), their updates are not.
+        """
+        phase, sent, k, rho = self._current(server_round)
+        client_of_node = {proxy.node_id: c for c, proxy in self.proxies.items()}
+        survivors = sorted(client_of_node[proxy.node_id] for proxy, _ in results)
+        self.last_summed = (survivors, [res.parameters for _, res in results])
+        for c in sent:
+            if c not in survivors:
+                self.deer._drop(phase, c, "no masked update in the SecAgg+ round (failed or timed out)")
+        if len(survivors) < k:
+            raise TooFewClients(
+                f"{_name(phase)}: {len(survivors)} SecAgg+ survivors of {len(sent)} (< the noise floor k={k}): the "
+                "sum would carry less noise than sigma; nothing released. Resume with resume=true."
+            )
+        claimed = sorted(read_fit_res_client(res) for _, res in results)
+        if claimed != survivors:
+            raise ValueError(f"{_name(phase)}: SecAgg+ replies name clients {claimed}, sent by {survivors}")
+        server = self.deer.server
+        if server.record is not None:  # a missing report cannot be dropped from the sum: refuse the release
+            reports: dict[int, RecordReport] = {
+                client_of_node[proxy.node_id]: read_fit_res_report(res, client_of_node[proxy.node_id])
+                for proxy, res in results
+            }
+            server.record.expect(reports)
+        shapes = {key: server.global_state[key].shape for key in server.trained_keys(phase)}
+        total = summed_update(results[0][1].parameters, len(survivors), shapes)
+        q = self.deer.options.quantization_range
+        facts = {
+            "secure_aggregation": {
+                "clipping_range": rho,
+                "quantization_range": q,
+                "survivors": len(survivors),
+                "sum_error_bound": sum_error_bound(rho, q, len(survivors)),
+            }
+        }
+        self._release = server.finish_summed_phase(phase, total, survivors, k, facts)
+        logger.info(
+            "%s: released the SecAgg+ sum of %d sites (rho %.4g, error <= %.3g per entry of the sum)",
+            _name(phase),
+            len(survivors),
+            rho,
+            facts["secure_aggregation"]["sum_error_bound"],
+        )
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager) -> list:
+        """No federated evaluation per phase: the ServerApp validates on its own held-out split."""
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures) -> tuple[float | None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+    # -- the ledger -----------------------------------------------------------------------------------
+    def deployment_ledger(self) -> dict:
+        """`DeerStrategy.deployment_ledger` for a SecAgg+ run: what the server sees, and the quantization error
+        next to epsilon (the bound uses num-clients, not who survived, which stays server-private)."""
+        ledger = self.deer.deployment_ledger()
+        server = self.deer.server
+        k = self.deer.noise_shares(server.clients_per_phase)
+        q = self.deer.options.quantization_range
+        ranges = [r["secure_aggregation"]["clipping_range"] for r in server.releases if "secure_aggregation" in r]
+        bounds = [sum_error_bound(rho, q, server.num_clients) for rho in ranges]
+        denominator = server.sample_rate * server.num_clients
+        ledger["secure_aggregation"] = True
+        ledger["note_distributed"] = (
+            "SecAgg+: the server receives only the sum of the surviving sites' privatized updates (each with 1/"
+            f"{k} of the noise variance), never one update; the SuperLink and the server still see metadata: "
+            "which sites take part in each phase, message sizes and timing"
+        )
+        ledger["secure_aggregation_protocol"] = {
+            "protocol": "SecAgg+ (flwr SecAggPlusWorkflow / secaggplus_mod), one run per release",
+            "reconstruction_threshold": f"k = {k} (min-clients-per-phase): fewer survivors are neither unmasked "
+            "nor released",
+            "quantization_range": q,
+            "clipping_range_rule": "C ||L^-1|| (1 + t sigma / sqrt(k)) per release, t the Gaussian quantile for a "
+            f"{DEFAULT_TAIL:g} chance that any entry of an update is clipped",
+            "clipping_range_per_release": ranges,
+            "sum_error_bound_per_entry": bounds,
+            "sum_error_bound_per_entry_max": max(bounds, default=None),
+            "adapter_error_bound_per_entry_max": None if not bounds else max(bounds) / denominator,
+            "error_note": "stochastic rounding moves each entry of each update by less than one step 2 rho / Q, "
+            "so the sum of n <= num-clients updates is within n * 2 rho / Q per entry; quantization is "
+            "post-processing: epsilon is unchanged",
+        }
+        return ledger
+
+    def private_ledger(self) -> dict:
+        return self.deer.private_ledger()
+
+    def _current(self, server_round: int) -> tuple[Phase, list[int], int, float]:
+        if self._phase is None or self.deer.phase_of(server_round) != self._phase[0]:
+            raise RuntimeError(f"server round {server_round} is not the phase being released")
+        return self._phase
+
+
+def _name(phase: Phase) -> str:
+    return f"round {phase.round + 1} phase {''.join(phase.factors)}"
+
+
+__all__ = ["SecAggDeerStrategy"]

@@ -1,0 +1,474 @@
+"""SecAgg+ for DEeR: the quantization range, the summed-release entry point, the protocol, a loopback run.
+
+- Unit tests (no Flower processes): the range `clipping_range` holds privatized updates and their
+  entries reach it; `privatized_sum` releases exactly what the per-update path releases, and refuses
+  sums below the noise floor or that no clipped updates can give.
+- Protocol tests: Flower's real `SecAggPlusWorkflow` (server) and `secaggplus_mod` (sites) exchange
+  real messages through an in-process grid; the sites privatize precomputed updates. They show what
+  the server holds (only the unmasked sum), the result against the non-secure path, and dropouts.
+- One loopback deployment (SuperLink + 2 SuperNodes): a secure run equals the non-secure distributed
+  run after a release, up to the stated quantization error, resumes, and states that error next to epsilon.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from conftest import MEDMNIST_DIR, random_client_tasks, tiny_deer_model
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.common import parameters_to_ndarrays  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from peft_deer.federated import (  # noqa: E402
+    ClientDP,
+    ClientUpdate,
+    FederatedServer,
+    LocalTraining,
+    SequentialEngine,
+    adapter_layout,
+    build_whiteners,
+    get_adapter_state,
+    iter_phases,
+    metric_norm,
+    privatize_update,
+)
+from peft_deer.federated.accountant import ReleaseAccountant  # noqa: E402
+from peft_deer.federated.aggregate import privatized_sum  # noqa: E402
+from peft_deer.federated.quantization import (  # noqa: E402
+    check_quantization_range,
+    clipping_range,
+    inverse_cholesky_norm,
+    sum_error_bound,
+    tail_quantile,
+)
+from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
+from peft_deer.flower.protocol import NoiseTerms  # noqa: E402
+from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
+from peft_deer.flower.secagg import SecAggDeerStrategy  # noqa: E402
+from peft_deer.flower.secagg_protocol import fit_res_content, read_fit_ins  # noqa: E402
+from peft_deer.methods import NoiseKind  # noqa: E402
+from peft_deer_clientapp import keyed_masks, secagg_when_asked  # noqa: E402
+
+DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
+
+
+def phase_b_setup(num_clients: int = 3):
+    """A tiny deer model, its layout and state, phase B (round 1) and each client's raw (unclipped) update."""
+    model = tiny_deer_model("deer")
+    layout = adapter_layout(model)
+    state = get_adapter_state(model, layout)
+    phase = next(iter_phases("deer", 1))
+    tasks = random_client_tasks((8,) * num_clients, torch.Generator().manual_seed(0))
+    updates = SequentialEngine(LocalTraining(batch_size=4, lr=0.5)).train_clients(model, layout, state, phase, tasks)
+    return layout, state, phase, updates
+
+
+def privatized(layout, state, phase, updates, k: int, dp: ClientDP = DP) -> list[ClientUpdate]:
+    keys = layout.trained_keys(phase.factors)
+    whiteners = build_whiteners(layout, state, keys, "regulated", dp.ridge)
+    return [
+        dataclasses.replace(
+            u,
+            delta=privatize_update(u.delta, whiteners, "regulated", dp, k, torch.Generator().manual_seed(100 + i))[0],
+        )
+        for i, u in enumerate(updates)
+    ]
+
+
+# --------------------------------------------------------------------------------- the quantization range
+
+
+def test_the_clipping_range_bounds_clipped_updates_and_their_noise_share():
+    layout, state, phase, updates = phase_b_setup(1)
+    keys = layout.trained_keys(phase.factors)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    shapes = {k: state[k].shape for k in keys}
+    inv = max(inverse_cholesky_norm(whiteners[k]) for k in keys)
+    assert inv > 1.0  # a real metric: the range is not C
+    # An update aimed at the weakest direction of a metric reaches C ||L^-1|| in one entry: the bound is tight.
+    key = next(k for k in keys if whiteners[k].chol is not None and inverse_cholesky_norm(whiteners[k]) == inv)
+    chol = whiteners[key].chol.double()
+    _, _, vh = torch.linalg.svd(chol)
+    direction = vh[-1]  # right singular vector of L for its smallest singular value
+    u = torch.zeros(state[key].shape, dtype=torch.float64)
+    u[0] = direction  # whitened row of norm 1: delta row = u L^-1
+    delta_row = torch.linalg.solve_triangular(chol, u, upper=False, left=False)
+    assert float(delta_row.abs().max()) <= inv * (1 + 1e-9)
+    assert float(delta_row.norm()) == pytest.approx(inv, rel=1e-6)
+    rho = clipping_range(whiteners, shapes, "regulated", DP, num_shares=2)
+    t = tail_quantile(sum(math.prod(s) for s in shapes.values()))
+    assert rho == pytest.approx(DP.clip_norm * inv * (1 + t * DP.noise_multiplier / math.sqrt(2)))
+    assert 6.0 < t < 8.0 and tail_quantile(10**6) > tail_quantile(10)  # more entries, a larger quantile
+    # Privatized updates (clipped in the metric, noise share added) stay inside rho: 200 draws of each update.
+    big = {k: v * 1e3 for k, v in updates[0].delta.items()}  # far above C: clipping is active
+    largest = 0.0
+    for seed in range(200):
+        private, _ = privatize_update(big, whiteners, "regulated", DP, 2, torch.Generator().manual_seed(seed))
+        largest = max(largest, max(float(v.abs().max()) for v in private.values()))
+    assert largest < rho
+    # A plain (identity-metric) mechanism: rho = C (1 + t sigma / sqrt(k)).
+    plain = build_whiteners(layout, state, keys, "plain", DP.ridge)
+    assert clipping_range(plain, shapes, "plain", DP, 2) == pytest.approx(DP.clip_norm * (1 + t * 0.8 / math.sqrt(2)))
+
+
+def test_the_error_bound_and_the_quantization_range_checks():
+    assert sum_error_bound(rho=2.0, quantization_range=2**20, num_updates=3) == pytest.approx(3 * 4.0 / 2**20)
+    check_quantization_range(2**24, 255)
+    with pytest.raises(ValueError, match="would wrap; use quantization-range <= 16777215"):
+        check_quantization_range(2**24, 256)
+    with pytest.raises(ValueError, match=r"must be in \[2, 2\^31\)"):
+        check_quantization_range(2**31, 1)
+
+
+# --------------------------------------------------------------------------------- privatized_sum
+
+
+def test_privatized_sum_releases_what_the_per_update_path_releases():
+    layout, state, phase, updates = phase_b_setup(3)
+    keys = layout.trained_keys(phase.factors)
+    private = privatized(layout, state, phase, updates, k=2)
+    per_update = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    expected = per_update.finish_phase(phase, private, privatized_shares=2)
+    total = {k: sum(u.delta[k] for u in private) for k in keys}
+    summed = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    release = summed.finish_summed_phase(phase, total, [2, 0, 1], 2, {"secure_aggregation": {"survivors": 3}})
+    assert release.participants == [0, 1, 2] and release.effective_noise_multiplier == 0.8
+    for k in keys:
+        torch.testing.assert_close(release.delta[k], expected.delta[k], rtol=0, atol=1e-7)
+        torch.testing.assert_close(summed.global_state[k], per_update.global_state[k], rtol=0, atol=1e-7)
+    assert summed.accountant.history == per_update.accountant.history  # accounted alike: one release at sigma
+    assert summed.releases[0]["secure_aggregation"] == {"survivors": 3}
+    assert math.isnan(release.mean_update_norm)  # the norms before clipping stayed with the clients
+
+
+def test_privatized_sum_refuses_below_the_noise_floor_or_an_impossible_sum():
+    layout, state, phase, updates = phase_b_setup(3)
+    keys = layout.trained_keys(phase.factors)
+    private = privatized(layout, state, phase, updates, k=3)
+    total = {k: sum(u.delta[k] for u in private) for k in keys}
+    args = (layout, state, keys, "regulated", DP, 3.0)
+    with pytest.raises(ValueError, match="carry less noise than sigma"):
+        privatized_sum(total, [0, 1], *args, noise_shares=3)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    garbled = {k: v + 1e3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in total.items()}
+    assert metric_norm(garbled, whiteners) > 100 * metric_norm(total, whiteners)
+    with pytest.raises(ValueError, match="garbled unmasking or an unclipped update"):
+        privatized_sum(garbled, [0, 1, 2], *args, noise_shares=3)
+    with pytest.raises(ValueError, match="non-finite"):
+        privatized_sum({k: v * math.nan for k, v in total.items()}, [0, 1, 2], *args, noise_shares=3)
+    assert privatized_sum(total, [0, 1, 2], *args, noise_shares=3).participants == [0, 1, 2]
+    server = FederatedServer("deer", layout, dict(state), 3, 3, dataclasses.replace(DP, placement="central"))
+    with pytest.raises(ValueError, match="distributed noise placement"):
+        server.finish_summed_phase(phase, total, [0, 1, 2], 3)
+    assert server.releases == [] and server.accountant.history == []
+
+
+# --------------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"dp": "record", "noise-multiplier": "", "record-epsilon": 8.0}, "needs dp with 'client'"),
+        ({"dp": "none", "noise-multiplier": ""}, "needs dp with 'client'"),
+        ({"noise-placement": "central"}, "central noise is added by the server to the clients' raw updates"),
+        ({"min-clients-per-phase": 1}, "a sum of one update is that update"),
+        ({"quantization-range": 2**31}, "quantization-range"),
+        ({"secure-aggregation": "maybe"}, "secure_aggregation must be true or false, got 'maybe'"),
+    ],
+)
+def test_bad_secure_aggregation_settings_are_refused_with_the_reason(override, message):
+    from test_flower import flower_config
+
+    good = {
+        **flower_config(),
+        "dp": "client",
+        "noise-multiplier": 1.0,
+        "noise-placement": "distributed",
+        "min-clients-per-phase": 2,
+        "secure-aggregation": True,
+    }
+    _, options = parse_run_config(good)
+    assert options.secure_aggregation and options.quantization_range == 2**24
+    with pytest.raises(ValueError, match=message) as err:
+        parse_run_config({**good, **override})
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------- the masks
+
+
+def test_masks_use_the_whole_key_where_flower_folds_it_to_32_bits():
+    import importlib
+
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_masks
+
+    dims = [(3, 4), (5,)]
+    key = bytes(range(32))
+    # Another key with the same XOR fold of its 4-byte words: Flower's masks coincide, so 2^32 seeds cover them all.
+    twin = bytes([key[0] ^ 0xFF, key[1], key[2], key[3], key[4] ^ 0xFF]) + key[5:]
+    flower = zip(flower_masks(key, 2**32, dims), flower_masks(twin, 2**32, dims), strict=True)
+    assert all((a == b).all() for a, b in flower)
+    mine, again, other = keyed_masks(key, 2**32, dims), keyed_masks(key, 2**32, dims), keyed_masks(twin, 2**32, dims)
+    assert [m.shape for m in mine] == dims and all(m.dtype.name == "int64" for m in mine)
+    assert all((a == b).all() for a, b in zip(mine, again, strict=True))  # both sides derive the same masks
+    assert not any((a == b).all() for a, b in zip(mine, other, strict=True))
+    big = keyed_masks(key, 2**32, [(200_000,)])[0]
+    assert 0 <= big.min() and big.max() < 2**32 and abs(big.mean() / 2**32 - 0.5) < 0.01
+    for name in (
+        "flwr.client.mod.secure_aggregation.secaggplus_mod",
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
+    ):
+        assert importlib.import_module(name).pseudo_rand_gen is keyed_masks  # the protocol tests below use them
+
+
+# --------------------------------------------------------------------------------- the protocol, in process
+
+
+@pytest.fixture
+def flower_task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class LoopbackGrid:
+    """Routes the server's messages to each site's real `secaggplus_mod` (via the ClientApp's
+    `secagg_when_asked`) in this process. `sites[node]` answers the masked stage with its privatized update;
+    `dead[node] = stage` makes that node stop answering from that SecAgg+ stage on (a dropout)."""
+
+    def __init__(self, sites: dict[int, ClientUpdate], dead: dict[int, str] | None = None) -> None:
+        self.sites = sites
+        self.dead = dict(dead or {})
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in sites
+        }
+        self.received: list[Message] = []  # every reply the server got
+        self.instructions: dict[int, object] = {}
+        self._gone: set[int] = set()
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for sent in messages:
+            msg = copy.deepcopy(sent)  # what travels is a copy: the mod edits its message in place
+            node = msg.metadata.dst_node_id
+            stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+            if self.dead.get(node) == stage:
+                self._gone.add(node)
+            if node in self._gone:
+                continue  # no answer: the workflow waits out its timeout and counts the node as dropped
+
+            def train(m: Message, ctxt: Context, node=node) -> Message:
+                work = read_fit_ins(m.content)
+                self.instructions[node] = work
+                update = dataclasses.replace(self.sites[node], client_id=work.client_id)
+                return Message(fit_res_content(update), reply_to=m)
+
+            replies.append(secagg_when_asked(msg, self.contexts[node], train))
+        self.received += replies
+        return replies
+
+
+def secagg_setup(num_clients: int, k: int, dead: dict[int, str] | None = None, quantization_range: int = 2**24):
+    layout, state, phase, updates = phase_b_setup(num_clients)
+    private = privatized(layout, state, phase, updates, k)
+    server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP)
+    nodes = {c: 500 + c for c in range(num_clients)}
+    deer = DeerStrategy(
+        server, nodes, 1, DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range)
+    )
+    grid = LoopbackGrid(
+        {nodes[c]: private[c] for c in range(num_clients)}, {nodes[c]: s for c, s in (dead or {}).items()}
+    )
+    secagg = SecAggDeerStrategy(deer, grid, run_id=1)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    release = secagg.release_phase(grid, context)
+    return layout, state, phase, private, server, secagg, grid, release
+
+
+def test_the_server_holds_only_the_unmasked_sum_which_matches_the_non_secure_release(flower_task_identity):
+    layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=2)
+    _, out = release(phase, server.participants(phase))
+    assert {w.num_shares for w in grid.instructions.values()} == {2}  # each site adds 1/k of the variance
+    # The FitIns carries the server's noise terms, as a plain train instruction does: no site recalibrates.
+    assert {w.noise for w in grid.instructions.values()} == {NoiseTerms.of(DP, NoiseKind.REGULATED)}
+    assert all(torch.equal(w.global_state[k], state[k]) for w in grid.instructions.values() for k in state)
+    # What reached the server: no reply carries an update's arrays; aggregate_fit got one parameter set, the sum.
+    assert len(grid.received) == 4 * 3  # 4 SecAgg+ stages x 3 sites
+    for reply in grid.received:
+        assert all(len(record) == 0 for record in reply.content.array_records.values())
+    survivors, parameters = secagg.last_summed
+    assert survivors == [0, 1, 2] and len(parameters) == 3 and all(p is parameters[0] for p in parameters)
+    mean = dict(zip(sorted(layout.trained_keys(phase.factors)), parameters_to_ndarrays(parameters[0]), strict=True))
+    rho = server.releases[0]["secure_aggregation"]["clipping_range"]
+    bound = sum_error_bound(rho, 2**24, 3)
+    assert server.releases[0]["secure_aggregation"]["sum_error_bound"] == pytest.approx(bound)
+    for key, value in mean.items():
+        exact = sum(u.delta[key] for u in private).double()
+        error = float((torch.from_numpy(value) * 3 - exact).abs().max())
+        assert error <= bound
+        for u in private:  # the sum is not any one update
+            assert float((torch.from_numpy(value) * 3 - u.delta[key].double()).abs().max()) > 100 * bound
+    # The release equals the non-secure distributed path's (same privatized updates) up to that error.
+    reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    expected = reference.finish_phase(phase, private, privatized_shares=2)
+    for key in expected.delta:
+        diff = float((out.delta[key] - expected.delta[key]).abs().max())
+        assert diff <= bound / 3 + 1e-7, key
+    assert server.accountant.history == reference.accountant.history
+    ledger = secagg.deployment_ledger()
+    assert ledger["secure_aggregation"] is True and "only the sum" in ledger["note_distributed"]
+    details = ledger["secure_aggregation_protocol"]
+    assert details["sum_error_bound_per_entry_max"] == pytest.approx(bound)  # num-clients = 3 sites survived
+    assert details["adapter_error_bound_per_entry_max"] == pytest.approx(bound / 3)
+
+
+def test_a_coarse_quantization_shows_in_the_error_and_stays_within_its_bound(flower_task_identity):
+    """With Q = 2^10 the quantization error is visible, and still within n * 2 rho / Q: the bound is not vacuous."""
+    layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=3, quantization_range=2**10)
+    _, out = release(phase, server.participants(phase))
+    reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    expected = reference.finish_phase(phase, private, privatized_shares=3)
+    bound = server.releases[0]["secure_aggregation"]["sum_error_bound"] / 3
+    worst = max(float((out.delta[k] - expected.delta[k]).abs().max()) for k in expected.delta)
+    assert bound / 50 < worst <= bound + 1e-7
+
+
+def test_a_site_dropping_out_mid_protocol_leaves_a_correctly_accounted_release(flower_task_identity):
+    """Site 1 stops answering after sharing its keys: the sum of the other two (k = 2) is released and
+    accounted at sigma; the dropout is logged server-side."""
+    layout, state, phase, private, server, secagg, grid, release = secagg_setup(
+        3, k=2, dead={1: "collect_masked_vectors"}
+    )
+    _, out = release(phase, server.participants(phase))
+    survivors, _ = secagg.last_summed
+    assert survivors == [0, 2] and out.participants == [0, 2]
+    reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    expected = reference.finish_phase(phase, [private[0], private[2]], privatized_shares=2)
+    bound = server.releases[0]["secure_aggregation"]["sum_error_bound"]
+    for key in expected.delta:
+        assert float((out.delta[key] - expected.delta[key]).abs().max()) <= bound / 3 + 1e-7
+    assert server.accountant.history == reference.accountant.history == [(0.8, 1.0, 1)]
+    assert [d["client"] for d in secagg.deer.dropped] == [1] and "SecAgg+" in secagg.deer.dropped[0]["reason"]
+
+
+@pytest.mark.parametrize("stage", ["share_keys", "collect_masked_vectors"])
+def test_fewer_survivors_than_k_release_nothing_and_say_why(flower_task_identity, stage):
+    layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=3, dead={2: stage})
+    with pytest.raises(TooFewClients, match="fewer than k=3 of 3 sites completed the protocol.*less noise than sigma"):
+        release(phase, server.participants(phase))
+    assert server.releases == [] and server.accountant.history == []  # nothing applied, nothing accounted
+    assert all(torch.equal(server.global_state[k], state[k]) for k in state)
+
+
+def test_a_sampled_site_without_a_supernode_below_the_floor_releases_nothing(flower_task_identity):
+    layout, state, phase, updates = phase_b_setup(2)
+    server = FederatedServer("deer", layout, dict(state), 2, 2, DP)
+    deer = DeerStrategy(server, {0: 500}, 1, DeploymentOptions(2))  # client 1 has no SuperNode
+    secagg = SecAggDeerStrategy(deer, LoopbackGrid({}), run_id=1)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(TooFewClients, match="1 reachable sites of 2 sampled"):
+        secagg.release_phase(LoopbackGrid({}), context)(phase, [0, 1])
+    assert server.releases == []
+
+
+def test_a_sites_record_level_report_travels_in_its_fit_res_and_reaches_the_ledger(flower_task_identity):
+    """dp='client,record' with SecAgg+: the accountant report rides in the FitRes metrics (JSON), the server's
+    ledger takes it for every survivor of the sum; a reply without one is refused (it cannot leave the sum)."""
+    from flwr.compat.common import recorddict_compat as compat
+    from test_flower_sites import record_level
+
+    from peft_deer.flower.protocol import RecordReport
+    from peft_deer.flower.secagg_protocol import read_fit_res_report
+    from peft_deer.flower.site_accounting import SiteRecordLevel
+
+    report = RecordReport(1.1, 0.25, 8, ((1.1, 0.25, 8), (1.1, 0.25, 8)), 2.5)
+    update = ClientUpdate(1, {"w": torch.zeros(2)}, 40)
+    res = compat.recorddict_to_fitres(fit_res_content(update, report), keep_input=True)
+    assert res.num_examples == 1 and set(res.metrics) == {"client-id", "record-dp-json"}  # no loss, no counts
+    assert read_fit_res_report(res, 1) == report
+    ledger = SiteRecordLevel(record_level())
+    ledger.expect({1: report})
+    ledger.account_clients([1])
+    assert ledger.accountants.history[1] == [(1.1, 0.25, 8), (1.1, 0.25, 8)] and ledger.sigmas[1] == 1.1
+    bare = compat.recorddict_to_fitres(fit_res_content(update), keep_input=True)
+    with pytest.raises(Exception, match="carries no accountant"):
+        read_fit_res_report(bare, 1)
+
+
+def test_a_non_secure_train_message_passes_the_secagg_mod_untouched(flower_task_identity):
+    from flwr.app import ConfigRecord, MessageType
+
+    msg = Message(RecordDict({"config": ConfigRecord({"round": 0})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    seen = []
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = secagg_when_asked(msg, ctx, lambda m, c: seen.append(m) or Message(Error(code=0, reason="x"), reply_to=m))
+    assert seen == [msg] and reply.has_error() and len(ctx.state.config_records) == 0
+
+
+# --------------------------------------------------------------------------------- a real deployment
+
+
+def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(tmp_path, one_thread):
+    """SuperLink + 2 SuperNodes: one round of deer with client-level DP (distributed noise, reproducible) through
+    SecAgg+ and without it. Phase A leaves B alone, so each run's final B factors are those of release 1: they agree
+    within that release's stated error, and are not bit-identical (quantized). privacy.json states SecAgg+ and the
+    error next to an unchanged epsilon."""
+    if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
+        pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
+    from safetensors.torch import load_file
+
+    from peft_deer.flower.local import LocalDeployment, server_app_error
+
+    settings = {
+        "model": "tiny-vit",
+        "image-size": 28,
+        "train-subset": 120,
+        "rounds": 1,
+        "dp": "client",
+        "noise-multiplier": 0.8,
+        "clip-norm": 0.5,
+        "noise-placement": "distributed",
+        "delta": 1e-3,
+        "min-clients-per-phase": 2,
+    }
+    base = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in settings.items())
+    base += f' data-dir="{MEDMNIST_DIR}" reproducible-noise=true'
+    plain_out, secure_out = tmp_path / "plain", tmp_path / "secure"
+    node_config = {"data-dir": f'"{MEDMNIST_DIR}"', "state-dir": f'"{tmp_path / "state"}"'}
+    with LocalDeployment(2, tmp_path / "logs", node_config, {"OMP_NUM_THREADS": "1"}) as d:
+        runs = [
+            d.run(f'{base} output-dir="{plain_out}"', timeout_s=600),
+            d.run(f'{base} output-dir="{secure_out}" secure-aggregation=true', timeout_s=600),
+        ]
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
+    for r in runs:
+        assert server_app_error(r.stdout + r.stderr) is None, logs
+    assert (plain_out / "summary.json").is_file() and (secure_out / "summary.json").is_file(), logs
+
+    ledger = json.loads((secure_out / "privacy.json").read_text())
+    details = ledger["secure_aggregation_protocol"]
+    assert ledger["secure_aggregation"] is True and ledger["releases"] == 2 and details["quantization_range"] == 2**24
+    bound = details["sum_error_bound_per_entry"][0] / 2  # release 1 (phase B), over the denominator of 2 sites
+    plain = load_file(plain_out / "adapter" / "adapter_model.safetensors")
+    secure = load_file(secure_out / "adapter" / "adapter_model.safetensors")
+    b_keys = [k for k in plain if "lora_B" in k]
+    assert b_keys and plain.keys() == secure.keys()
+    diffs = {k: float((secure[k].float() - plain[k].float()).abs().max()) for k in b_keys}
+    assert 0 < max(diffs.values()) <= bound + 1e-6, (diffs, bound)  # quantized, within the stated error
+    plain_ledger = json.loads((plain_out / "privacy.json").read_text())
+    assert plain_ledger["secure_aggregation"] is False
+    accountant = ReleaseAccountant()
+    for _ in range(2):
+        accountant.step(0.8, 1.0)
+    assert ledger["epsilon"] == pytest.approx(accountant.epsilon(1e-3, "rdp")) == plain_ledger["epsilon"]
+    assert "testing only" in ledger["client_noise"]
