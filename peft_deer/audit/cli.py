@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .. import defaults
 from ..config import METHODS
 from .bounds import AuditResult
 from .client_level import run_client_audit
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="trials, half with the canary (None: 20000 at client level, 5000 at record level)",
     )
-    p.add_argument("--delta", type=float, default=1e-5, help="delta of the audited (epsilon, delta) guarantee")
+    p.add_argument(
+        "--delta", type=float, default=defaults.DELTA, help="delta of the audited (epsilon, delta) guarantee"
+    )
     p.add_argument("--num-clients", type=int, default=10, help="client level: clients N (delta must be < 1/N)")
     p.add_argument(
         "--reproducible-noise",

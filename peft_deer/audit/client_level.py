@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import defaults
 from ..federated.accountant import ReleaseAccountant, check_delta
 from ..federated.adapter_state import AdapterLayout, AdapterState
 from ..federated.aggregate import ClientDP, clip_client_update
@@ -150,14 +151,14 @@ def run_client_audit(
     sample_rate: float = 1.0,
     releases: int = 1,
     trials: int = 20000,
-    delta: float = 1e-5,
+    delta: float = defaults.DELTA,
     num_clients: int = 10,
     reproducible_noise: bool = False,
     seed: int = 0,
     rank: int = 2,
     dim: int = 4,
     frozen_scale: float = 3.0,
-    ridge: float = 1e-6,
+    ridge: float = defaults.RIDGE,
     progress: bool = False,
     noise_seed: int | None = None,
 ) -> AuditResult:

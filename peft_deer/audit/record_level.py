@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from .. import defaults
 from ..federated.adapter_state import AdapterLayout, AdapterState, load_adapter_state
 from ..federated.client import train_client
 from ..federated.local_training import ClientTask, LocalTraining, set_phase_trainability
@@ -41,7 +42,7 @@ def run_record_audit(
     noise_multiplier: float = 1.0,
     clip_norm: float = 1.0,
     trials: int = 5000,
-    delta: float = 1e-5,
+    delta: float = defaults.DELTA,
     num_examples: int = 16,
     batch_size: int = 8,
     lr: float = 0.01,
@@ -50,7 +51,7 @@ def run_record_audit(
     rank: int = 2,
     dim: int = 4,
     frozen_scale: float = 3.0,
-    ridge: float = 1e-6,
+    ridge: float = defaults.RIDGE,
     progress: bool = False,
     noise_seed: int | None = None,
 ) -> AuditResult:
