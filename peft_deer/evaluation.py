@@ -12,14 +12,18 @@ import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
+from .calibration import softmax_t
 from .federated.local_training import autocast_for
 
 
 @torch.no_grad()
-def predict_proba(
+def predict_logits(
     model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256, mixed_precision: str = "no"
 ) -> np.ndarray:
-    """Softmax class probabilities (N, num_classes) float64 for the (pixel_values, label) `dataset`."""
+    """The model's logits (N, num_classes) float64 for the (pixel_values, label) `dataset`.
+
+    Calibration needs these, not probabilities: a saturated model's softmax is exactly 0 or 1 in float32.
+    """
     device = next(model.parameters()).device
     autocast = autocast_for(device, mixed_precision)
     model.eval()
@@ -27,8 +31,20 @@ def predict_proba(
     for pixel_values, _ in DataLoader(dataset, batch_size=batch_size):
         with autocast:
             logits = model(pixel_values=pixel_values.to(device)).logits
-        out.append(torch.softmax(logits.double(), dim=-1).cpu())  # float64: confident logits stay ranked
+        out.append(logits.double().cpu())
     return torch.cat(out).numpy()
+
+
+def predict_proba(
+    model: torch.nn.Module,
+    dataset: TensorDataset,
+    batch_size: int = 256,
+    mixed_precision: str = "no",
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Class probabilities softmax(logits / temperature) (N, num_classes) float64 for `dataset` (see
+    `predict_logits`); float64 keeps confident logits ranked. `temperature`: from `calibration.fit_temperature`."""
+    return softmax_t(predict_logits(model, dataset, batch_size, mixed_precision), temperature)
 
 
 def positive_scores(probs: np.ndarray) -> np.ndarray:

@@ -21,7 +21,10 @@ def export_lora_adapter(source: PeftModel | str | Path, out_dir: str | Path, ada
 
     The weights file is copied unchanged (DEER_LORA uses LoRA's `lora_` keys); the config drops the
     DEeR-only fields and says `"peft_type": "LORA"`, so `PeftModel.from_pretrained` loads it
-    without `peft_deer` installed.
+    without `peft_deer` installed. The other files of a saved adapter dir are copied as they are; for a run's
+    adapter that includes `peft_deer_run.json`, whose `temperature` T gives the calibrated probabilities
+    softmax(logits / T). T is not folded into the weights: the tensors stay exactly the DP-trained ones, and a
+    merged model's logits must be divided by T before the softmax (the demo does).
     """
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,8 +65,35 @@ def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _calibration_lines(calibration: dict[str, dict[str, Any]]) -> list[str]:
+    """The model card's calibration section: each adapter's temperature and its NLL / ECE before and after."""
+    if not calibration:
+        return []
+    lines = [
+        "## Calibrated probabilities",
+        "",
+        "| adapter | temperature T | val NLL (T = 1 -> T) | val ECE | test ECE |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in calibration.items():
+        pairs = [(c.get(f"{k}_before"), c.get(f"{k}_after")) for k in ("val_nll", "val_ece", "test_ece")]
+        lines.append(
+            f"| {name} | {c['temperature']:.4g} | " + " | ".join(f"{_cell(a)} -> {_cell(b)}" for a, b in pairs) + " |"
+        )
+    lines += [
+        "",
+        "The probabilities above (and the threshold) are softmax(logits / T). The adapter's own logits are not "
+        "calibrated: divide them by T, stored as `temperature` in `peft_deer_run.json` next to the adapter, before "
+        "the softmax. T minimises the negative log-likelihood on the validation split, which the server holds: "
+        "post-processing of the DP release, so epsilon is unchanged. ECE: 15 equal-width bins of the top-class "
+        "probability.",
+        "",
+    ]
+    return lines
+
+
 def model_card(info: dict[str, Any]) -> str:
-    """Markdown model card for the adapter dir: base model, data, method, privacy, test metrics."""
+    """Markdown model card for the adapter dir: base model, data, method, privacy, test metrics, calibration."""
     privacy = info["privacy"]
     if privacy.get("reproducible_noise"):
         guarantee = (
@@ -120,6 +147,7 @@ def model_card(info: dict[str, Any]) -> str:
         "the threshold chosen on the validation split (Youden's J; argmax for > 2 classes); accuracy, AUC and "
         "macro F1 use the argmax.",
         "",
+        *_calibration_lines(info.get("calibration") or {}),
         "Load with `import peft_deer; PeftModel.from_pretrained(base, this_dir)`, or use the plain LoRA "
         "export in `../adapter-lora` with vanilla PEFT.",
         "",

@@ -25,6 +25,7 @@ import pytest
 from conftest import MEDMNIST_DIR, ROOT, tiny_vit
 from PIL import Image
 
+from peft_deer.calibration import softmax_t
 from peft_deer.data import load_dataset_spec
 from peft_deer.demo import uploads
 from peft_deer.demo.__main__ import main as app_main
@@ -101,6 +102,36 @@ def test_predictions_reproduce_the_runs_test_metrics(run_dir: Path, clf: Classif
         assert metrics[key] == pytest.approx(summary["test"]["final"][key], abs=1e-6)
     lora = load_classifier(run_dir / "adapter-lora")  # the plain LORA export serves the same model
     np.testing.assert_allclose(lora.probabilities(test_split.images[:64]), probs[:64], atol=1e-5)
+
+
+def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, test_split) -> None:
+    """The demo shows softmax(logits / T) with the T in peft_deer_run.json (a run file without one: T = 1, as
+    before calibration), and decides at the threshold on those probabilities: the run's test sensitivity and
+    specificity come back."""
+    import torch
+
+    run = json.loads((run_dir / "adapter" / "peft_deer_run.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert clf.temperature == run["temperature"] == summary["calibration"]["final"]["temperature"] > 0
+    images = test_split.images[:32]
+    with torch.inference_mode():
+        logits = clf.model(pixel_values=clf._inputs(images)).logits.double().numpy()
+    old_run = {k: v for k, v in clf.run.items() if k != "temperature"}
+    for stored, expected_t in ((clf.run, run["temperature"]), ({**clf.run, "temperature": 3.0}, 3.0), (old_run, 1.0)):
+        other = Classifier(clf.model, clf.adapter_dir, stored, clf.base_model)
+        expected = softmax_t(logits, expected_t)
+        np.testing.assert_allclose(other.probabilities(images), expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(other.probabilities_of(list(images[:3])), expected[:3], rtol=1e-9, atol=1e-12)
+    assert not np.allclose(softmax_t(logits, 3.0), softmax_t(logits))  # the three cases differ
+    assert "softmax(logits / T) with T = " in describe(clf) and "uncalibrated, T = 1" in describe(
+        Classifier(clf.model, clf.adapter_dir, old_run, clf.base_model)
+    )
+    probs = clf.probabilities(test_split.images)
+    decisions = np.array([clf.decide(p) for p in probs])
+    labels = np.asarray(test_split.labels)
+    test = summary["test"]["final"]
+    assert np.mean(decisions[labels == 1] == 1) == pytest.approx(test["sensitivity"], abs=1e-9)
+    assert np.mean(decisions[labels == 0] == 0) == pytest.approx(test["specificity"], abs=1e-9)
 
 
 def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
@@ -222,11 +253,15 @@ def test_bad_adapters_fail_with_a_clear_message(run_dir: Path, tmp_path: Path, c
     _set_base(other_base, str(tmp_path / "vit64"))
     gone_base = _copy_adapter(run_dir, tmp_path / "gone" / "adapter")
     _set_base(gone_base, str(tmp_path / "no-such-base"))
+    bad_temperature = _copy_adapter(run_dir, tmp_path / "temperature" / "adapter")
+    run_file = bad_temperature / "peft_deer_run.json"
+    run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "temperature": -2.0}))
     cases = {
         tmp_path / "nowhere": "adapter directory not found",
         missing_weights: "missing adapter_model.safetensors",
         other_base: "belongs to another base model",
         gone_base: "base model directory .* not found",
+        bad_temperature: "temperature -2.0 is not a positive finite number .*delete the key to use T = 1",
     }
     for adapter, message in cases.items():
         with pytest.raises(AdapterError, match=message):

@@ -350,6 +350,9 @@ def test_rgb_data_gets_a_three_channel_tiny_model(tmp_path, medmnist_dir, capsys
     assert run_main(tiny_argv(out, data_dir=rgb, dataset="dermamnist"), capsys)[0] == 0
     run = json.loads((out / "adapter" / "peft_deer_run.json").read_text())
     assert run["num_channels"] == 3 and len(run["mean"]) == 3
+    # 7 classes: calibrated too (argmax decisions, no threshold), and the fit never raises the validation NLL
+    assert run["decision_threshold"] is None and run["temperature"] > 0
+    assert run["calibration"]["val_nll_after"] <= run["calibration"]["val_nll_before"]
     assert json.loads((out / "base-model" / "config.json").read_text())["num_channels"] == 3
 
 

@@ -92,18 +92,21 @@ def test_the_threshold_is_chosen_on_validation_when_validation_and_test_disagree
 
 def test_runs_choose_the_threshold_on_validation_and_report_it(tmp_path, medmnist_dir, monkeypatch, one_thread):
     """A tiny run whose classifier scores validation images 0.9 (class 1) / 0.7 (class 0) and test images
-    0.6 / 0.4: chosen on validation the threshold is 0.8, which calls every test image class 0. Had the test
-    split chosen it (0.5), the test sensitivity would be 1."""
+    0.6 / 0.4 (logits [0, logit(p)]). Each round's row (T = 1) puts the threshold at 0.8. At the end the
+    temperature is fitted on validation and the threshold is the midpoint of the two calibrated validation
+    scores (0.805), which calls every test image class 0. Had the test split chosen it (0.5), the test sensitivity
+    would be 1."""
     from train import fed
 
     val_size = 524  # PneumoniaMNIST: validation 524 images, test 624
 
-    def fake_predict_proba(model, dataset, batch_size=256, mixed_precision="no"):
+    def fake_predict_logits(model, dataset, batch_size=256, mixed_precision="no"):
         labels = dataset.tensors[1].numpy()
         high, low = (0.9, 0.7) if len(labels) == val_size else (0.6, 0.4)
-        return binary_probs(np.where(labels == 1, high, low))
+        p1 = np.where(labels == 1, high, low)
+        return np.stack([np.zeros_like(p1), np.log(p1 / (1 - p1))], axis=1)
 
-    monkeypatch.setattr(evaluate, "predict_proba", fake_predict_proba)
+    monkeypatch.setattr(evaluate, "predict_logits", fake_predict_logits)
     out = tmp_path / "run"
     argv = ["--model", "tiny-vit", "--data-dir", str(medmnist_dir), "--train-subset", "200", "--num-clients", "2",
             "--rounds", "1", "--partition", "iid", "--output-dir", str(out)]  # fmt: skip
@@ -115,14 +118,25 @@ def test_runs_choose_the_threshold_on_validation_and_report_it(tmp_path, medmnis
     assert row["val_accuracy"] == pytest.approx(0.7423664)  # argmax: every image class 1
     summary = json.loads((out / "summary.json").read_text())
     for name in ("final", "best"):
+        calibration = summary["calibration"][name]
+        t = calibration["temperature"]
+        # NLL'(1 / T) = 0 at T = 0.9716 for 389 of 524 images at 0.9 and 135 at 0.7 (computed separately).
+        assert t == pytest.approx(0.9716247, abs=1e-6) and calibration["fit"] == "minimum of the validation NLL"
+        assert calibration["val_nll_after"] < calibration["val_nll_before"]
+        # The calibrated validation scores are sigmoid(logit(p) / T): the threshold is their midpoint.
+        threshold = (1 / (1 + 0.7 ** (-1 / t) * 0.3 ** (1 / t)) + 1 / (1 + 0.9 ** (-1 / t) * 0.1 ** (1 / t))) / 2
         test = summary["test"][name]
-        assert test["threshold"] == pytest.approx(0.8)
+        assert test["threshold"] == pytest.approx(threshold) and threshold != pytest.approx(0.8, abs=1e-3)
         assert (test["sensitivity"], test["specificity"], test["balanced_accuracy"]) == (0.0, 1.0, 0.5)
         assert test["accuracy"] == 1.0  # argmax, as before (0.5 would have been the test split's own choice)
     for adapter in ("adapter", "adapter-best", "adapter-lora"):
         run = json.loads((out / adapter / "peft_deer_run.json").read_text())
-        assert run["decision_threshold"] == pytest.approx(0.8) and "Youden" in run["decision_rule"]
+        assert run["decision_threshold"] == pytest.approx(summary["test"]["final"]["threshold"])
+        assert "Youden" in run["decision_rule"] and "temperature" in run["decision_rule"]
         assert (run["val_sensitivity"], run["val_specificity"]) == (1.0, 1.0)
+        name = "best" if adapter == "adapter-best" else "final"
+        assert run["temperature"] == summary["calibration"][name]["temperature"] == run["calibration"]["temperature"]
     card = (out / "adapter" / "README.md").read_text()
     assert "| balanced accuracy | sensitivity | specificity | threshold |" in card
-    assert "| final | 1.0000 | 1.0000 |" in card and "| 0.5000 | 0.0000 | 1.0000 | 0.8000 |" in card
+    assert "| final | 1.0000 | 1.0000 |" in card and f"| 0.5000 | 0.0000 | 1.0000 | {threshold:.4f} |" in card
+    assert "## Calibrated probabilities" in card and f"| final | {t:.4g} |" in card

@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
+from peft_deer.calibration import T_MAX, T_MIN
 from peft_deer.data import preprocess_images
 from peft_deer.run_dir import CHECKPOINT
 from train import fed
@@ -184,6 +185,18 @@ def test_end_to_end_outputs(method, finished_run, medmnist_dir):
         card = (out / "adapter" / "README.md").read_text()
         assert ("**none**" in card) is reproducible and ("client-level (" in card) is not reproducible
 
+    # Each adapter's temperature, fitted on validation, with its NLL / ECE before and after (public: no client data).
+    for name, adapter in (("final", "adapter"), ("best", "adapter-best"), ("final", "adapter-lora")):
+        calibration = summary["calibration"][name]
+        run = read_json(out / adapter / "peft_deer_run.json")
+        assert run["temperature"] == calibration["temperature"] and run["calibration"] == calibration
+        assert T_MIN <= calibration["temperature"] <= T_MAX and calibration["fit"]
+        assert calibration["val_nll_after"] <= calibration["val_nll_before"]
+        assert "epsilon unchanged" in calibration["privacy"]
+        for key in ("val_ece_before", "val_ece_after", "test_ece_before", "test_ece_after"):
+            assert 0 <= calibration[key] <= 1, key
+        assert math.isfinite(calibration["test_nll_before"]) and math.isfinite(calibration["test_nll_after"])
+
     # The adapter loads on its saved base model with plain PEFT + transformers and classifies an image.
     info = read_json(out / "adapter" / "peft_deer_run.json")
     assert info["method"] == method and Path(info["base_model"]).is_dir()
@@ -290,6 +303,10 @@ def test_resume_equals_uninterrupted(tmp_path, finished_run, medmnist_dir, capsy
         {k: v for k, v in r.items() if k not in timing} for r in metrics_rows(b)
     ]
     assert read_json(b / "summary.json")["test"] == read_json(a / "summary.json")["test"]
+    assert read_json(b / "summary.json")["calibration"] == read_json(a / "summary.json")["calibration"]
+    for name in ("adapter", "adapter-best"):  # the same temperature, threshold and report (base dirs differ)
+        ra, rb = (read_json(d / name / "peft_deer_run.json") for d in (a, b))
+        assert {k: v for k, v in ra.items() if k != "base_model"} == {k: v for k, v in rb.items() if k != "base_model"}
 
     # A finished run is neither clobbered nor resumed; --overwrite replaces it.
     for extra, message in (([], "holds a finished run"), (["--resume"], "nothing to resume")):

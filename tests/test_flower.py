@@ -357,8 +357,10 @@ def _check_site_evaluation(flower_out, sim_out, run_config: dict, state_dir) -> 
 
     table = json.loads((flower_out / "server-private" / "site_evaluation.json").read_text())
     assert table["covered_by_dp"] is False and table["sites_failed"] == []
-    threshold = table["decision_threshold"]
-    assert threshold == json.loads((flower_out / "summary.json").read_text())["test"]["final"]["threshold"]
+    threshold, temperature = table["decision_threshold"], table["temperature"]
+    summary = json.loads((flower_out / "summary.json").read_text())
+    assert threshold == summary["test"]["final"]["threshold"]
+    assert temperature == summary["calibration"]["final"]["temperature"]  # the sites score calibrated probabilities
     from peft import set_peft_model_state_dict
 
     sim_adapter = load_file(sim_out / "adapter" / "adapter_model.safetensors")
@@ -369,7 +371,7 @@ def _check_site_evaluation(flower_out, sim_out, run_config: dict, state_dir) -> 
             run_config, {"partition-id": client, "data-dir": str(MEDMNIST_DIR), "state-dir": str(state_dir)}
         )
         set_peft_model_state_dict(site.model, sim_adapter)
-        probs = predict_proba(site.model, site.held_out)
+        probs = predict_proba(site.model, site.held_out, temperature=temperature)
         labels = site.held_out.tensors[1].numpy()
         direct = classification_metrics(labels, probs, threshold)
         got = rows[client]

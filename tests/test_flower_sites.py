@@ -37,6 +37,7 @@ from peft_deer.flower.protocol import (  # noqa: E402
     RecordReport,
     SiteCounts,
     evaluate_message,
+    read_evaluate_content,
     read_site_counts,
     update_reply,
 )
@@ -178,6 +179,18 @@ def test_site_counts_round_trip_and_malformed_counts_are_refused(flower_task_ide
     bad = SiteCounts(3, ((5, 1), (2, 4)), ((1,) * 6 + (0,) * 994, (0,) * 1000))  # histogram sum != class count
     with pytest.raises(ValueError, match="do not match"):
         read_site_counts(Message(bad.to_content(), reply_to=message))
+
+
+def test_the_evaluate_instruction_carries_the_temperature(flower_task_identity):
+    state = {"w": torch.ones(2)}
+    got_state, threshold, temperature = read_evaluate_content(evaluate_message(7, state, 0.73, 2.5).content)
+    assert (threshold, temperature) == (0.73, 2.5) and torch.equal(got_state["w"], state["w"])
+    assert read_evaluate_content(evaluate_message(7, state, None).content)[1:] == (None, 1.0)  # argmax, T = 1
+    older = evaluate_message(7, state, 0.5)
+    del older.content.config_records["config"]["temperature"]  # a server from before calibration
+    assert read_evaluate_content(older.content)[1:] == (0.5, 1.0)
+    with pytest.raises(ValueError, match="temperature -1.0 is not a positive finite number"):
+        read_evaluate_content(evaluate_message(7, state, 0.5, -1.0).content)
 
 
 # --------------------------------------------------------------------------------- the long-lived site worker

@@ -2,7 +2,7 @@
 
 `load_classifier(RUN_DIR/adapter)` rebuilds the base model named in ``adapter_config.json``,
 loads the adapter (``DEER_LORA`` or the plain ``LORA`` export), merges it, and reads the run's
-class names, preprocessing and operating threshold (``peft_deer_run.json``) plus the run files
+class names, preprocessing, temperature and operating threshold (``peft_deer_run.json``) plus the run files
 next to the adapter (``privacy.json``, ``summary.json``, ``curves.png``, ``examples/``, and an
 optional ``audit.json`` from ``deer-audit --json``).
 """
@@ -19,6 +19,7 @@ import torch
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer.backbones import load_backbone
+from peft_deer.calibration import softmax_t
 from peft_deer.data import preprocess_images
 from peft_deer.explain import overlay, token_gradcam
 
@@ -30,7 +31,7 @@ __all__ = ["AdapterError", "Classifier", "Example", "OperatingPoint", "load_clas
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The run's decision threshold on P(class 1), chosen on the validation split (Youden's J)."""
+    """The run's decision threshold on calibrated P(class 1), chosen on the validation split (Youden's J)."""
 
     threshold: float
     val_sensitivity: float | None
@@ -61,6 +62,12 @@ class Classifier:
         return list(self.run["class_names"])
 
     @property
+    def temperature(self) -> float:
+        """T of the run's calibrated probabilities softmax(logits / T), fitted on its validation split; 1.0 for
+        run files written before calibration (``check_adapter_dir`` refused a present but invalid one)."""
+        return float(self.run.get("temperature", 1.0))
+
+    @property
     def operating_point(self) -> OperatingPoint | None:
         """The validation-chosen threshold of a binary run, or None (decisions are then the argmax)."""
         threshold = self.run.get("decision_threshold")
@@ -81,17 +88,18 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, images: Any) -> np.ndarray:
-        """Class probabilities (N, num_classes) for uint8 images (anything `preprocess_images` takes)."""
+        """Calibrated class probabilities softmax(logits / T) (N, num_classes) for uint8 images (anything
+        `preprocess_images` takes)."""
         logits = self.model(pixel_values=self._inputs(images)).logits
-        return torch.softmax(logits.double(), dim=-1).cpu().numpy()
+        return softmax_t(logits.double().cpu().numpy(), self.temperature)
 
     @torch.inference_mode()
     def probabilities_of(self, images: list[np.ndarray]) -> np.ndarray:
-        """(N, num_classes) for decoded images of any sizes (each preprocessed alone, one forward pass)."""
+        """Calibrated (N, num_classes) for decoded images of any sizes (each preprocessed alone, one forward pass)."""
         if not images:
             return np.zeros((0, len(self.class_names)))
         logits = self.model(pixel_values=torch.cat([self._inputs(px) for px in images])).logits
-        return torch.softmax(logits.double(), dim=-1).cpu().numpy()
+        return softmax_t(logits.double().cpu().numpy(), self.temperature)
 
     def decide(self, probs: np.ndarray) -> int:
         """The decided class of one probability vector (num_classes,): P(class 1) >= threshold, else argmax."""

@@ -170,6 +170,16 @@ def threshold_md(clf: Classifier) -> str:
     )
 
 
+def calibration_md(clf: Classifier) -> str:
+    """Where the shown probabilities come from: the run's temperature, or none for runs that predate it."""
+    if "temperature" not in clf.run:
+        return "softmax of the logits (this run file has no temperature: uncalibrated, T = 1)"
+    return (
+        f"calibrated, softmax(logits / T) with T = {clf.temperature:.4g} fitted on the run's validation split "
+        "(post-processing of the released model: ε unchanged)"
+    )
+
+
 def decision_md(clf: Classifier, probs: np.ndarray, explained: int | None = None) -> str:
     """Markdown: the decided class for probabilities (num_classes,), the rule, and what the heatmap shows."""
     decided = clf.decide(probs)
@@ -203,6 +213,7 @@ def describe(clf: Classifier, title: str | None = None) -> str:
         f"{summary.get('rounds_completed', 'n/a')} rounds",
         f"- dataset: {run.get('dataset', 'n/a')}; classes: {', '.join(clf.class_names)}",
         f"- input: {run['image_size']} px, {run['num_channels']} channel(s), same preprocessing as training",
+        f"- probabilities: {calibration_md(clf)}",
         f"- decision: {threshold_md(clf)}",
     ]
     return "\n".join(model) + "\n\n" + _privacy_md(clf.privacy, clf.audit) + "\n\n" + _metrics_md(clf.summary)

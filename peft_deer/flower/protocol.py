@@ -6,8 +6,8 @@ Three message kinds:
   key and, with distributed noise, the mechanism's terms (sigma, C, lambda, noise kind); the client
   answers with the delta of the phase's trained parameters only, its example
   count and, under record-level DP, its accountant (`RecordReport`);
-- evaluate (once, after the run): the server sends the final adapter and its decision threshold; the
-  site answers with counts on its own held-out images (`SiteCounts`).
+- evaluate (once, after the run): the server sends the final adapter, its temperature and its decision
+  threshold; the site answers with counts on its own held-out images (`SiteCounts`).
 
 The ClientApp side works on message *contents* (`RecordDict`): the SuperNode's ClientApp process
 forwards them to the site's long-lived worker (`site_worker.py`) and wraps the reply.
@@ -305,8 +305,10 @@ class SiteCounts:
         return RecordDict({COUNTS: MetricRecord(metrics), CONFIG: ConfigRecord({"client-id": self.client_id})})
 
 
-def evaluate_message(node_id: int, state: AdapterState, threshold: float | None) -> Message:
-    config = ConfigRecord({} if threshold is None else {"threshold": float(threshold)})
+def evaluate_message(node_id: int, state: AdapterState, threshold: float | None, temperature: float = 1.0) -> Message:
+    config = ConfigRecord(
+        {"temperature": float(temperature), **({} if threshold is None else {"threshold": float(threshold)})}
+    )
     return Message(
         RecordDict({GLOBAL: state_to_record(state), CONFIG: config}),
         dst_node_id=node_id,
@@ -314,11 +316,16 @@ def evaluate_message(node_id: int, state: AdapterState, threshold: float | None)
     )
 
 
-def read_evaluate_content(content: RecordDict) -> tuple[AdapterState, float | None]:
-    """(global adapter, decision threshold or None for argmax) of an evaluate message."""
+def read_evaluate_content(content: RecordDict) -> tuple[AdapterState, float | None, float]:
+    """(global adapter, decision threshold or None for argmax, temperature) of an evaluate message.
+
+    The threshold applies to softmax(logits / temperature); a message without a temperature means T = 1."""
     config = content.config_records[CONFIG]
     threshold = float(config["threshold"]) if "threshold" in config else None
-    return record_to_state(content.array_records[GLOBAL]), threshold
+    temperature = float(config.get("temperature", 1.0))
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"the evaluate instruction's temperature {temperature!r} is not a positive finite number")
+    return record_to_state(content.array_records[GLOBAL]), threshold, temperature
 
 
 def read_site_counts(reply: Message) -> SiteCounts:

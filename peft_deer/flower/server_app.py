@@ -69,10 +69,16 @@ def discover_clients(grid: Grid, num_clients: int, options: DeploymentOptions) -
 
 
 def evaluate_sites(
-    grid: Grid, nodes: dict[int, int], state: AdapterState, threshold: float | None, options: DeploymentOptions
+    grid: Grid,
+    nodes: dict[int, int],
+    state: AdapterState,
+    threshold: float | None,
+    options: DeploymentOptions,
+    temperature: float = 1.0,
 ) -> tuple[list[SiteCounts], list[str]]:
-    """Ask every site to evaluate `state` on its own held-out images: (the counts, one reason per failed site)."""
-    messages = [evaluate_message(nodes[c], state, threshold) for c in sorted(nodes)]
+    """Ask every site to evaluate `state` on its own held-out images, with probabilities softmax(logits /
+    temperature) and `threshold`: (the counts, one reason per failed site)."""
+    messages = [evaluate_message(nodes[c], state, threshold, temperature) for c in sorted(nodes)]
     counts, failed = [], []
     for reply in grid.send_and_receive(messages, timeout=options.reply_timeout_s):
         try:
@@ -128,8 +134,10 @@ class FlowerTransport(Transport):
     def after_finalize(self, exp: Experiment, out: Path, summary: dict) -> None:
         """Every site evaluates the final adapter on its own held-out images (server-private table)."""
         threshold = summary["test"]["final"]["threshold"]
-        counts, failed = evaluate_sites(self.grid, self.nodes, exp.server.global_state, threshold, self.options)
-        write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed)
+        temperature = summary["calibration"]["final"]["temperature"]
+        state = exp.server.global_state
+        counts, failed = evaluate_sites(self.grid, self.nodes, state, threshold, self.options, temperature)
+        write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed, temperature)
         add_model_card_note(out)
         logger.info(
             "per-site evaluation of %d sites -> %s (server-private, not DP-covered)", len(counts), out / PRIVATE_DIR

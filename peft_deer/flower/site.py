@@ -210,11 +210,13 @@ class Site:
         return received
 
     def evaluate(self, content: RecordDict) -> RecordDict:
-        """Counts of the global adapter's decisions (and, binary, P(class 1) histograms) on the held-out images."""
-        state, threshold = read_evaluate_content(content)
+        """Counts of the global adapter's decisions (and, binary, calibrated P(class 1) histograms) on the held-out
+        images, with the server's temperature and threshold."""
+        state, threshold, temperature = read_evaluate_content(content)
         load_adapter_state(self.model, state)
+        settings = self.settings
         probs = predict_proba(
-            self.model, self.held_out, self.settings.output.eval_batch_size, self.settings.local.mixed_precision
+            self.model, self.held_out, settings.output.eval_batch_size, settings.local.mixed_precision, temperature
         )
         labels = self.held_out.tensors[1].numpy()
         k = probs.shape[1]

@@ -73,9 +73,10 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def format_site_table(rows: list[dict], threshold: float | None) -> str:
+def format_site_table(rows: list[dict], threshold: float | None, temperature: float = 1.0) -> str:
     """The table as Markdown, with what it is and is not."""
     rule = "argmax" if threshold is None else f"class 1 iff P(class 1) >= {threshold:.4f} (chosen on validation)"
+    rule += f"; P = softmax(logits / {temperature:.4g}) (the temperature fitted on validation)"
     cols = ["images", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"]
     lines = [
         "# Per-site evaluation of the final adapter (server-private: NOT covered by DP)",
@@ -91,19 +92,23 @@ def format_site_table(rows: list[dict], threshold: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_site_evaluation(private_dir: Path, rows: list[dict], threshold: float | None, failed: list[str]) -> None:
-    """`site_evaluation.json` and `.md` in the run's server-private directory."""
+def write_site_evaluation(
+    private_dir: Path, rows: list[dict], threshold: float | None, failed: list[str], temperature: float = 1.0
+) -> None:
+    """`site_evaluation.json` and `.md` in the run's server-private directory (probabilities: softmax(logits /
+    temperature), the final adapter's calibration)."""
     write_json_atomic(
         private_dir / "site_evaluation.json",
         {
             "covered_by_dp": False,
             "decision_threshold": threshold,
+            "temperature": temperature,
             "auc_from": f"per-class histograms of P(class 1), {SCORE_BINS} equal bins, ties within a bin counted half",
             "rows": rows,
             "sites_failed": failed,
         },
     )
-    text = format_site_table(rows, threshold)
+    text = format_site_table(rows, threshold, temperature)
     if failed:
         text += "\nSites that could not evaluate: " + "; ".join(failed) + "\n"
     (private_dir / "site_evaluation.md").write_text(text)

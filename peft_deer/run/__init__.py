@@ -11,7 +11,7 @@ produced). The modules, in the order a run meets them:
 - `experiment.py`: `Experiment` and `build_experiment` (server, engine, frozen-prefix cache);
 - `progress.py`: `RunProgress`, `start_or_resume` (checkpoint or a new run dir);
 - `phases.py`: `run_phases`, the loop with budget stop, validation, best adapter and checkpoints;
-- `evaluate.py`: validation and test metrics of the loaded adapter;
+- `evaluate.py`: validation and test metrics of the loaded adapter; its temperature (calibration) at the end;
 - `outputs.py`: `finalize` (adapters, ledger, model card, summary) and `final_line`;
 - `simulation.py`: the in-process transport; `lifecycle.py`: `run_experiment`.
 """

@@ -4,6 +4,8 @@ model card and `summary.json` (written last).
 Output layout of a run directory: adapter/, adapter-best/, adapter-lora/ (plain LoRA export),
 privacy.json, metrics.jsonl, summary.json, curves.png, examples/, base-model/ (random backbones only)
 -- all of it publishable: nothing in it is computed from a client's data without noise.
+Each adapter's temperature (probabilities = softmax(logits / T), fitted on the server's validation split)
+is in its `peft_deer_run.json` and in `summary.json` under `calibration`.
 `server-private/` holds what is (training losses, update norms, participants, per-client label counts,
 dropped updates); `checkpoint.pt` (while unfinished) also holds the run's DP secret. Never publish either.
 """
@@ -22,11 +24,14 @@ from ..federated import load_adapter_state
 from ..io import write_json_atomic
 from ..reporting import model_card, plot_curves
 from ..run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
-from .evaluate import test_metrics, validation_metrics
+from .evaluate import final_evaluation
 from .experiment import Experiment
 from .progress import PRIVATE_DIR, RunProgress
 
-DECISION_RULE = "class 1 when P(class 1) >= decision_threshold (Youden's J on the validation split)"
+DECISION_RULE = (
+    "class 1 when P(class 1) >= decision_threshold, P = softmax(logits / temperature) "
+    "(threshold: Youden's J on the calibrated validation probabilities)"
+)
 
 
 def finalize(
@@ -46,15 +51,15 @@ def finalize(
     data = settings.data
     published, out = out, live_dir(out)  # a run that ended before its first checkpoint is still staged
     remove_temp_files(out)  # from a run killed while writing its outputs, now resumed
-    test = {}
+    test, calibration = {}, {}
     adapters = {"final": server.global_state}
     if progress.best is not None:
         adapters["best"] = progress.best["state"]
     for name, state in adapters.items():
         load_adapter_state(model, state)
         with exp.model_inputs():
-            val = validation_metrics(exp)  # this adapter's decision threshold, chosen on validation only
-            test[name] = test_metrics(exp, val["threshold"])
+            evaluation = final_evaluation(exp)  # this adapter's temperature and threshold, from validation only
+        val, test[name], calibration[name] = evaluation.val, evaluation.test, evaluation.calibration
         target = out / ("adapter" if name == "final" else "adapter-best")
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +82,8 @@ def finalize(
                 "decision_rule": DECISION_RULE if val["threshold"] is not None else "argmax",
                 "val_sensitivity": val["sensitivity"],
                 "val_specificity": val["specificity"],
+                "temperature": evaluation.temperature,  # the demo divides the logits by it before the softmax
+                "calibration": evaluation.calibration,
             },
         )
         shutil.rmtree(target, ignore_errors=True)
@@ -108,6 +115,7 @@ def finalize(
         "rounds_completed": rounds_done,
         "privacy": ledger,
         "test": test,
+        "calibration": calibration,
     }
     (out / "adapter" / "README.md").write_text(model_card(info))
     for name in ("adapter-best", "adapter-lora"):
