@@ -81,6 +81,8 @@ CAMPAIGN_SET = ("output_dir", "prefix_cache_dir", "resume", "overwrite", "max_ph
 PROBE_KEYS = ("dataset", "model", "image_size", "data_dir", "train_subset", "seed")
 # Settings the report shows as the privacy column rather than as settings of their own.
 PRIVACY_SETTINGS = ("dp", "epsilon", "noise_multiplier", "record_epsilon", "record_noise_multiplier")
+# Settings the common-settings line never shows: the table's own columns, and paths.
+REPORT_HIDDEN = ("seed", "method", "dataset", *PRIVACY_SETTINGS, *CAMPAIGN_SET, "data_dir", "config")
 LEVEL_ORDER = {"none": 0, "record": 1, "client": 2, "client,record": 3}
 _TQDM_LINE = re.compile(r"\d+%\|")
 
@@ -735,26 +737,35 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], planned: int | None = Non
         ds_runs = [g.rows[0]["_s"] for g in ds_groups]
         lines += ["", f"## {dataset}", ""]
         if ds_runs:
+            listed = (
+                "model",
+                "image_size",
+                "lora_layers",
+                "rank",
+                "num_clients",
+                "clients_per_round",
+                "partition",
+                "dirichlet_alpha",
+                "train_subset",
+                "rounds",
+                "local_epochs",
+                "optimizer",
+                "lr",
+                "batch_size",
+                "delta",
+                "record_delta",
+            )  # fmt: skip
+            # then every other setting the rows share at a non-default value (e.g. lora_alpha, head_init):
+            # a row must never read as the default method when all of its dataset's runs changed it
+            defaults = setting_defaults()
+            unlisted = sorted(
+                k
+                for k, v in ds_runs[0].items()
+                if k not in listed and k not in REPORT_HIDDEN and v != defaults.get(k, v) and v is not None
+            )
             common = [
                 f"{k}={_g(ds_runs[0].get(k))}"
-                for k in (
-                    "model",
-                    "image_size",
-                    "lora_layers",
-                    "rank",
-                    "num_clients",
-                    "clients_per_round",
-                    "partition",
-                    "dirichlet_alpha",
-                    "train_subset",
-                    "rounds",
-                    "local_epochs",
-                    "optimizer",
-                    "lr",
-                    "batch_size",
-                    "delta",
-                    "record_delta",
-                )  # fmt: skip
+                for k in (*listed, *unlisted)
                 if k not in other_keys and ds_runs[0].get(k) is not None
             ]
             lines += [f"Common settings: {', '.join(common)}.", ""]

@@ -354,3 +354,19 @@ def test_validation_auc_is_read_from_the_run_and_shown_beside_test_auc(tmp_path)
     assert "| method | privacy | val AUC | test AUC | balanced acc. |" in md
     assert "| deer | none | 0.880 ± – | 0.800 ± – | 0.700 ± – |" in md
     assert "centralized; C=0.1) | none | 0.950 ± – | 0.900 ± – |" in md
+
+
+def test_common_settings_name_every_shared_non_default_setting():
+    """A dataset whose runs all changed a setting outside the usual list (here lora_alpha, which turns
+    LoRA off: a federated linear probe) says so above its table, so no row reads as plain `deer`."""
+    row = {
+        "id": "a", "kind": "run", "method": "deer", "dataset": "d", "seed": 0, "status": "ok", "seconds": 2.0,
+        "settings": {"dataset": "d", "dp": "none", "seed": 0, "lora_alpha": 1e-6, "head_init": "zero"},
+        "test_final": {"auc": 0.8},
+    }  # fmt: skip
+    md = campaign.render_markdown([row])
+    common = next(line for line in md.splitlines() if line.startswith("Common settings:"))
+    assert "lora_alpha=1e-06" in common and "head_init=zero" in common
+    assert "seed=" not in common and "output_dir" not in common and "dp=" not in common
+    # a setting left at deer-fed's default is not listed
+    assert "engine=" not in common
