@@ -60,11 +60,18 @@ def _as_logits(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return z - z.max(axis=1, keepdims=True), y  # the row shift changes neither softmax nor NLL
 
 
+def check_temperature(value: object) -> float:
+    """`value` as a float temperature; ValueError ("temperature V is not a positive finite number") otherwise.
+
+    One check for every place a temperature arrives: a run file, a Flower message, a caller of `softmax_t`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"temperature {value!r} is not a positive finite number")
+    return float(value)
+
+
 def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) over the last axis, float64; `logits` (N, K) -> (N, K)."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature {temperature!r} must be a positive finite number")
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.asarray(logits, dtype=np.float64) / check_temperature(temperature)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)

@@ -7,10 +7,11 @@ A run directory holds ``adapter/`` (also ``adapter-best/``, ``adapter-lora/``), 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..calibration import check_temperature
 
 __all__ = [
     "AdapterError",
@@ -80,12 +81,13 @@ def check_adapter_dir(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
         raise AdapterError(f"{adapter_dir}: peft_type {kind!r} is not served (expected one of {', '.join(PEFT_TYPES)})")
     if not isinstance(run, dict) or any(k not in run for k in RUN_KEYS):
         raise AdapterError(f"{adapter_dir}/peft_deer_run.json lacks one of {', '.join(RUN_KEYS)}")
-    temperature = run.get("temperature", 1.0)  # absent in runs written before calibration: T = 1
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+    try:
+        check_temperature(run.get("temperature", 1.0))  # absent in runs written before calibration: T = 1
+    except ValueError as err:
         raise AdapterError(
-            f"{adapter_dir}/peft_deer_run.json: temperature {temperature!r} is not a positive finite number "
+            f"{adapter_dir}/peft_deer_run.json: {err} "
             "(copy the file again from the run directory, or delete the key to use T = 1)"
-        )
+        ) from None
     if not config.get("base_model_name_or_path"):
         raise AdapterError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
     return config, run

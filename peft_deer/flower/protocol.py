@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from ..calibration import check_temperature
 from ..federated import AdapterState, ClientDP, ClientUpdate, InvalidClientUpdate, validate_updates
 from ..methods import NoiseKind
 
@@ -322,9 +323,10 @@ def read_evaluate_content(content: RecordDict) -> tuple[AdapterState, float | No
     The threshold applies to softmax(logits / temperature); a message without a temperature means T = 1."""
     config = content.config_records[CONFIG]
     threshold = float(config["threshold"]) if "threshold" in config else None
-    temperature = float(config.get("temperature", 1.0))
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"the evaluate instruction's temperature {temperature!r} is not a positive finite number")
+    try:
+        temperature = check_temperature(config.get("temperature", 1.0))
+    except ValueError as err:
+        raise ValueError(f"the evaluate instruction's {err}") from None
     return record_to_state(content.array_records[GLOBAL]), threshold, temperature
 
 
