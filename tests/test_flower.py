@@ -28,6 +28,7 @@ from safetensors.torch import load_file  # noqa: E402
 from peft_deer.federated import (  # noqa: E402
     ClientDP,
     ClientUpdate,
+    DPRandomness,
     FederatedServer,
     LocalTraining,
     SequentialEngine,
@@ -42,6 +43,10 @@ from peft_deer.flower.protocol import read_train_message, update_reply  # noqa: 
 from peft_deer.flower.run_config import OPTION_KEYS, DeploymentOptions, parse_run_config  # noqa: E402
 from peft_deer.methods import NoiseKind  # noqa: E402
 
+
+def _stream(seed: int):
+    """A public (test-only) noise stream."""
+    return DPRandomness.from_seed(seed).stream("t")
 
 def flower_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -186,7 +191,7 @@ def test_distributed_noise_drops_an_unclipped_update_and_keeps_the_noise_floor(f
     keys = server.trained_keys(phase)
     whiteners = build_whiteners(server.layout, server.global_state, keys, "regulated", dp.ridge)
     private = [
-        with_delta(u, privatize_update(u.delta, whiteners, "regulated", dp, 2, torch.Generator().manual_seed(i))[0])
+        with_delta(u, privatize_update(u.delta, whiteners, "regulated", dp, 2, _stream(i))[0])
         for i, u in enumerate(updates)
     ]
     huge = with_delta(updates[2], {k: v * 1e4 for k, v in updates[2].delta.items()})  # skipped clipping

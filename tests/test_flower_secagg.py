@@ -31,6 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from peft_deer.federated import (  # noqa: E402
     ClientDP,
     ClientUpdate,
+    DPRandomness,
     FederatedServer,
     LocalTraining,
     SequentialEngine,
@@ -61,6 +62,11 @@ from peft_deer_clientapp import keyed_masks, secagg_when_asked  # noqa: E402
 DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
 
 
+
+def _stream(seed: int):
+    """A public (test-only) noise stream."""
+    return DPRandomness.from_seed(seed).stream("t")
+
 def phase_b_setup(num_clients: int = 3):
     """A tiny deer model, its layout and state, phase B (round 1) and each client's raw (unclipped) update."""
     model = tiny_deer_model("deer")
@@ -78,7 +84,7 @@ def privatized(layout, state, phase, updates, k: int, dp: ClientDP = DP) -> list
     return [
         dataclasses.replace(
             u,
-            delta=privatize_update(u.delta, whiteners, "regulated", dp, k, torch.Generator().manual_seed(100 + i))[0],
+            delta=privatize_update(u.delta, whiteners, "regulated", dp, k, _stream(100 + i))[0],
         )
         for i, u in enumerate(updates)
     ]
@@ -112,7 +118,7 @@ def test_the_clipping_range_bounds_clipped_updates_and_their_noise_share():
     big = {k: v * 1e3 for k, v in updates[0].delta.items()}  # far above C: clipping is active
     largest = 0.0
     for seed in range(200):
-        private, _ = privatize_update(big, whiteners, "regulated", DP, 2, torch.Generator().manual_seed(seed))
+        private, _ = privatize_update(big, whiteners, "regulated", DP, 2, DPRandomness.from_seed(seed).stream("t"))
         largest = max(largest, max(float(v.abs().max()) for v in private.values()))
     assert largest < rho
     # A plain (identity-metric) mechanism: rho = C (1 + t sigma / sqrt(k)).

@@ -10,6 +10,7 @@ import torch
 from peft_deer.federated import build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
 from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
 from peft_deer.federated.mechanism import Whitener, reference_effective_multiplier
+from peft_deer.federated.randomness import DPRandomness
 
 R, D_IN, D_OUT, S = 3, 6, 5, 2.0
 
@@ -40,7 +41,7 @@ def test_regulated_noise_covariance_matches_sigma2_c2_minv(trained):
     sigma, clip = 1.3, 0.7
     n = 200_000
     shape = torch.Size((n, R)) if trained == "B" else torch.Size((R, n))
-    noise = sample_noise(whiteners, {key: shape}, sigma * clip, torch.Generator().manual_seed(1))[key]
+    noise = sample_noise(whiteners, {key: shape}, sigma * clip, DPRandomness.from_seed(1).stream("t"))[key]
     rows = noise if trained == "B" else noise.T
     theory = sigma**2 * clip**2 * torch.linalg.inv(metric)
     cov = empirical_cov(rows)
@@ -59,7 +60,7 @@ def test_product_space_noise_does_not_grow_with_the_frozen_factor():
         layout, state = layout_and_state(scale_b=scale)
         regulated = build_whiteners(layout, state, ["m.A"], "regulated", ridge=0.0)
         plain = build_whiteners(layout, state, ["m.A"], "plain", ridge=0.0)
-        g = torch.Generator().manual_seed(2)
+        g = DPRandomness.from_seed(2).stream("t")
         shapes = {"m.A": torch.Size((R, D_IN))}
         reg = torch.stack(
             [S * state["m.B"] @ sample_noise(regulated, shapes, sigma * clip, g)["m.A"] for _ in range(draws)]
@@ -138,7 +139,7 @@ def test_client_noise_shares_sum_to_the_central_covariance_and_clipping_holds():
     big = {"m.B": torch.randn(D_OUT, R, generator=torch.Generator().manual_seed(3)) * 50}
     rows = []
     for i in range(draws // D_OUT):
-        g = torch.Generator().manual_seed(i)
+        g = DPRandomness.from_seed(i).stream("t")
         zero_sum = sum(
             privatize_update({"m.B": torch.zeros(D_OUT, R)}, whiteners, "regulated", dp, m, g)[0]["m.B"]
             for _ in range(m)
@@ -149,7 +150,7 @@ def test_client_noise_shares_sum_to_the_central_covariance_and_clipping_holds():
     assert float(torch.linalg.matrix_norm(cov - theory) / torch.linalg.matrix_norm(theory)) < 0.05
     # The clipping inside the client step: without noise (sigma -> tiny) the update has norm C.
     quiet = ClientDP(noise_multiplier=1e-9, clip_norm=0.6)
-    clipped, before = privatize_update(big, whiteners, "regulated", quiet, m, torch.Generator().manual_seed(0))
+    clipped, before = privatize_update(big, whiteners, "regulated", quiet, m, DPRandomness.from_seed(0).stream("t"))
     assert before > 0.6 and metric_norm(clipped, whiteners) == pytest.approx(0.6, rel=1e-5)
 
 
@@ -168,7 +169,7 @@ def test_server_check_accepts_privatized_updates_and_rejects_unclipped_ones():
     g = torch.Generator().manual_seed(0)
     raw = {"m.A": torch.randn(R, D_IN, generator=g) * 100, "head.w": torch.randn(2, 4, generator=g) * 100}
     for seed in range(200):
-        private, _ = privatize_update(raw, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(seed))
+        private, _ = privatize_update(raw, whiteners, "regulated", dp, 3, DPRandomness.from_seed(seed).stream("t"))
         check_privatized_update(ClientUpdate(0, private, 10), whiteners, "regulated", dp, 3)  # never a false alarm
     with pytest.raises(InvalidClientUpdate, match="not clipped"):
         check_privatized_update(ClientUpdate(7, raw, 10), whiteners, "regulated", dp, 3)
@@ -203,7 +204,7 @@ def test_privatized_releases_keep_the_noise_floor_whatever_arrives():
     whiteners = build_whiteners(layout, server.global_state, keys, "regulated", dp.ridge)
     for u in updates:
         u.delta, _ = privatize_update(
-            u.delta, whiteners, "regulated", dp, 3, torch.Generator().manual_seed(u.client_id)
+            u.delta, whiteners, "regulated", dp, 3, DPRandomness.from_seed(u.client_id).stream("t")
         )
     with pytest.raises(ValueError, match="less noise than sigma"):
         server.finish_phase(phase, updates[:2], privatized_shares=3)
@@ -216,7 +217,7 @@ def test_privatized_releases_keep_the_noise_floor_whatever_arrives():
     draws = []
     for seed in range(300):
         shares = [
-            privatize_update(zero, whiteners, "regulated", dp, 2, torch.Generator().manual_seed(seed * 3 + i))[0]
+            privatize_update(zero, whiteners, "regulated", dp, 2, DPRandomness.from_seed(seed * 3 + i).stream("t"))[0]
             for i in range(3)
         ]
         total = {k: sum(s[k] for s in shares) for k in zero}

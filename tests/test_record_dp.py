@@ -115,6 +115,7 @@ def test_whitened_clipping_bounds_every_per_sample_metric_norm(factors):
         noise_multiplier=1.0,
         max_grad_norm=clip,
         expected_batch_size=n,
+        stream=DPRandomness.from_seed(0).stream("test"),
     )
     for k in keys:
         params[k].grad_sample = samples[k].clone()
@@ -151,7 +152,7 @@ def _noise_draws(whitener: Whitener, shape, sigma, clip, draws, seed=0):
         noise_multiplier=sigma,
         max_grad_norm=clip,
         expected_batch_size=1,
-        generator=torch.Generator().manual_seed(seed),
+        stream=DPRandomness.from_seed(seed).stream("test"),
     )
     out = []
     for _ in range(draws):
@@ -269,7 +270,7 @@ def test_phase_switch_b_then_a_trains_under_opacus_and_cleans_up():
     hooks = _hooks(model)
     record = RecordDP((1.0,), 1.0, 1e-5, "regulated")
     training = LocalTraining(1, 8, 0.05, record_dp=record)
-    task = ClientTask(0, data, 7, dp_seed=7)
+    task = ClientTask(0, data, 7, dp_randomness=DPRandomness.from_seed(7))
     for phase in (Phase(0, 0, ("B",)), Phase(0, 1, ("A",)), Phase(1, 0, ("B",))):  # no IndexError: pop from empty
         update = train_client(model, layout, state, phase, task, training)
         assert set(update.delta) == set(layout.trained_keys(phase.factors))
@@ -290,27 +291,24 @@ def test_phase_switch_b_then_a_trains_under_opacus_and_cleans_up():
 
 
 def test_empty_poisson_batches_are_noise_only_steps():
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    from peft_deer.federated import derive_seed
+    from peft_deer.federated.dp_sgd import SecurePoissonSampler
 
     model, layout, state, data = setup("rolora")
     record = RecordDP((1.0,), 1.0, 1e-5, "plain")
     # q = 1/40, 40 steps: about a third of the Poisson draws are empty (the same draws as in training)
-    sampler = UniformWithReplacementSampler(
-        num_samples=40, sample_rate=1 / 40, generator=torch.Generator().manual_seed(derive_seed(3, "poisson"))
-    )
+    sampler = SecurePoissonSampler(40, 1 / 40, 40, DPRandomness.from_seed(3).stream("poisson"))
     batches = list(sampler)
     assert any(len(b) == 0 for b in batches)
     training = LocalTraining(1, 1, 0.01, record_dp=record)
-    update = train_client(model, layout, state, Phase(0, 0, ("B",)), ClientTask(0, data, 3, dp_seed=3), training)
+    task = ClientTask(0, data, 3, dp_randomness=DPRandomness.from_seed(3))
+    update = train_client(model, layout, state, Phase(0, 0, ("B",)), task, training)
     assert update.images_seen == sum(len(b) for b in batches)
     assert all(torch.isfinite(v).all() for v in update.delta.values())
 
 
 def test_batch_memory_manager_gives_the_same_update_and_bf16_runs():
     model, layout, state, data = setup("deer")
-    phase, task = Phase(0, 1, ("A",)), ClientTask(1, data, 11, dp_seed=11)
+    phase, task = Phase(0, 1, ("A",)), ClientTask(1, data, 11, dp_randomness=DPRandomness.from_seed(11))
 
     def run(**kw):
         mp = kw.pop("mixed_precision", "no")

@@ -16,6 +16,7 @@ from ..federated.adapter_state import AdapterLayout, AdapterState, load_adapter_
 from ..federated.client import train_client
 from ..federated.local_training import ClientTask, LocalTraining, set_phase_trainability
 from ..federated.mechanism import build_whiteners
+from ..federated.randomness import DPRandomness
 from ..federated.record_dp import RecordAccountants, RecordDP, record_sample_rate, record_steps
 from ..federated.schedule import Phase, iter_phases, method_spec
 from ..federated.seeding import derive_seed
@@ -106,7 +107,8 @@ def run_record_audit(
         stats = np.empty(trials)
 
         def update(canary_in: bool, dp_seed: int | None) -> AdapterState:
-            task = ClientTask(0, datasets[canary_in], seed, dp_seed=dp_seed)
+            secret = None if dp_seed is None else DPRandomness.from_seed(dp_seed)  # None: OS entropy
+            task = ClientTask(0, datasets[canary_in], seed, dp_randomness=secret)
             return train_client(model, layout, state, phase, task, training).delta
 
         for i in tqdm(range(trials), desc=f"record audit {method}", unit="trial", disable=not progress):

@@ -31,7 +31,7 @@ from .mechanism import (
     reference_effective_multiplier,
     sample_noise,
 )
-from .randomness import DPRandomness
+from .randomness import DPRandomness, SecureStream
 
 
 class InvalidClientUpdate(ValueError):
@@ -116,19 +116,20 @@ def privatize_update(
     noise_kind: NoiseKind,
     dp: ClientDP,
     num_shares: int,
-    generator: torch.Generator,
+    stream: SecureStream,
 ) -> tuple[AdapterState, float]:
     """A client's share of the distributed Gaussian mechanism: clip, then add noise of std sigma*C/sqrt(m).
 
     `num_shares` m is the number of clients whose noise makes up the release; the sum of m privatized
-    updates carries noise of covariance sigma^2 C^2 M^-1, as the central mechanism. `generator` must be
-    secret from the server in a deployment (seed it from OS entropy). Returns (fp32 update, norm before clipping).
+    updates carries noise of covariance sigma^2 C^2 M^-1, as the central mechanism. `stream` must be
+    secret from the server in a deployment (a `DPRandomness.secret()` stream). Returns (fp32 update, norm
+    before clipping).
     """
     if num_shares < 1:
         raise ValueError(f"num_shares {num_shares} must be >= 1")
     clipped, norm = clip_client_update(delta, whiteners, noise_kind, dp.clip_norm)
     share_std = dp.noise_multiplier * dp.clip_norm / math.sqrt(num_shares)
-    noise = sample_noise(whiteners, {k: v.shape for k, v in clipped.items()}, share_std, generator)
+    noise = sample_noise(whiteners, {k: v.shape for k, v in clipped.items()}, share_std, stream)
     return {k: clipped[k].float() + noise[k] for k in clipped}, norm
 
 
@@ -198,8 +199,8 @@ def aggregate_phase(
             private, norm = u.delta, math.nan  # the norm before clipping stays with the client
         elif dp.placement == "distributed":
             # Simulate each client's own step: under secure aggregation only the sum is seen.
-            generator = randomness.generator(*phase_step, u.client_id, "noise")
-            private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, len(updates), generator)
+            stream = randomness.stream(*phase_step, u.client_id, "noise")
+            private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, len(updates), stream)
         else:
             private, norm = clip_client_update(u.delta, whiteners, noise_kind, dp.clip_norm)
         norms.append(norm)
@@ -207,8 +208,8 @@ def aggregate_phase(
         for k in shapes:
             total[k] += private[k].float()
     if dp.placement == "central" and privatized_shares is None:
-        generator = randomness.generator(*phase_step, "noise")
-        for k, n in sample_noise(whiteners, shapes, std, generator).items():
+        stream = randomness.stream(*phase_step, "noise")
+        for k, n in sample_noise(whiteners, shapes, std, stream).items():
             total[k] += n
 
     return _release(total, denominator, dp, noise_kind, whiteners, participants, norms, clipped)

@@ -13,16 +13,15 @@ switch (B then A) never meets stale hooks. Engine-free: no accelerate, flwr or g
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from peft import PeftModel
 
@@ -36,9 +35,9 @@ from .local_training import (
     make_optimizer,
 )
 from .mechanism import Whitener, build_whiteners
+from .randomness import DPRandomness, SecureStream
 from .record_dp import record_sample_rate
 from .schedule import Phase
-from .seeding import derive_seed
 
 # ---------------------------------------------------------------------------------------------
 # The whitened DP optimizer
@@ -63,14 +62,23 @@ class WhitenedDPOptimizer(DPOptimizer):
     Per-sample gradients are scaled by min(1, C / ||g_i||_M) with the metric norm over all
     parameters; noise for parameter p is `whitener.color(N(0, sigma^2 C^2 I))`, covariance
     sigma^2 C^2 M^-1 per row (B) / column (A). Identity whiteners give plain opacus DP-SGD.
-    `whiteners` is aligned with `self.params` (the wrapped optimizer's parameter order).
+    `whiteners` is aligned with `self.params` (the wrapped optimizer's parameter order). The noise reads
+    `stream` (the client's secret `SecureStream`), never a torch generator: each step takes the next blocks.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, whiteners: Sequence[Whitener], **kwargs) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        whiteners: Sequence[Whitener],
+        stream: SecureStream,
+        **kwargs,
+    ) -> None:
         super().__init__(optimizer, **kwargs)
         if len(whiteners) != len(self.params):
             raise ValueError(f"{len(whiteners)} whiteners for {len(self.params)} parameters")
         self.whiteners = [_on(w, p.device) for w, p in zip(whiteners, self.params, strict=True)]
+        self.stream = stream
         self.last_per_sample_norms: torch.Tensor | None = None
 
     def clip_and_accumulate(self) -> None:
@@ -90,14 +98,40 @@ class WhitenedDPOptimizer(DPOptimizer):
     def add_noise(self) -> None:
         for p, w in zip(self.params, self.whiteners, strict=True):
             _check_processed_flag(p.summed_grad)
-            z = _generate_noise(
-                std=self.noise_multiplier * self.max_grad_norm,
-                reference=p.summed_grad,
-                generator=self.generator,
-                secure_mode=self.secure_mode,
-            )
+            std = self.noise_multiplier * self.max_grad_norm
+            z = self.stream.normal(p.summed_grad.shape, std).to(p.summed_grad.device, p.summed_grad.dtype)
             p.grad = (p.summed_grad + w.color(z)).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Poisson batches from the secret stream
+
+
+class SecurePoissonSampler(torch.utils.data.Sampler[list[int]]):
+    """`steps` batches, each record in with probability `sample_rate` (opacus's sampler, secret draws)."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, stream: SecureStream) -> None:
+        self.num_samples, self.sample_rate, self.steps, self.stream = num_samples, sample_rate, steps, stream
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield self.stream.bernoulli(self.sample_rate, self.num_samples).nonzero().flatten().tolist()
+
+
+def poisson_loader(dataset, sample_rate: float, stream: SecureStream) -> torch.utils.data.DataLoader:
+    """One epoch of int(1/q) Poisson batches over `dataset` (empty batches collate to 0-length tensors)."""
+    first = dataset[0]
+    sampler = SecurePoissonSampler(len(dataset), sample_rate, int(1 / sample_rate), stream)
+    collate = wrap_collate_with_empty(
+        collate_fn=torch.utils.data.default_collate,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first],
+    )
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,10 +179,9 @@ def train_client_record(
     n = len(task.dataset)
     q = record_sample_rate(n, training.batch_size)
     sigma = record.noise_multiplier(task.client_id)
-    torch.manual_seed(task.seed)  # dropout and any other stochastic layers
-    dp_seed = secrets.randbits(63) if task.dp_seed is None else task.dp_seed  # never the public task.seed
-    sample_gen = torch.Generator().manual_seed(derive_seed(dp_seed, "poisson"))
-    noise_gen = torch.Generator(device=device).manual_seed(derive_seed(dp_seed, "record-noise"))
+    torch.manual_seed(task.seed)  # dropout and any other stochastic layers (public: not a DP draw)
+    secret = task.dp_randomness or DPRandomness.secret()  # never derived from the public task.seed
+    batches_stream, noise_stream = secret.stream("poisson"), secret.stream("record-noise")
     autocast = autocast_for(device, training.mixed_precision)
     loss_sum, seen = 0.0, 0
     model.train()
@@ -162,10 +195,10 @@ def train_client_record(
             max_grad_norm=record.clip_norm,
             expected_batch_size=max(1, round(q * n)),
             loss_reduction="mean",
-            generator=noise_gen,
+            stream=noise_stream,
         )
         for _ in range(training.local_epochs):
-            loader = DPDataLoader(task.dataset, sample_rate=q, generator=sample_gen)
+            loader = poisson_loader(task.dataset, q, batches_stream)
             memory = (
                 BatchMemoryManager(
                     data_loader=loader, max_physical_batch_size=record.max_physical_batch_size, optimizer=optimizer
@@ -198,7 +231,9 @@ def train_client_record(
 
 
 __all__ = [
+    "SecurePoissonSampler",
     "WhitenedDPOptimizer",
+    "poisson_loader",
     "per_sample_gradients",
     "train_client_record",
     "whitened_norms",

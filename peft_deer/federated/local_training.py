@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .adapter_state import AdapterLayout, AdapterState, load_adapter_state
 from .label_skew import adjusted_cross_entropy, logit_offsets
+from .randomness import DPRandomness
 from .record_dp import RecordDP
 from .schedule import Phase, method_spec
 
@@ -55,17 +56,17 @@ class LocalTraining:
 
 @dataclass(frozen=True)
 class ClientTask:
-    """One client's work in a phase: its id, its local dataset of (pixel_values, label) and two seeds.
+    """One client's work in a phase: its id, its local dataset of (pixel_values, label), a seed and a secret.
 
-    `seed` (public, from --seed) fixes the data order and dropout. `dp_seed` seeds the draws behind
-    record-level DP (Poisson batches, DP-SGD noise) and must be secret: the server derives it from the
-    run's `DPRandomness`; None draws a fresh one from the OS.
+    `seed` (public, from --seed) fixes the data order and dropout. `dp_randomness` is the secret source
+    of the draws behind record-level DP (Poisson batches, DP-SGD noise): the simulation derives it from
+    the run's `DPRandomness` (`child(round, phase, client, "record-dp")`); None draws a fresh one from the OS.
     """
 
     client_id: int
     dataset: Dataset
     seed: int
-    dp_seed: int | None = field(default=None, repr=False)
+    dp_randomness: DPRandomness | None = field(default=None, repr=False)
 
 
 @dataclass

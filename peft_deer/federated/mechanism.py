@@ -18,6 +18,7 @@ import torch
 
 from ..methods import NoiseKind
 from .adapter_state import AdapterLayout, AdapterState
+from .randomness import SecureStream
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,16 @@ def sample_noise(
     whiteners: dict[str, Whitener],
     shapes: dict[str, torch.Size],
     std: float,
-    generator: torch.Generator,
+    stream: SecureStream,
 ) -> AdapterState:
     """Gaussian noise with covariance std^2 M^-1 per row (B) / column (A); isotropic for M = I.
 
-    Costs O(r d) per module: no (d_out, d_in) matrix is drawn. Keys are drawn in sorted order.
+    Costs O(r d) per module: no (d_out, d_in) matrix is drawn. Keys are drawn in sorted order from
+    `stream` (the run's cryptographic stream for this draw, `DPRandomness.stream`).
     """
     noise = {}
     for key in sorted(shapes):
-        z = torch.randn(shapes[key], generator=generator, dtype=torch.float32)
-        noise[key] = whiteners[key].color(z * std)
+        noise[key] = whiteners[key].color(stream.normal(shapes[key], std))
     return noise
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+import torch
 
 from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_delta
 from .adapter_state import AdapterLayout, AdapterState
@@ -65,10 +65,10 @@ class FederatedServer:
         """Client ids taking part in `phase` (sorted), drawn from the run's randomness for (round, phase)."""
         if self.clients_per_phase == self.num_clients:
             return list(range(self.num_clients))
-        rng = self.randomness.numpy(*phase.step, "sample")
-        if self.dp is not None:
-            return [int(i) for i in np.flatnonzero(rng.random(self.num_clients) < self.sample_rate)]
-        return sorted(int(i) for i in rng.choice(self.num_clients, self.clients_per_phase, replace=False))
+        u = self.randomness.stream(*phase.step, "sample").uniform(self.num_clients)
+        if self.dp is not None:  # Poisson sampling at rate q (amplification by subsampling)
+            return [int(i) for i in torch.nonzero(u < self.sample_rate).flatten()]
+        return sorted(int(i) for i in torch.argsort(u)[: self.clients_per_phase])  # uniform without replacement
 
     def trained_keys(self, phase: Phase) -> list[str]:
         return self.layout.trained_keys(phase.factors)

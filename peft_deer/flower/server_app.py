@@ -96,7 +96,7 @@ def run_key(exp: Experiment, out: Path) -> str:
     """The key sites file their record-level accountants under: an HMAC of the run's DP secret and output
     directory, so the same for a run and its resumes (the secret is in the checkpoint), new for a new run
     (also with reproducible noise), and revealing nothing about the secret."""
-    return f"{exp.server.randomness.seed('flower-site-run-key', str(out)):016x}"
+    return exp.server.randomness.token_hex("flower-site-run-key", str(out))
 
 
 class FlowerTransport(Transport):

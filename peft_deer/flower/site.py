@@ -174,9 +174,9 @@ class Site:
             client_id,
             self.train_data,
             derive_seed(seed, *phase.step, client_id, "train"),
-            dp_seed=None
+            dp_randomness=None
             if randomness is None or self.record is None
-            else randomness.seed(*phase.step, client_id, "record-dp"),
+            else randomness.child(*phase.step, client_id, "record-dp"),
         )
         update = train_client(
             self.model, self.layout, work.global_state, phase, task, local_training(settings, self.record)
@@ -186,10 +186,9 @@ class Site:
             report = SiteAccountant(self.state_dir, work.run_key, client_id).step(self.record, update.num_examples)
         if noise is not None:
             whiteners = build_whiteners(self.layout, work.global_state, list(update.delta), noise.noise, noise.ridge)
-            generator = (randomness or DPRandomness.secret()).generator(*phase.step, client_id, "noise")
-            delta, _ = privatize_update(
-                update.delta, whiteners, noise.noise, noise.client_dp(), work.num_shares, generator
-            )
+            stream = (randomness or DPRandomness.secret()).stream(*phase.step, client_id, "noise")
+            dp = noise.client_dp()
+            delta, _ = privatize_update(update.delta, whiteners, noise.noise, dp, work.num_shares, stream)
             update = dataclasses.replace(update, delta=delta)
         return update, report
 

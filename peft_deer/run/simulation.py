@@ -29,7 +29,7 @@ def simulated_release(
                 c,
                 exp.client_data[c],
                 derive_seed(seed, *phase.step, c, "train"),
-                dp_seed=randomness.seed(*phase.step, c, "record-dp"),
+                dp_randomness=randomness.child(*phase.step, c, "record-dp"),
             )
             for c in participants[rank::world]
         ]
