@@ -70,3 +70,36 @@ def test_the_reproducible_noise_label():
     label = reproducible_noise_label(True)
     assert label["reproducible_noise"] is True and label["privacy_note"] == NO_GUARANTEE_NOTE
     assert "NO privacy guarantee" in NO_GUARANTEE_NOTE
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_every_output_that_reports_epsilon_says_whether_the_noise_was_reproducible(tmp_path, capsys, reproducible):
+    """A `--reproducible-noise` run labels summary.json, every metrics.jsonl row, each adapter's
+    peft_deer_run.json and the console's last line with "NO privacy guarantee"; a run with secret noise does not."""
+    import json
+
+    from conftest import MEDMNIST_DIR
+
+    from train import fed
+
+    out = tmp_path / "run"
+    argv = [
+        "--model", "tiny-vit", "--dataset", "medmnist:breastmnist", "--data-dir", str(MEDMNIST_DIR),
+        "--train-subset", "60", "--num-clients", "2", "--rounds", "1", "--batch-size", "16", "--eval-batch-size", "512",
+        "--dp", "client", "--noise-multiplier", "1.0", "--delta", "1e-3", "--output-dir", str(out),
+        *(["--reproducible-noise"] if reproducible else []),
+    ]  # fmt: skip
+    if not (MEDMNIST_DIR / "breastmnist.npz").is_file():
+        pytest.skip(f"no breastmnist.npz in {MEDMNIST_DIR}")
+    capsys.readouterr()
+    assert fed.main(argv) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if line.strip()][-1]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    runs = [json.loads((out / a / "peft_deer_run.json").read_text()) for a in ("adapter", "adapter-lora")]
+    assert summary["epsilon"] > 0 and rows and all(r["epsilon"] > 0 for r in rows) and last.startswith("done:")
+    assert summary["reproducible_noise"] is reproducible and all(r["reproducible_noise"] is reproducible for r in runs)
+    for labelled in (summary, *rows, *runs):
+        assert (labelled.get("privacy_note") == NO_GUARANTEE_NOTE) is reproducible
+    assert all(r.get("reproducible_noise", False) is reproducible for r in rows)
+    assert ("NO privacy guarantee" in last) is reproducible
