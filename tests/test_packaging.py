@@ -176,3 +176,93 @@ def test_help_lists_the_dp_choices_once():
     for group in re.findall(r"\{([^}]*)\}", text):
         parts = group.split("|") if "|" in group else group.split(",")
         assert len(parts) == len(set(parts)), group
+
+
+# ----------------------------------------------------------------------------- the patched flwr internals
+
+PATCHED = "pseudo_rand_gen"  # flwr's SecAgg+ mask generator; peft_deer_clientapp.harden_secaggplus_masks replaces it
+DEFINED_IN = "flwr.common.secure_aggregation.secaggplus_utils"
+
+
+def _flwr_references(name: str) -> dict[str, list[str]]:
+    """Every module of the installed flwr that defines or refers to `name`: {module: ["line N: how", ...]}, by its
+    AST (its definition, an import of it under any alias, a bare use of it or of an alias, an attribute `.name`)."""
+    import ast
+    import importlib.util
+
+    root = __import__("pathlib").Path(importlib.util.find_spec("flwr").origin).parent
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(("flwr", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {name}
+        hits = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if alias.name == name:
+                        aliases.add(alias.asname or alias.name)
+                        hits.append(f"line {node.lineno}: imported as {alias.asname or alias.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == name:
+                hits.append(f"line {node.lineno}: defined")
+            elif isinstance(node, ast.Name) and node.id in aliases:
+                hits.append(f"line {node.lineno}: uses {node.id}")
+            elif isinstance(node, ast.Attribute) and node.attr == name:
+                hits.append(f"line {node.lineno}: attribute .{name}")
+        if hits:
+            found[module] = hits
+    return found
+
+
+def test_the_mask_patch_covers_every_call_site_in_the_installed_flwr():
+    """harden_secaggplus_masks rebinds the module-level `pseudo_rand_gen` of the modules that call it. A flwr that
+    calls it from another module, through an alias or as an attribute would silently keep the 32-bit-seeded masks:
+    this scan of flwr's own source fails then (so does a newer flwr that moves it), before any run does."""
+    import importlib
+
+    import peft_deer_clientapp
+
+    references = _flwr_references(PATCHED)
+    defined = any("defined" in h for h in references.get(DEFINED_IN, []))
+    assert defined, f"{PATCHED} is no longer in {DEFINED_IN}: review the patch before raising the cap"
+    callers = {m: hits for m, hits in references.items() if any("uses" in h for h in hits)}
+    assert callers, "no call site found: the scan is broken"
+    uncovered = {}
+    for module, hits in references.items():
+        if any("attribute" in h or ("imported as" in h and not h.endswith(f"as {PATCHED}")) for h in hits):
+            uncovered[module] = hits  # an attribute or an alias: rebinding the module global does not reach it
+        elif module in callers and importlib.import_module(module).__dict__.get(PATCHED) is not (
+            peft_deer_clientapp.keyed_masks
+        ):
+            uncovered[module] = hits  # a caller whose module-level name was not rebound
+    assert uncovered == {}, f"flwr call sites of {PATCHED} the patch does not reach: {uncovered}"
+    assert set(callers) == {
+        "flwr.client.mod.secure_aggregation.secaggplus_mod",
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
+    }, callers  # the two the patch names; a new one means a new flwr to review
+
+
+def test_the_call_site_scan_finds_an_alias_and_an_attribute(tmp_path, monkeypatch):
+    """The scanner itself: a planted module calling the function through an alias and an attribute is reported."""
+    import importlib.util
+
+    fake = tmp_path / "flwr"
+    (fake / "sub").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "sub" / "__init__.py").write_text("")
+    (fake / "sub" / "a.py").write_text("from x import pseudo_rand_gen as prg\nprg(1)\n")
+    (fake / "sub" / "b.py").write_text("import x\nx.pseudo_rand_gen(1)\n")
+    (fake / "sub" / "c.py").write_text("def f():\n    return 1\n")
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "flwr":
+            return importlib.util.spec_from_file_location("flwr", fake / "__init__.py")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    found = _flwr_references(PATCHED)
+    assert set(found) == {"flwr.sub.a", "flwr.sub.b"}
+    assert "line 1: imported as prg" in found["flwr.sub.a"] and "line 2: uses prg" in found["flwr.sub.a"]
+    assert found["flwr.sub.b"] == ["line 2: attribute .pseudo_rand_gen"]
