@@ -150,6 +150,6 @@ def final_line(summary: dict[str, Any], out: Path) -> str:
     return (
         f"done: {summary['method']} test acc {final['accuracy']:.4f} bal acc {final['balanced_accuracy']:.4f} auc {auc}"
         + ("" if eps in (None, float("inf")) else f" eps {eps:.3f}")
-        + f" -> {out}"
         + (" (reproducible noise: NO privacy guarantee)" if summary.get("reproducible_noise") else "")
+        + f" -> {out}"
     )
