@@ -69,3 +69,14 @@ def test_readme_counts_the_training_images_the_data_has():
     n = len(np.load(path)["train_labels"])
     text = (ROOT / "README.md").read_text()
     assert f"({n:,} images)" in text
+
+
+def test_readme_install_commands_name_every_extra_a_command_needs():
+    """Each extra a command checks (peft_deer.extras) has its own `pip install -e ".[extra]"` line in the README,
+    and every extra the README installs exists in pyproject.toml."""
+    from peft_deer.extras import EXTRA_MODULES
+
+    text = (ROOT / "README.md").read_text()
+    installed = {x for group in re.findall(r'pip install -e "\.\[([a-z,]+)\]"', text) for x in group.split(",")}
+    defined = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert set(EXTRA_MODULES) <= installed <= defined, (installed, defined)
