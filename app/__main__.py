@@ -16,6 +16,7 @@ def _load_command():
     spec = importlib.util.spec_from_file_location("_peft_deer_light_import", path)
     light = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(light)
+    light.load("peft_deer.extras").require_extra("python -m app", "demo")  # one line if the extra is missing
     return light.load("peft_deer.demo", "peft_deer.demo.__main__")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,8 +93,85 @@ def _calibration_lines(calibration: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+NO_GUARANTEE_NOTE = (
+    "reproducible noise (--reproducible-noise, tests and debugging only): the DP noise was derived from the public "
+    "seed, so there is NO privacy guarantee, whatever epsilon says"
+)
+PRIVACY_SCOPE = (
+    "Client-level DP protects each hospital's whole contribution, record-level DP each patient's record within a "
+    "hospital, against anyone who sees the published adapter, metrics and ledger (`privacy.json`). It does not cover "
+    "what the base model learnt before, the server's held-out validation and test splits, or `server-private/`."
+)
+CARD_METRICS = ("accuracy", "roc_auc", "f1", "balanced_accuracy")
+
+
+def reproducible_noise_label(reproducible: bool) -> dict[str, Any]:
+    """The label every output that reports epsilon carries for a `--reproducible-noise` run ({} otherwise)."""
+    return {"reproducible_noise": True, "privacy_note": NO_GUARANTEE_NOTE} if reproducible else {}
+
+
+def _card_dataset(spec: str) -> str:
+    """The dataset as the Hub's `datasets:` field names it: a hub id as it is, a local folder by its kind only."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind == "hf":
+        return rest
+    return "imagefolder" if sep and kind == "imagefolder" else spec
+
+
+def _front_matter(info: dict[str, Any]) -> list[str]:
+    """Hugging Face model-card metadata (YAML; every value written as JSON, which YAML reads as is)."""
+    tags = ["peft_deer", "deer-lora", "lora", "federated-learning", "differential-privacy", "medical-imaging"]
+    if info["privacy"].get("reproducible_noise"):
+        tags.append("no-privacy-guarantee")
+    meta = {
+        "license": "apache-2.0",
+        "library_name": "peft",
+        "base_model": str(info["base_model"]),
+        "datasets": [_card_dataset(str(info["dataset"]))],
+        "tags": tags,
+        "pipeline_tag": "image-classification",
+        "metrics": list(CARD_METRICS),
+    }
+    return ["---", *(f"{key}: {json.dumps(value)}" for key, value in meta.items()), "---"]
+
+
+def _use_and_data_lines(info: dict[str, Any]) -> list[str]:
+    """The card's "Intended use", "Limitations" and "Training data" sections."""
+    return [
+        "## Intended use",
+        "",
+        "Research on privacy-preserving federated finetuning of vision foundation models for medical imaging: "
+        "reproducing and comparing DEeR with other federated LoRA methods, and a starting point for sites that "
+        "finetune a model together. It is not a medical device: not for diagnosis, triage or any clinical decision.",
+        "",
+        "## Limitations",
+        "",
+        f"- Trained and tested on {info['dataset']} at {info['image_size']} px only; how it does on other scanners, "
+        "hospitals, populations or resolutions is unknown, and the test metrics below are one run's.",
+        "- Differential privacy costs accuracy, and the guarantee below is only as strong as its epsilon and delta.",
+        "- The decision threshold and the temperature were chosen on the validation split, which comes from the same "
+        "distribution as the test split.",
+        "- The license (Apache-2.0) is that of this adapter; the base model's and the training data's own terms apply "
+        "too.",
+        "",
+        "## Training data",
+        "",
+        f"{info['dataset']} (classes {info['class_names']}): training images held by {info['num_clients']} clients "
+        f"({info['partition']}), each of which trained on its own share only; the server kept the validation split "
+        "(model selection, calibration) and the test split (the metrics below).",
+        "",
+    ]
+
+
+def _privacy_scope_lines(privacy: dict[str, Any]) -> list[str]:
+    if privacy.get("reproducible_noise"):
+        return [NO_GUARANTEE_NOTE[0].upper() + NO_GUARANTEE_NOTE[1:] + ".", ""]
+    return [] if privacy.get("level") in (None, "none") else [PRIVACY_SCOPE, ""]
+
+
 def model_card(info: dict[str, Any]) -> str:
-    """Markdown model card for the adapter dir: base model, data, method, privacy, test metrics, calibration."""
+    """Markdown model card for the adapter dir: Hugging Face metadata (YAML front matter), base model, data, method,
+    intended use, limitations, training data, privacy, test metrics, calibration."""
     privacy = info["privacy"]
     if privacy.get("reproducible_noise"):
         guarantee = (
@@ -115,11 +193,7 @@ def model_card(info: dict[str, Any]) -> str:
         )
         guarantee = record if privacy.get("level") == "record" else f"{guarantee}; and {record}"
     lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {info['base_model']}",
-        "tags: [peft_deer, lora, federated-learning, differential-privacy, medical-imaging]",
-        "---",
+        *_front_matter(info),
         "",
         f"# {info['method']} adapter for {info['dataset']}",
         "",
@@ -129,8 +203,13 @@ def model_card(info: dict[str, Any]) -> str:
         f"({info['partition']}), image size {info['image_size']} px",
         f"- **Method:** `{info['method']}` (peft_deer), rank {info['rank']}, alpha {info['lora_alpha']}, "
         f"{info['rounds_completed']} rounds, server optimizer {info['server_optimizer']}",
-        f"- **Privacy:** {guarantee}",
         "",
+        *_use_and_data_lines(info),
+        "## Privacy",
+        "",
+        f"**Guarantee:** {guarantee}.",
+        "",
+        *_privacy_scope_lines(privacy),
         "## Test metrics",
         "",
         "| adapter | accuracy | AUC | macro F1 | balanced accuracy | sensitivity | specificity | threshold |",

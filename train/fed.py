@@ -18,6 +18,7 @@ def _load_driver():
     spec = importlib.util.spec_from_file_location("_peft_deer_light_import", path)
     light = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(light)
+    light.load("peft_deer.extras").require_extra("train/fed.py", "train")  # one line if the extra is missing
     return light.load("peft_deer.defaults", "peft_deer.settings", "peft_deer.commands.fed")
 
 

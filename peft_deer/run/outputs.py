@@ -22,7 +22,7 @@ from typing import Any
 from ..export import export_lora_adapter
 from ..federated import load_adapter_state
 from ..io import write_json_atomic
-from ..reporting import model_card, plot_curves
+from ..reporting import model_card, plot_curves, reproducible_noise_label
 from ..run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
 from .evaluate import final_evaluation
 from .experiment import Experiment
@@ -84,6 +84,8 @@ def finalize(
                 "val_specificity": val["specificity"],
                 "temperature": evaluation.temperature,  # the demo divides the logits by it before the softmax
                 "calibration": evaluation.calibration,
+                "reproducible_noise": settings.privacy.reproducible_noise,
+                **reproducible_noise_label(settings.privacy.reproducible_noise),
             },
         )
         shutil.rmtree(target, ignore_errors=True)
@@ -126,6 +128,8 @@ def finalize(
         "epsilon": ledger.get("epsilon"),
         "delta": ledger.get("delta"),
         "privacy_level": ledger["level"],
+        "reproducible_noise": settings.privacy.reproducible_noise,
+        **reproducible_noise_label(settings.privacy.reproducible_noise),
         "stopped": stopped,
         "best_round": None if progress.best is None else progress.best["round"],
         "total_seconds": sum(r["seconds"] for r in progress.rows),
@@ -146,5 +150,6 @@ def final_line(summary: dict[str, Any], out: Path) -> str:
     return (
         f"done: {summary['method']} test acc {final['accuracy']:.4f} bal acc {final['balanced_accuracy']:.4f} auc {auc}"
         + ("" if eps in (None, float("inf")) else f" eps {eps:.3f}")
+        + (" (reproducible noise: NO privacy guarantee)" if summary.get("reproducible_noise") else "")
         + f" -> {out}"
     )

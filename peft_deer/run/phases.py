@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..federated import ClientUpdate, Phase, PhaseRelease, PrivacyBudgetExceeded, iter_phases, load_adapter_state
+from ..reporting import reproducible_noise_label
 from ..run_dir import CHECKPOINT, live_dir, publish
 from .evaluate import validation_metrics
 from .experiment import Experiment
@@ -108,6 +109,7 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
         "epsilon": eps,
         **({"record_epsilon_max": server.record.epsilon_max()} if server.record else {}),
         "seconds": acc["seconds"],
+        **reproducible_noise_label(settings.privacy.reproducible_noise),  # each row says: NO privacy guarantee
     }
     # Server-private: computed from the clients' data without noise.
     private = {

@@ -8,8 +8,11 @@ it back from there (`client_dp`), so a saved adapter states the mechanism it was
 
 from __future__ import annotations
 
+import warnings
+
 from ..config import DeerLoraConfig
 from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
+from ..federated.accountant import WeakDeltaWarning
 from ..federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
 from ..settings import RunSettings
 
@@ -75,6 +78,15 @@ def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel 
     if record.record_delta >= 1.0 / max(client_sizes):
         raise ValueError(
             f"--record-delta {record.record_delta:g} must be < 1 / largest client size ({max(client_sizes)})"
+        )
+    n, delta = max(client_sizes), record.record_delta
+    if delta > 0.1 / n:  # as check_delta warns for clients: a client's n records, each exposed with probability delta
+        warnings.warn(
+            f"--record-delta {delta:g} is above 1/(10 largest client size) = {0.1 / n:.3g}: (epsilon, delta)-DP "
+            f"then still allows exposing one of a client's {n} records outright with probability up to {n * delta:.2g}"
+            "; use e.g. 1e-5",
+            WeakDeltaWarning,
+            stacklevel=2,
         )
     spec = method_spec(settings.federation.method)
     updates = settings.federation.rounds * spec.releases_per_round

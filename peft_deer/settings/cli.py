@@ -73,6 +73,8 @@ def build_parser(
             extra: dict[str, Any] = {"nargs": "+"} if f.kind == "names" else {}
             if f.choices is not None:
                 extra["choices"] = list(f.choices)
+                if any("," in str(c) for c in f.choices):  # argparse joins choices with ',': "client,record" would
+                    extra["metavar"] = "{" + "|".join(map(str, f.choices)) + "}"  # read as two more choices
             if f.metavar is not None:
                 extra["metavar"] = f.metavar
             section.add_argument(name, type=f.parse, default=f.default, help=f.help, **extra)
