@@ -18,7 +18,7 @@ def _load_driver():
     spec = importlib.util.spec_from_file_location("_peft_deer_light_import", path)
     light = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(light)
-    return light.load("peft_deer.defaults", "peft_deer.settings", "peft_deer.commands.fed")
+    return light.load("peft_deer.defaults", "peft_deer.settings", "peft_deer.run_dir", "peft_deer.commands.fed")
 
 
 _driver = _load_driver()
