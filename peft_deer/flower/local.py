@@ -5,8 +5,9 @@
 Every process is real (the same executables a multi-host deployment starts); only the addresses are
 loopback, and TLS is off unless `LocalDeployment` gets a `Tls` (then SuperNode authentication can be on
 too: each node's key registered with `register_node`). Each SuperNode i gets `partition-id=i`. Everything
-started, including the processes Flower spawns itself, is stopped on exit, on error and on Ctrl-C. Used by the
-tests, too.
+started, including the processes Flower spawns itself, is stopped on exit, on error, on Ctrl-C and on SIGTERM
+(one line, exit 130 / 143; the run dir keeps its last checkpoint: `resume=true` continues it). Flower's
+telemetry is off in every process started (`FLWR_TELEMETRY_ENABLED=0`). Used by the tests, too.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class LocalDeployment(AbstractContextManager):
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.port = free_port()
         bin_dir = str(Path(sys.executable).parent)
-        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.home)}
+        # no usage reports to Flower's telemetry server from a hospital's SuperLink, SuperNodes or `flwr`
+        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}
         self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
         self.procs: list[subprocess.Popen] = []
         self._logs: list = []
@@ -233,6 +235,15 @@ def server_app_error(output: str) -> str | None:
     return errors[-1] if errors else "the ServerApp failed (see the log above)"
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: unwinds through `LocalDeployment.__exit__`, which stops every process."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m peft_deer.flower.local",
@@ -252,8 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         run_config = f"data-dir='{Path(args.data_dir).resolve()}' {run_config}".strip()
     if "num-clients" not in run_config:
         run_config = f"num-clients={args.nodes} {run_config}".strip()
-    with LocalDeployment(args.nodes, args.log_dir, node_config) as deployment:
-        result = deployment.run(run_config)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with LocalDeployment(args.nodes, args.log_dir, node_config) as deployment:
+            result = deployment.run(run_config)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        name, code = ("SIGTERM", 143) if isinstance(stop, _Terminated) else ("SIGINT", 130)
+        print(f"deer-flower: interrupted ({name}); every Flower process is stopped; resume with the same "
+              "--run-config plus resume=true", file=sys.stderr)  # fmt: skip
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(result.stdout[-4000:], end="")
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)
