@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,11 +101,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise DamagedFileError(f"{path} is missing; {fix}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global: a file that would run code
-        raise DamagedFileError(
-            f"{path} is refused: it holds objects other than tensors and plain data ({_reason(err)}), which could "
-            f"run code; {fix}"
-        ) from None
+    except pickle.UnpicklingError as err:  # weights_only=True found a global it may not build, or garbage
+        detail = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n|$)", str(err), re.S)
+        detail = detail.group(1).strip()[:120] if detail else "unreadable pickle"
+        if "global" in detail.lower():  # a callable to run on load: the shape of an attack, never ours
+            raise DamagedFileError(
+                f"{path} is refused: it would run code on load ({detail}); a checkpoint holds only tensors and "
+                f"plain data; {fix}"
+            ) from None
+        raise DamagedFileError(f"{path} is damaged ({detail}); {fix}") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise DamagedFileError(f"{path} is damaged ({_reason(err)}); {fix}") from None
     if not isinstance(payload, dict):

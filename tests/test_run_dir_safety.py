@@ -134,7 +134,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     with pytest.raises(DamagedFileError) as err:
         load_checkpoint(path)
     assert not marker.exists(), "loading the checkpoint ran the planted code"
-    assert "\n" not in str(err.value) and str(path) in str(err.value) and "refused" in str(err.value)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    # torch's own format reaches the planted global: named as code; a bare pickle fails on its framing first
+    assert ("refused: it would run code on load" if how == "torch.save" else "is damaged") in str(err.value)
 
 
 def test_a_real_checkpoint_payload_loads_with_weights_only(tmp_path):
