@@ -88,6 +88,7 @@ class LocalDeployment(AbstractContextManager):
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}
         self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
         self.procs: list[subprocess.Popen] = []
+        self._groups: set[int] = set()  # process groups seen in this deployment (swept again on exit)
         self._logs: list = []
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -177,14 +178,21 @@ class LocalDeployment(AbstractContextManager):
 
     def _family(self) -> list[psutil.Process]:
         """Every live process started here, spawned by Flower, or left in their process groups (a site worker
-        outlives the ClientApp process that started it, in its SuperNode's group)."""
-        groups = {proc.pid for proc in self.procs}
+        outlives the ClientApp process that started it, in its SuperNode's group; a SuperExec starts its own
+        group, where the ServerApp lives)."""
+        groups = self._groups
+        groups.update(proc.pid for proc in self.procs)
         family: dict[int, psutil.Process] = {}
         for proc in self.procs:
             try:
                 p = psutil.Process(proc.pid)
                 family.update((c.pid, c) for c in [p, *p.children(recursive=True)])
             except psutil.NoSuchProcess:
+                pass
+        for p in list(family.values()):
+            try:
+                groups.add(os.getpgid(p.pid))
+            except ProcessLookupError:
                 pass
         for p in psutil.process_iter():
             try:
@@ -216,6 +224,13 @@ class LocalDeployment(AbstractContextManager):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        rest = [p for p in self._family() if p.pid not in started]  # spawned during the teardown
+        for p in rest:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(rest, timeout=10)
         for log in self._logs:
             log.close()
         shutil.rmtree(self.home, ignore_errors=True)
