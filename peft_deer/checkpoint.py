@@ -1,18 +1,24 @@
 """Files a run or the demo reads back: the resume checkpoint and saved adapters, checked on load.
 
 A damaged file (truncated, random bytes, empty, wrong content) gives a `DamagedFileError`: one line that
-names the file and what to do, instead of a deep traceback from torch or safetensors.
+names the file and what to do, instead of a deep traceback from torch or safetensors. The checkpoint is read
+with `weights_only=True`: a crafted file cannot run code (its pickle may only build tensors and plain
+containers). It holds the run's DP secret, so it is owner-only (0600) from the moment it is created.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_KEYS = ("fingerprint", "server", "next_phase", "rows", "best", "round_acc", "private_rows")
@@ -22,14 +28,70 @@ class DamagedFileError(ValueError):
     """A file that should hold a checkpoint or an adapter does not; the message names it and the fix."""
 
 
+class SettingsMismatch(ValueError):
+    """`--resume` of a run whose checkpoint was written with other settings or other data."""
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """`torch.save` to `path` atomically (temp file, fsync, rename): a kill leaves the old checkpoint or the new."""
+    """`torch.save` to `path` atomically (temp file, fsync, rename): a kill leaves the old checkpoint or the new.
+
+    The file is created 0600 (it holds the DP secret), whatever the umask: never readable by others, not even
+    for the moment between its creation and a chmod.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    if tmp.is_symlink():
+        tmp.unlink()  # O_NOFOLLOW below refuses it; a planted link must not redirect the secret
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # an existing temp file keeps its old mode under O_CREAT
+    with os.fdopen(fd, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def data_digest(splits: Any) -> dict[str, str]:
+    """{split name: sha256 of its images and labels} of a `DatasetSplits` (cheap: one pass over the arrays).
+
+    A resumed run compares it with its checkpoint's, so changed images or labels are noticed.
+    """
+    digests = {}
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name, None)
+        if split is None:
+            continue
+        h = hashlib.sha256()
+        for arr in (split.images, split.labels):
+            arr = np.ascontiguousarray(arr)
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(memoryview(arr).cast("B"))
+        digests[name] = h.hexdigest()
+    return digests
+
+
+def check_resume(path: Path, ckpt: Mapping[str, Any], fingerprint: Mapping[str, Any], data: Mapping[str, str]) -> None:
+    """Refuse (SettingsMismatch, one line) a checkpoint written with other settings or data than this run's.
+
+    Names each changed setting as `name: old -> new` and each changed data split. A checkpoint without a
+    data digest (older versions) is only checked on its settings.
+    """
+    fix = "resume with the run's settings and data, or pass --overwrite to start again"
+    saved = ckpt["fingerprint"]
+    if not isinstance(saved, dict):
+        raise SettingsMismatch(f"{path} holds no settings; pass --overwrite to start again")
+    changed = [f"{k}: {saved.get(k, '(unset)')!r} -> {fingerprint.get(k, '(unset)')!r}"
+               for k in sorted({*saved, *fingerprint}) if saved.get(k) != fingerprint.get(k)]  # fmt: skip
+    if changed:
+        raise SettingsMismatch(f"--resume with different settings ({'; '.join(changed)}); {fix}")
+    saved_data = ckpt.get("data_sha256") or {}
+    if saved_data and data:
+        splits = [k for k in sorted({*saved_data, *data}) if saved_data.get(k) != data.get(k)]
+        if splits:
+            raise SettingsMismatch(
+                f"--resume on changed data: the {', '.join(splits)} split(s) differ from the run's (sha256 of "
+                f"images and labels; was {saved_data.get(splits[0], '(none)')[:12]}, now "
+                f"{data.get(splits[0], '(none)')[:12]}); {fix}"
+            )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -38,8 +100,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DamagedFileError(f"{path} is missing; {fix}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only=True found a global it may not build, or garbage
+        detail = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n|$)", str(err), re.S)
+        detail = detail.group(1).strip()[:120] if detail else "unreadable pickle"
+        if "global" in detail.lower():  # a callable to run on load: the shape of an attack, never ours
+            raise DamagedFileError(
+                f"{path} is refused: it would run code on load ({detail}); a checkpoint holds only tensors and "
+                f"plain data; {fix}"
+            ) from None
+        raise DamagedFileError(f"{path} is damaged ({detail}); {fix}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise DamagedFileError(f"{path} is damaged ({_reason(err)}); {fix}") from None
     if not isinstance(payload, dict):
         raise DamagedFileError(f"{path} holds a {type(payload).__name__}, not a peft_deer checkpoint; {fix}")

@@ -285,7 +285,7 @@ def test_resume_equals_uninterrupted(tmp_path, finished_run, medmnist_dir, capsy
     capsys.readouterr()
     assert fed.main([*argv, "--resume", "--lr", "0.1"]) == 2  # a changed setting is refused
     err = capsys.readouterr().err
-    assert "deer-fed: error: --resume with different settings ['lr']" in err
+    assert "deer-fed: error: --resume with different settings (lr: 0.002 -> 0.1)" in err
     assert fed.main([*argv, "--resume", "--max-phases", "2"]) == 0  # round 0 phase A, round 1 phase B
     assert len(metrics_rows(b)) == 1 and (b / CHECKPOINT).is_file()
     assert fed.main([*argv, "--resume"]) == 0  # round 1 phase A, then the outputs

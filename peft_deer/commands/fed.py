@@ -13,16 +13,33 @@ driver is started as `train/fed.py` (a bad flag is reported in a fraction of a s
 console script imports the package, torch included, first); every later step that bad input can make fail runs on
 every process, and the processes agree on the outcome before going on, so a failure is one line from
 rank 0 and the same exit code everywhere, with no process left waiting for a peer that has gone.
+The output dir's state (finished, unfinished, ...) and its lock (one run at a time) are checked first.
+
+Stopping: Ctrl-C (SIGINT) and SIGTERM end the run with one line and exit 130 / 143; the last checkpoint
+stays intact (it is written atomically), so `--resume` continues. A failed write (e.g. a full disk) is one
+line naming the file, and leaves the previous complete files. Under `accelerate launch` add `--quiet` to
+drop accelerate's own traceback after a failed run (torchrun prints its exit-code summary).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from ..run_dir import (
+    CHECKPOINT,
+    check_output_lock,
+    check_output_state,
+    lock_output_dir,
+    release_output_lock,
+    staging_dir,
+)
 from ..settings import RunSettings, check_output_dir
 from ..settings import build_parser as _build_parser
 from ..settings import parse_args as _parse_args
@@ -41,22 +58,65 @@ def parse_args(argv: list[str] | None = None) -> RunSettings:
     return _parse_args(argv, PROG)
 
 
-def _say_error(message: Any) -> None:
+def _say_error(message: Any, prefix: str = f"{PROG}: error: ") -> None:
     """The run's one error line, from rank 0 only (every rank meets the same error)."""
     if os.environ.get("RANK", "0") == "0":
         first = (str(message).strip().splitlines() or [""])[0]
-        print(f"{PROG}: error: {first}", file=sys.stderr)
+        print(f"{prefix}{first}", file=sys.stderr, flush=True)
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted()
+
+
+def _launch_id() -> str | None:
+    """What the processes of one multi-process launch share (and no other launch on this host): its rendezvous."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`deer-fed`: 0 when the run finished (or stopped at --max-phases), 1 or 2 (one line on stderr) if not."""
+    """`deer-fed`: 0 when the run finished (or stopped at --max-phases), 1 or 2 (one line on stderr) if not,
+    130 / 143 after Ctrl-C / SIGTERM."""
     settings = parse_args(argv)
+    output = settings.output
+    out = Path(output.output_dir)
     try:
-        check_output_dir(settings.output.output_dir)
+        check_output_dir(output.output_dir)
+        launch = _launch_id()
+        if os.environ.get("RANK", "0") == "0":
+            lock_output_dir(out, launch)
+        else:
+            check_output_lock(out, launch or "")
+        check_output_state(out, output.resume, output.overwrite)  # before the heavy imports and data
     except ValueError as err:
+        release_output_lock(out)
         _say_error(err)
         return 2
-    return _run(settings)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _run(settings)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        code, name = (143, "SIGTERM") if isinstance(stop, Interrupted) else (130, "SIGINT")
+        started = (out / CHECKPOINT).is_file() or staging_dir(out).is_dir()
+        hint = f"resume with --resume --output-dir {out}" if started else "nothing was written; start it again"
+        _say_error(f"interrupted ({name}); {hint}", prefix=f"{PROG}: ")
+        return code
+    except OSError as err:  # a failed write after the setup (full disk, lost mount): the files before it stay
+        where = f" {err.filename}" if err.filename else ""
+        _say_error(f"cannot write{where}: {err.strerror or err}; the previous complete files are kept: fix it and "
+                   f"resume with --resume --output-dir {out}")  # fmt: skip
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        release_output_lock(out)
 
 
 def _run(settings: RunSettings) -> int:

@@ -5,8 +5,9 @@
 Every process is real (the same executables a multi-host deployment starts); only the addresses are
 loopback, and TLS is off unless `LocalDeployment` gets a `Tls` (then SuperNode authentication can be on
 too: each node's key registered with `register_node`). Each SuperNode i gets `partition-id=i`. Everything
-started, including the processes Flower spawns itself, is stopped on exit, on error and on Ctrl-C. Used by the
-tests, too.
+started, including the processes Flower spawns itself, is stopped on exit, on error, on Ctrl-C and on SIGTERM
+(one line, exit 130 / 143; the run dir keeps its last checkpoint: `resume=true` continues it). Flower's
+telemetry is off in every process started (`FLWR_TELEMETRY_ENABLED=0`). Used by the tests, too.
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ class LocalDeployment(AbstractContextManager):
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.port = free_port()
         bin_dir = str(Path(sys.executable).parent)
-        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.home)}
+        # no usage reports to Flower's telemetry server from a hospital's SuperLink, SuperNodes or `flwr`
+        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}
         self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
         self.procs: list[subprocess.Popen] = []
+        self._groups: set[int] = set()  # process groups seen in this deployment (swept again on exit)
         self._logs: list = []
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -175,14 +178,21 @@ class LocalDeployment(AbstractContextManager):
 
     def _family(self) -> list[psutil.Process]:
         """Every live process started here, spawned by Flower, or left in their process groups (a site worker
-        outlives the ClientApp process that started it, in its SuperNode's group)."""
-        groups = {proc.pid for proc in self.procs}
+        outlives the ClientApp process that started it, in its SuperNode's group; a SuperExec starts its own
+        group, where the ServerApp lives)."""
+        groups = self._groups
+        groups.update(proc.pid for proc in self.procs)
         family: dict[int, psutil.Process] = {}
         for proc in self.procs:
             try:
                 p = psutil.Process(proc.pid)
                 family.update((c.pid, c) for c in [p, *p.children(recursive=True)])
             except psutil.NoSuchProcess:
+                pass
+        for p in list(family.values()):
+            try:
+                groups.add(os.getpgid(p.pid))
+            except ProcessLookupError:
                 pass
         for p in psutil.process_iter():
             try:
@@ -214,6 +224,13 @@ class LocalDeployment(AbstractContextManager):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        rest = [p for p in self._family() if p.pid not in started]  # spawned during the teardown
+        for p in rest:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(rest, timeout=10)
         for log in self._logs:
             log.close()
         shutil.rmtree(self.home, ignore_errors=True)
@@ -231,6 +248,15 @@ def server_app_error(output: str) -> str | None:
         line.strip() for line in output.splitlines() if re.match(r"^\w*(Error|Exception|Exceeded|Clients)\b.*: ", line)
     ]
     return errors[-1] if errors else "the ServerApp failed (see the log above)"
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwinds through `LocalDeployment.__exit__`, which stops every process."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,8 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         run_config = f"data-dir='{Path(args.data_dir).resolve()}' {run_config}".strip()
     if "num-clients" not in run_config:
         run_config = f"num-clients={args.nodes} {run_config}".strip()
-    with LocalDeployment(args.nodes, args.log_dir, node_config) as deployment:
-        result = deployment.run(run_config)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with LocalDeployment(args.nodes, args.log_dir, node_config) as deployment:
+            result = deployment.run(run_config)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        name, code = ("SIGTERM", 143) if isinstance(stop, _Terminated) else ("SIGINT", 130)
+        print(f"deer-flower: interrupted ({name}); every Flower process is stopped; resume with the same "
+              "--run-config plus resume=true", file=sys.stderr)  # fmt: skip
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(result.stdout[-4000:], end="")
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)

@@ -138,7 +138,13 @@ class FlowerTransport(Transport):
         state = exp.server.global_state
         counts, failed = evaluate_sites(self.grid, self.nodes, state, threshold, self.options, temperature)
         write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed, temperature)
-        add_model_card_note(out)
+        evaluated = sorted(c.client_id for c in counts)
+        absent = sorted(set(self.nodes) - set(evaluated))
+        add_model_card_note(out, f"Sites that evaluated: {len(evaluated)} of {len(self.nodes)}"
+                            + (f" (not: clients {absent})." if absent else "."))  # fmt: skip
+        total = len(getattr(self.strategy, "deer", self.strategy).phases)  # SecAgg+ wraps the DeerStrategy
+        for client, missed in self.strategy.private_ledger().get("missed_phases", {}).items():
+            logger.warning("client %s missed %d of %d phases (server-private/deployment.json)", client, missed, total)
         logger.info(
             "per-site evaluation of %d sites -> %s (server-private, not DP-covered)", len(counts), out / PRIVATE_DIR
         )

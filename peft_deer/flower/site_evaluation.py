@@ -20,7 +20,7 @@ from .protocol import SCORE_BINS, SiteCounts
 MODEL_CARD_NOTE = """
 ## Per-site evaluation (not published)
 
-Each site evaluated this adapter on its own held-out images and returned counts only. Those per-site
+The sites counted below evaluated this adapter on their own held-out images and returned counts only. Their
 figures (accuracy, AUC, sensitivity, specificity per hospital) are computed from each site's data
 without noise: they are **not covered by the differential-privacy guarantee** above, so they stay in the
 run's `server-private/site_evaluation.*` and are not part of this card.
@@ -114,12 +114,13 @@ def write_site_evaluation(
     (private_dir / "site_evaluation.md").write_text(text)
 
 
-def add_model_card_note(out: Path) -> None:
-    """Say in each adapter's model card that per-site figures exist, are server-private and not DP-covered."""
+def add_model_card_note(out: Path, sites: str = "") -> None:
+    """Say in each adapter's model card that per-site figures exist, are server-private and not DP-covered;
+    `sites` says which sites evaluated (e.g. "Sites that evaluated: 2 of 3 (not: clients [1]).")."""
     for name in ("adapter", "adapter-best", "adapter-lora"):
         card = out / name / "README.md"
         if card.is_file() and MODEL_CARD_NOTE not in card.read_text():
-            card.write_text(card.read_text().rstrip("\n") + "\n" + MODEL_CARD_NOTE)
+            card.write_text(card.read_text().rstrip("\n") + "\n" + MODEL_CARD_NOTE + (f"\n{sites}\n" if sites else ""))
 
 
 __all__ = [

@@ -9,6 +9,7 @@ check is dropped from its phase with a logged reason, and the phase goes on with
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -72,6 +73,7 @@ class DeerStrategy(Strategy):
         self.phases: list[Phase] = list(iter_phases(server.method, rounds))
         self.dropped: list[dict] = []
         self._sent: dict[int, list[int]] = {}  # release number -> client ids sampled for it
+        self._waited_s: float | None = None  # how long the last phase's send_and_receive actually waited
         self.last_updates: list[ClientUpdate] = []
         self.last_release: PhaseRelease | None = None
 
@@ -145,7 +147,7 @@ class DeerStrategy(Strategy):
             updates[client] = update
         for c in participants:
             if c in self.nodes and c not in updates and not self._was_dropped(phase, c):
-                self._drop(phase, c, f"no reply within {self.options.reply_timeout_s:g} s")
+                self._drop(phase, c, self._no_reply_reason())
         if len(updates) < needed:
             raise TooFewClients(
                 f"round {phase.round + 1} phase {''.join(phase.factors)}: {len(updates)} valid updates of "
@@ -202,7 +204,9 @@ class DeerStrategy(Strategy):
         def release(phase: Phase, participants: list[int]) -> tuple[list[ClientUpdate], PhaseRelease]:
             server_round = self.phases.index(phase) + 1
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+            t0 = time.monotonic()
             replies = grid.send_and_receive(messages, timeout=self.options.reply_timeout_s) if messages else []
+            self._waited_s = time.monotonic() - t0
             self.aggregate_train(server_round, replies)
             return self.last_updates, self.last_release
 
@@ -237,7 +241,21 @@ class DeerStrategy(Strategy):
 
     def private_ledger(self) -> dict:
         """Server-private facts of the deployment: every dropped update with its client and reason."""
-        return {"dropped_updates": list(self.dropped)}
+        return {"dropped_updates": list(self.dropped), "missed_phases": self.missed_phases()}
+
+    def missed_phases(self) -> dict[str, int]:
+        """{client id: phases whose update from it was dropped or never came} (server-private)."""
+        missed: dict[str, int] = {}
+        for d in self.dropped:
+            missed[str(d["client"])] = missed.get(str(d["client"]), 0) + 1
+        return dict(sorted(missed.items(), key=lambda kv: int(kv[0])))
+
+    def _no_reply_reason(self) -> str:
+        """The actual wait: Flower returns before reply-timeout-s when a node is known to be gone."""
+        timeout = self.options.reply_timeout_s
+        if self._waited_s is None:
+            return f"no reply within {timeout:g} s"
+        return f"no reply (the wait ended after {self._waited_s:.1f} s; reply-timeout-s {timeout:g})"
 
     def _drop(self, phase: Phase, client: int, reason: str) -> None:
         logger.warning(

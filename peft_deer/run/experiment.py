@@ -8,7 +8,7 @@ import contextlib
 import copy
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class Experiment:
     client_data: list[Dataset] | None
     base_copy: torch.nn.Module | None = None  # a random backbone, saved with the run
     prefix_end: int | None = None  # datasets hold the output of blocks [0, prefix_end) (frozen-prefix cache)
+    data_sha256: dict[str, str] = field(default_factory=dict)  # per split; a resume on changed data is refused
 
     def model_inputs(self) -> contextlib.AbstractContextManager:
         """Context in which `model` takes the run's datasets: cached prefix features, or images."""

@@ -3,8 +3,9 @@ model -> start or resume -> run the phases -> finalize -> the final line.
 
 A driver says where the run is hosted (`Host`: device, log, and how its processes agree) and how client
 updates move (`Transport`: in-process training in the simulation, messages to sites under Flower), and
-calls `run_experiment`. A bad setting or bad data found before the first phase raises `SetupFailed`
-holding the one-line error; nothing is written to the output dir before then.
+calls `run_experiment`. The output dir is checked and locked (one run at a time) before anything heavy
+loads. A bad setting or bad data found before the first phase raises `SetupFailed` holding the one-line
+error; nothing is written to the output dir before then.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..run_dir import prepare_output_dir
+from ..checkpoint import data_digest
+from ..run_dir import check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
 from ..settings import RunSettings
 from .experiment import Experiment, build_experiment
 from .outputs import final_line, finalize
@@ -85,10 +87,24 @@ class RunOutcome:
 def run_experiment(settings: RunSettings, transport: Transport, host: Host | None = None) -> RunOutcome:
     """One run from its settings to its outputs (see the module docstring)."""
     host = host or Host()
+    output = settings.output
     try:
+        # a no-op if the driver took it already
+        host.together(lambda: lock_output_dir(Path(output.output_dir), say=host.say) if host.is_main else None)
+        host.together(lambda: check_output_state(output.output_dir, output.resume, output.overwrite))
         exp, progress, out = _set_up(settings, transport, host)
     except (ValueError, RuntimeError, OSError) as err:  # bad input: one-line messages by design
+        if host.is_main:
+            release_output_lock(Path(output.output_dir))
         raise SetupFailed(err) from err
+    try:
+        return _run(exp, progress, out, transport, host)
+    finally:
+        if host.is_main:
+            release_output_lock(out)
+
+
+def _run(exp: Experiment, progress: RunProgress, out: Path, transport: Transport, host: Host) -> RunOutcome:
     release = transport.release_phase(exp, out)
     stopped = run_phases(exp, out, progress, release, host.is_main, host.barrier, host.say)
     if stopped == "max-phases":
@@ -108,6 +124,7 @@ def _set_up(settings: RunSettings, transport: Transport, host: Host) -> tuple[Ex
     exp = host.together(
         lambda: build_experiment(settings, host.device, transport.with_client_data, host.say, host.broadcast)
     )
+    exp.data_sha256 = data_digest(exp.data.splits)  # in the checkpoint: a resume on changed data is refused
     output = settings.output
     checked = host.together(
         lambda: prepare_output_dir(output.output_dir, output.resume, output.overwrite) if host.is_main else None

@@ -1,7 +1,9 @@
 """A run's final outputs: adapters (final, best, plain-LoRA export), privacy ledger, test metrics, curves,
 model card and `summary.json` (written last).
 
-Output layout of a run directory: adapter/, adapter-best/, adapter-lora/ (plain LoRA export),
+Every file is written atomically: JSON via a temp file and a rename, each adapter dir complete in
+`<name>.tmp` and renamed into place after all three are written, so a failed or killed final write leaves the
+previous complete files. Output layout of a run directory: adapter/, adapter-best/, adapter-lora/ (plain LoRA export),
 privacy.json, metrics.jsonl, summary.json, curves.png, examples/, base-model/ (random backbones only)
 -- all of it publishable: nothing in it is computed from a client's data without noise.
 Each adapter's temperature (probabilities = softmax(logits / T), fitted on the server's validation split)
@@ -55,6 +57,7 @@ def finalize(
     adapters = {"final": server.global_state}
     if progress.best is not None:
         adapters["best"] = progress.best["state"]
+    staged: dict[Path, Path] = {}  # adapter dir -> its complete copy, renamed into place once all are written
     for name, state in adapters.items():
         load_adapter_state(model, state)
         with exp.model_inputs():
@@ -88,18 +91,25 @@ def finalize(
                 **reproducible_noise_label(settings.privacy.reproducible_noise),
             },
         )
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        staged[target] = tmp
     load_adapter_state(model, server.global_state)
-    export_lora_adapter(out / "adapter", out / "adapter-lora")
-    shutil.copy2(out / "adapter" / "peft_deer_run.json", out / "adapter-lora" / "peft_deer_run.json")
+    lora = out / "adapter-lora.tmp"
+    shutil.rmtree(lora, ignore_errors=True)
+    export_lora_adapter(staged[out / "adapter"], lora)
+    shutil.copy2(staged[out / "adapter"] / "peft_deer_run.json", lora / "peft_deer_run.json")
+    staged[out / "adapter-lora"] = lora
 
     ledger = {**server.ledger(), "dataset": settings.data.dataset, **(extra_privacy or {})}
     write_json_atomic(out / "privacy.json", ledger)
     if private_extra:
         write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)
     if progress.rows:
-        plot_curves(progress.rows, out / "curves.png", ledger)
+        curves = out / "curves.tmp"
+        shutil.rmtree(curves, ignore_errors=True)
+        curves.mkdir()
+        plot_curves(progress.rows, curves / "curves.png", ledger)
+        os.replace(curves / "curves.png", out / "curves.png")
+        curves.rmdir()
     rounds_done = len(server.releases) // server.spec.releases_per_round
     info = {
         "method": settings.federation.method,
@@ -119,10 +129,11 @@ def finalize(
         "test": test,
         "calibration": calibration,
     }
-    (out / "adapter" / "README.md").write_text(model_card(info))
-    for name in ("adapter-best", "adapter-lora"):
-        if (out / name).exists():
-            shutil.copy2(out / "adapter" / "README.md", out / name / "README.md")
+    card = model_card(info)
+    for tmp in staged.values():
+        (tmp / "README.md").write_text(card)
+    for target, tmp in staged.items():
+        _replace_dir(tmp, target)
     summary = {
         **{k: v for k, v in info.items() if k != "privacy"},
         "epsilon": ledger.get("epsilon"),
@@ -140,6 +151,21 @@ def finalize(
     (out / CHECKPOINT).unlink(missing_ok=True)
     publish(published)
     return summary
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Put the complete directory `tmp` at `target` by renames (the old one is removed last); a kill in
+    between leaves `*.tmp` dirs that a resumed run removes before it writes its outputs again."""
+    for path in (tmp, *tmp.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    old = target.with_name(target.name + ".old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def final_line(summary: dict[str, Any], out: Path) -> str:

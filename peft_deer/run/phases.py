@@ -81,6 +81,7 @@ def run_phases(
                 live_dir(out) / CHECKPOINT,
                 {
                     "fingerprint": settings.fingerprint(),
+                    "data_sha256": exp.data_sha256,
                     "server": server.state_dict(),
                     "next_phase": progress.next_phase,
                     "rows": progress.rows,

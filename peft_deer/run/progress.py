@@ -1,7 +1,7 @@
 """Where a run stands: its progress between phases and across a resume, and the start of its run directory.
 
 `start_or_resume` either restores the server and progress from the checkpoint (`--resume`, refused
-with `SettingsMismatch` if the settings differ) or creates the staging dir with the run's first
+with `SettingsMismatch` if the settings or the data differ) or creates the staging dir with the run's first
 outputs: example images, and, server-private, the per-client label counts.
 """
 
@@ -14,17 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import SettingsMismatch, check_resume, load_checkpoint
 from ..data import format_label_table, label_count_table, plot_label_counts
 from ..io import dumps_strict, write_json_atomic
-from ..run_dir import CHECKPOINT, create_staging, live_dir
+from ..run_dir import CHECKPOINT, create_staging, live_dir, make_private_dir
 from .experiment import Experiment
 
 PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
-
-
-class SettingsMismatch(ValueError):
-    """`--resume` of a run whose checkpoint was written with other settings."""
 
 
 def save_example_images(split, out_dir: Path, per_class: int = 2) -> list[dict[str, Any]]:
@@ -79,15 +75,7 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
     settings = exp.settings
     if settings.output.resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
-        if not isinstance(ckpt["fingerprint"], dict):
-            raise SettingsMismatch(f"{out / CHECKPOINT} holds no settings; pass --overwrite to start again")
-        if ckpt["fingerprint"] != settings.fingerprint():
-            saved, mine = ckpt["fingerprint"], settings.fingerprint()
-            changed = sorted(k for k in {*saved, *mine} if saved.get(k) != mine.get(k))
-            raise SettingsMismatch(
-                f"--resume with different settings {changed}; resume with the run's settings (its summary "
-                "lists them once finished) or pass --overwrite to start again"
-            )
+        check_resume(out / CHECKPOINT, ckpt, settings.fingerprint(), exp.data_sha256)
         try:
             exp.server.load_state_dict(ckpt["server"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -103,9 +91,8 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
         if main_proc:
             run_dir = create_staging(out)
             exp.save_base_model(run_dir)
-            private = run_dir / PRIVATE_DIR
-            # Per-client label counts are client statistics: server-private, and printed only without DP.
-            private.mkdir(parents=True, exist_ok=True)
+            # Per-client label counts are client statistics: server-private (0700), and printed only without DP.
+            private = make_private_dir(run_dir / PRIVATE_DIR)
             splits = exp.data.splits
             label_rows = label_count_table(exp.data.train_labels, exp.data.partitions, splits.class_names)
             table = format_label_table(label_rows)
@@ -117,7 +104,7 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
                 say(table)
     if main_proc:
         run_dir = live_dir(out)
-        (run_dir / PRIVATE_DIR).mkdir(parents=True, exist_ok=True)
+        make_private_dir(run_dir / PRIVATE_DIR)
         write_jsonl(run_dir / "metrics.jsonl", progress.rows)
         write_jsonl(run_dir / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows)
     return progress
