@@ -10,17 +10,20 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
-import peft_deer.federated.aggregate as aggregate
 from peft_deer.audit import (
     build_audit_adapter,
     epsilon_lower_bound,
     gaussian_epsilon,
     main,
+    profile_test,
     run_client_audit,
     run_record_audit,
+    tight_epsilons,
 )
+from peft_deer.audit.verdict import delta_grid, rdp_epsilon
 from peft_deer.federated import ClientDP, ClientUpdate, FederatedServer, iter_phases
 from peft_deer.federated.randomness import DPRandomness
 
@@ -72,22 +75,58 @@ def test_real_deer_is_sound_and_the_audit_is_not_vacuous():
     # sigma = 1, one release, q = 1: exact epsilon 1.57 at delta 0.05. With 16000 trials the bound is
     # >= 0.5 * exact for > 99.9 % of seeds (simulated) and exceeds the ledger (RDP 2.04) for none.
     r = run_client_audit("deer", noise_multiplier=1.0, trials=16000, delta=DELTA, num_clients=2, noise_seed=1)
-    assert r.epsilon_gaussian_exact == pytest.approx(gaussian_epsilon(1.0, DELTA))
-    assert r.epsilon_gaussian_exact < r.epsilon_ledger
-    assert r.epsilon_lower <= r.epsilon_ledger
-    assert r.epsilon_lower >= 0.5 * r.epsilon_gaussian_exact
+    assert r.epsilon_tight == pytest.approx(gaussian_epsilon(1.0, DELTA))
+    assert r.epsilon_tight < r.epsilon_ledger
+    assert r.epsilon_lower <= r.epsilon_tight
+    assert r.epsilon_lower >= 0.5 * r.epsilon_tight
+    assert not r.detected
 
 
-def test_halved_noise_is_caught(monkeypatch):
-    original = aggregate.sample_noise
+def test_tight_epsilon_is_exact_at_q1_and_below_rdp():
+    deltas = np.array([1e-5, 1e-3, 0.1])
+    exact = tight_epsilons([(2.0, 1.0, 4)], deltas)  # four releases at sigma 2 = one at sigma 1
+    assert exact == pytest.approx([gaussian_epsilon(1.0, d) for d in deltas])
+    prv_q1 = tight_epsilons([(1.0, 1.0, 1), (2.0, 0.999999, 1)], deltas)  # the PRV path, nearly q = 1
+    assert prv_q1 == pytest.approx(tight_epsilons([(1.0, 1.0, 1), (2.0, 1.0, 1)], deltas), abs=0.05)
+    sub = tight_epsilons([(1.0, 0.5, 2)], deltas)
+    for d, e in zip(deltas, sub, strict=True):
+        assert 0 <= e <= rdp_epsilon([(1.0, 0.5, 2)], d)
+    assert np.all(np.diff(sub) < 0)  # epsilon falls as delta grows
 
-    def half_noise(whiteners, shapes, std, generator):
-        return original(whiteners, shapes, std / 2, generator)
 
-    monkeypatch.setattr(aggregate, "sample_noise", half_noise)
-    # claims sigma 1.5 (ledger 1.13), has 0.75: the bound is > 1.3 for > 99 % of seeds
-    r = run_client_audit("deer", noise_multiplier=1.5, trials=6000, delta=DELTA, num_clients=2, noise_seed=2)
-    assert r.epsilon_lower > r.epsilon_ledger
+def test_profile_test_against_theory():
+    """Gaussian statistics with the exact claim: false alarms at most at the 5 % level, power where theory says."""
+    rng = np.random.default_rng(0)
+    deltas = delta_grid(1e-5)
+    claimed = tight_epsilons([(1.0, 1.0, 1)], deltas)  # mu = 1
+    false_alarms = 0
+    for _ in range(40):
+        worlds = rng.permutation(np.arange(2000) < 1000)
+        honest = rng.standard_normal(2000) + worlds  # exactly the claimed mechanism
+        false_alarms += profile_test(honest, worlds, deltas, claimed).detected
+        halved = 0.5 * rng.standard_normal(2000) + worlds  # noise x 0.5: mu = 2
+        verdict = profile_test(halved, worlds, deltas, claimed)
+        assert verdict.detected and verdict.epsilon_lower > verdict.epsilon_tight
+        assert verdict.delta > 1e-3  # shown at a moderate delta, where 2000 trials measure the rates
+    assert false_alarms <= 2  # 95 % confidence: expected <= 2 of 40
+
+
+@pytest.mark.parametrize("level", ["client", "record"])
+def test_planted_noise_factor_is_detected_and_honest_noise_is_not(level):
+    # with 600 trials: F = 0.25 (true mu 4 against a claimed 1 at client level) is caught for essentially
+    # every seed; F = 1 is flagged with probability < 5 %
+    audit = run_client_audit if level == "client" else run_record_audit
+    got = {
+        f: audit("deer", noise_multiplier=1.0, trials=600, delta=1e-5, noise_seed=5, plant_noise_factor=f)
+        for f in (1.0, 0.25)
+    }
+    assert not got[1.0].detected and got[0.25].detected
+    for r in got.values():  # the claim keeps the nominal sigma
+        assert r.epsilon_tight == pytest.approx(got[1.0].epsilon_tight)
+        assert r.epsilon_ledger == pytest.approx(got[1.0].epsilon_ledger)
+    assert got[0.25].epsilon_lower_at_delta > got[0.25].epsilon_tight_at_delta
+    if level == "client":  # the server itself ran with sigma x F
+        assert got[0.25].details["effective_noise_multipliers"] == [pytest.approx(0.25)]
 
 
 def test_reproducible_noise_voids_the_guarantee():
@@ -131,8 +170,16 @@ def test_cli_json(capsys):
         "threshold",
         "fpr",
         "fnr",
+        "detected",
+        "epsilon_claimed_rdp",
+        "epsilon_tight",
+        "tight_method",
+        "plant_noise_factor",
+        "detected_at_delta",
     ):
         assert key in out
+    assert isinstance(out["detected"], bool) and out["plant_noise_factor"] == 1.0
+    assert out["epsilon_claimed_rdp"] == out["epsilon_ledger"] >= out["epsilon_tight"] > 0
     assert out["method"] == "rolora" and out["level"] == "client" and out["trials"] == 200 and out["releases"] == 2
 
 
@@ -145,6 +192,9 @@ def test_cli_json(capsys):
         ["--sample-rate", "0.01"],
         ["--method", "nope"],
         ["--level", "record", "--releases", "2"],
+        ["--plant-noise-factor", "0"],
+        ["--plant-noise-factor", "nan"],
+        ["--run", "/nonexistent/run"],
     ],
 )
 def test_cli_rejects_bad_values(argv, capsys):
@@ -154,3 +204,76 @@ def test_cli_rejects_bad_values(argv, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deer-audit: error:") and "\n" not in err
+
+
+def _client_run(tmp_path, sample_rate_clients=4):
+    """A real client-level ledger: one release of a FederatedServer, written as a run's privacy.json."""
+    _, layout, state = build_audit_adapter("rolora", 2, 4, 3.0)
+    server = FederatedServer(
+        "rolora",
+        layout,
+        state,
+        6,
+        sample_rate_clients,
+        dp=ClientDP(1.5, 0.5, delta=0.01),
+        randomness=DPRandomness.from_seed(0),
+    )
+    phase = next(iter_phases("rolora", 1))
+    keys = server.trained_keys(phase)
+    server.finish_phase(
+        phase, [ClientUpdate(c, {k: state[k] * 0 for k in keys}, 1) for c in server.participants(phase)]
+    )
+    ledger = server.ledger()
+    (tmp_path / "privacy.json").write_text(json.dumps(ledger))
+    return ledger
+
+
+def test_run_dir_audits_the_runs_own_mechanism(tmp_path, capsys):
+    ledger = _client_run(tmp_path)
+    assert main(["--run", str(tmp_path), "--json", "--trials", "200", "--plant-noise-factor", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["method"], out["level"], out["noise_multiplier"], out["clip_norm"]) == ("rolora", "client", 1.5, 0.5)
+    assert (out["delta"], out["num_clients"], out["releases"]) == (0.01, 6, 1)
+    assert out["sample_rate"] == pytest.approx(ledger["sample_rate"]) and out["sample_rate"] < 1
+    assert "opacus PRV" in out["tight_method"]  # q < 1: no closed form
+    assert out["run"]["epsilon_rdp"] == ledger["epsilon_rdp"] == pytest.approx(out["epsilon_claimed_rdp"])
+    assert out["epsilon_tight"] <= out["epsilon_claimed_rdp"]
+
+
+def test_run_dir_record_level(tmp_path, capsys):
+    ledger = {
+        "level": "record",
+        "method": "deer",
+        "record": {
+            "noise_multipliers": {"0": 2.0, "1": 1.0},
+            "clip_norm": 1.0,
+            "delta": 1e-4,
+            "steps": {"0": 4, "1": 4},
+            "epsilon_per_client": {"0": 1.0, "1": 3.0},
+            "sample_rate": 0.25,
+        },
+    }
+    (tmp_path / "privacy.json").write_text(json.dumps(ledger))
+    assert main(["--run", str(tmp_path), "--json", "--trials", "40"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["level"], out["noise_multiplier"], out["delta"]) == ("record", 1.0, 1e-4)  # client 1: largest eps
+    assert (out["record_sample_rate"], out["steps"], out["run"]["client"]) == (0.25, 4, "1")
+    del ledger["record"]["sample_rate"]
+    (tmp_path / "privacy.json").write_text(json.dumps(ledger))
+    assert main(["--run", str(tmp_path), "--json", "--trials", "40"]) == 2
+    assert "sample rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "ledger, message",
+    [
+        ({"level": "none", "method": "deer"}, "no differential privacy"),
+        ({"level": "client", "method": "deer", "releases": 1}, "noise_multiplier"),
+        ("not json", "not readable JSON"),
+    ],
+)
+def test_run_dir_errors(tmp_path, capsys, ledger, message):
+    (tmp_path / "privacy.json").write_text(ledger if isinstance(ledger, str) else json.dumps(ledger))
+    assert main(["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deer-audit: error:") and message in err and "\n" not in err

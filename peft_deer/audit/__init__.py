@@ -1,7 +1,8 @@
 """`deer-audit`: an empirical privacy audit of the project's own DP mechanisms (runs on CPU in minutes).
 
-Modules: `bounds` (statistics and the bound), `setting` (the audited adapter), `game` (what both levels
-share), `client_level`, `record_level`, `cli`.
+Modules: `bounds` (statistics and the bound), `verdict` (claimed profile, tight epsilon, `detected`),
+`setting` (the audited adapter), `game` (what both levels share), `client_level`, `record_level`,
+`from_run` (`--run`), `cli`.
 
 The audit plays the distinguishing game behind the definition of (epsilon, delta)-DP and turns the
 adversary's success into a statistical **lower bound** on the epsilon the mechanism really has:
@@ -29,23 +30,31 @@ adversary's success into a statistical **lower bound** on the epsilon the mechan
    95 % Clopper-Pearson intervals (each holds with 97.5 %, both together with >= 95 %), and
        epsilon_lower = max(0, log((1 - delta - FNR_up) / FPR_up), log((1 - delta - FPR_up) / FNR_up)).
    One threshold is tested on fresh trials, so with probability >= 95 % the mechanism's true epsilon
-   at `--delta` is at least epsilon_lower. A sound mechanism gives epsilon_lower <= epsilon_ledger.
-5. *Seed known to the adversary* (`--reproducible-noise`): the mechanism draws from
+   at `--delta` is at least epsilon_lower.
+5. *Verdict* (`verdict`). The ledger claims epsilon(delta') at every delta', and one test's rates bound
+   epsilon at every delta' at once; `detected` is true when the bound exceeds the **tight** claimed
+   epsilon (exact Gaussian for q = 1, else opacus PRV) at any delta' of a grid from `--delta` to 0.5
+   (threshold for the largest margin chosen on the first half, rates from the second). At large delta'
+   a few thousand trials suffice: the defaults catch halved noise at both levels in CPU minutes.
+   `--plant-noise-factor F` runs the mechanism with sigma x F (the server's / DP-SGD's own noise path)
+   while every claimed epsilon keeps sigma, so anyone can measure this power.
+6. *Seed known to the adversary* (`--reproducible-noise`): the mechanism draws from
    `DPRandomness.from_seed(trial seed)` with a public per-trial seed; the adversary reruns the trial in
    the "out" world with the same seed and subtracts (statistic: whitened norm of the difference, 0 in
    the "out" world, the canary's contribution in the "in" world), which breaks any claimed epsilon.
    Without it every trial uses `DPRandomness.secret()` (OS entropy), as a real run does.
-6. *Record level* (`--level record`): one client's DP-SGD (`train_client` with `RecordDP`, opacus
+7. *Record level* (`--level record`): one client's DP-SGD (`train_client` with `RecordDP`, opacus
    Poisson batches, per-sample clipping and noise; whitened for `deer`). Its dataset has zero-input
    records (zero LoRA gradient) and, in the "in" world, one canary record with a large input whose
    per-sample gradient is clipped; the "out" world replaces it by another zero record. Statistic: the
    client's delta projected on the canary's first-step clipped gradient (whitened), in units of sigma C.
+8. *A finished run* (`--run RUN_DIR`, `from_run`): its privacy.json's level, method, sigma, C, delta,
+   sample rate and releases (or the most exposed client's DP-SGD q and steps) on the audit's adapter.
 
-Reported: epsilon_lower; epsilon_ledger (what the project's ledger claims: the server's RDP epsilon,
-from the effective multipliers for `deer-reference`, or opacus RDP over the DP-SGD steps);
-epsilon_nominal (sigma alone, the published mechanism's claim for `deer-reference`); and, with every
-client in every release (q = 1) of a Gaussian mechanism, epsilon_gaussian_exact, the exact epsilon of
-that Gaussian mechanism (analytic Gaussian, Balle & Wang 2018) -- the best any audit can find.
+Reported: epsilon_lower; epsilon_ledger (= epsilon_claimed_rdp: the ledger's RDP epsilon, from the
+effective multipliers for `deer-reference`, or opacus RDP over the DP-SGD steps); epsilon_tight (the
+same claimed mechanism, tight); epsilon_nominal (sigma alone, the published mechanism's claim for
+`deer-reference`); detected, with the delta where the verdict is most decisive.
 """
 
 from .bounds import (
@@ -61,11 +70,13 @@ from .cli import build_parser, main
 from .client_level import canary_update, run_client_audit
 from .record_level import run_record_audit
 from .setting import build_audit_adapter
+from .verdict import Verdict, profile_test, tight_epsilons
 
 __all__ = [
     "CONFIDENCE",
     "AuditResult",
     "Bound",
+    "Verdict",
     "build_audit_adapter",
     "build_parser",
     "canary_update",
@@ -74,6 +85,8 @@ __all__ = [
     "epsilon_lower_bound",
     "gaussian_epsilon",
     "main",
+    "profile_test",
     "run_client_audit",
     "run_record_audit",
+    "tight_epsilons",
 ]

@@ -15,7 +15,13 @@ _SELECTION_LEVEL = 0.999  # threshold selection on the first half: a stricter bo
 
 @dataclass
 class AuditResult:
-    """One audit: the lower bound, what the ledger claims, and how the bound was obtained."""
+    """One audit: the lower bound, what the ledger claims, the verdict, and how they were obtained.
+
+    epsilon_ledger is the RDP epsilon the ledger claims (JSON also as `epsilon_claimed_rdp`), epsilon_tight
+    the tight epsilon of the same claimed mechanism (`tight_method`), both at `delta` and with the nominal
+    multiplier even when the mechanism ran with noise x `plant_noise_factor`. `detected` is the profile
+    test of `verdict` (at `detected_at_delta`, where it is most decisive), based on the tight epsilon.
+    """
 
     level: str
     method: str
@@ -26,7 +32,13 @@ class AuditResult:
     epsilon_lower: float
     epsilon_ledger: float
     epsilon_nominal: float
-    epsilon_gaussian_exact: float | None
+    epsilon_tight: float
+    tight_method: str
+    plant_noise_factor: float
+    detected: bool
+    detected_at_delta: float
+    epsilon_lower_at_delta: float  # the bound and the tight claim at detected_at_delta
+    epsilon_tight_at_delta: float
     threshold: float
     fpr: float  # observed on the second half of the trials
     fnr: float
@@ -41,6 +53,7 @@ class AuditResult:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(out.pop("details"))
+        out["epsilon_claimed_rdp"] = self.epsilon_ledger
         return out
 
 

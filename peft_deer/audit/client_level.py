@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .. import defaults
-from ..federated.accountant import ReleaseAccountant, check_delta
+from ..federated.accountant import check_delta
 from ..federated.adapter_state import AdapterLayout, AdapterState
 from ..federated.aggregate import ClientDP, clip_client_update
 from ..federated.local_training import ClientUpdate
@@ -22,9 +22,10 @@ from ..federated.randomness import DPRandomness
 from ..federated.schedule import NoiseKind, Phase, iter_phases, method_spec
 from ..federated.seeding import derive_seed
 from ..federated.server import FederatedServer
-from .bounds import AuditResult, epsilon_lower_bound, gaussian_epsilon
+from .bounds import AuditResult
 from .game import audit_context, balanced_worlds, check_common, dot, whitened
 from .setting import build_audit_adapter
+from .verdict import check_plant, judge, rdp_epsilon
 
 
 def _fixed_direction(keys: Sequence[str], shapes: dict[str, torch.Size], norm_: float, seed: int) -> AdapterState:
@@ -161,14 +162,19 @@ def run_client_audit(
     ridge: float = defaults.RIDGE,
     progress: bool = False,
     noise_seed: int | None = None,
+    plant_noise_factor: float = 1.0,
 ) -> AuditResult:
     """Client-level audit of `method`'s mechanism through `FederatedServer` (module doc, 2-5).
+
+    `plant_noise_factor` F: the server adds noise with multiplier sigma * F (its real noise path), while
+    the claimed epsilons keep sigma: F < 1 plants a bug that the verdict (`detected`) should catch.
 
     `noise_seed` (tests only): the mechanism's randomness comes from `DPRandomness.from_seed` with seeds
     derived from it, which the adversary does NOT use -- statistically the same as secret noise, but the
     audit is deterministic. Without it (and without `reproducible_noise`) every trial draws a fresh secret.
     """
     check_common(method, noise_multiplier, clip_norm, trials, delta)
+    check_plant(plant_noise_factor)
     if num_clients < 1:
         raise ValueError(f"--num-clients {num_clients} must be >= 1")
     if not 0 < sample_rate <= 1:
@@ -195,7 +201,7 @@ def run_client_audit(
             state,
             num_clients,
             clients_per_phase,
-            ClientDP(noise_multiplier, clip_norm, ridge=ridge, delta=delta),
+            ClientDP(noise_multiplier * plant_noise_factor, clip_norm, ridge=ridge, delta=delta),
             list(itertools.islice(iter_phases(method, rounds), releases)),
             seed,
         )
@@ -220,15 +226,9 @@ def run_client_audit(
             for t, r in enumerate(real):
                 min_sigma[t] = min(min_sigma[t], r.effective_noise_multiplier)
     seconds = time.perf_counter() - start
-    bound = epsilon_lower_bound(stats, worlds, delta)
-    ledger, nominal = ReleaseAccountant(), ReleaseAccountant()
-    for s in min_sigma:  # identical in every trial except deer-reference with releases > 1
-        ledger.step(s, setup.clients_per_phase / num_clients)
-        nominal.step(noise_multiplier, setup.clients_per_phase / num_clients)
-    exact = None
-    if clients_per_phase == num_clients and (releases == 1 or spec.noise != NoiseKind.REFERENCE):
-        # q = 1: the T-fold composition of a Gaussian mechanism with multiplier s is one with s / sqrt(T)
-        exact = gaussian_epsilon(min_sigma[0] / math.sqrt(releases), delta)
+    q = setup.clients_per_phase / num_clients
+    # what the ledger claims: the multipliers the server reports, without the planted factor
+    claimed = [(s / plant_noise_factor, q, 1) for s in min_sigma]
     return AuditResult(
         level="client",
         method=method,
@@ -236,15 +236,8 @@ def run_client_audit(
         clip_norm=clip_norm,
         delta=delta,
         trials=trials,
-        epsilon_lower=bound.epsilon_lower,
-        epsilon_ledger=ledger.epsilon(delta, "rdp"),
-        epsilon_nominal=nominal.epsilon(delta, "rdp"),
-        epsilon_gaussian_exact=exact,
-        threshold=bound.threshold,
-        fpr=bound.fpr,
-        fnr=bound.fnr,
-        fpr_upper=bound.fpr_upper,
-        fnr_upper=bound.fnr_upper,
+        epsilon_nominal=rdp_epsilon([(noise_multiplier, q, releases)], delta),
+        **judge(stats, worlds, delta, claimed, plant_noise_factor),
         reproducible_noise=reproducible_noise,
         seconds=seconds,
         seconds_per_trial=seconds / trials,
@@ -253,7 +246,7 @@ def run_client_audit(
             "sample_rate": clients_per_phase / num_clients,
             "num_clients": num_clients,
             "releases": releases,
-            "effective_noise_multipliers": min_sigma,
+            "effective_noise_multipliers": min_sigma,  # of the mechanism as run (planted factor included)
             "frozen_scale": frozen_scale,
             "rank": rank,
             "dim": dim,

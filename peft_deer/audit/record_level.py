@@ -17,12 +17,13 @@ from ..federated.client import train_client
 from ..federated.local_training import ClientTask, LocalTraining, set_phase_trainability
 from ..federated.mechanism import build_whiteners
 from ..federated.randomness import DPRandomness
-from ..federated.record_dp import RecordAccountants, RecordDP, record_sample_rate, record_steps
+from ..federated.record_dp import RecordDP, record_sample_rate, record_steps
 from ..federated.schedule import Phase, iter_phases, method_spec
 from ..federated.seeding import derive_seed
-from .bounds import AuditResult, epsilon_lower_bound, gaussian_epsilon
+from .bounds import AuditResult
 from .game import audit_context, balanced_worlds, check_common, dot, whitened
 from .setting import build_audit_adapter
+from .verdict import check_plant, judge
 
 
 def _canary_gradient(
@@ -55,12 +56,19 @@ def run_record_audit(
     ridge: float = defaults.RIDGE,
     progress: bool = False,
     noise_seed: int | None = None,
+    plant_noise_factor: float = 1.0,
+    local_epochs: int = 1,
 ) -> AuditResult:
     """Record-level audit: one client update of DP-SGD (`train_client` + `RecordDP`) with a canary record.
 
     `noise_seed` (tests only): `dp_seed`s derived from it, unused by the adversary (see `run_client_audit`).
+    `plant_noise_factor` F: DP-SGD runs with multiplier sigma * F (`RecordDP`, its real noise path) while the
+    claimed epsilons keep sigma. `local_epochs` (default 1) sets the steps: local_epochs * int(1 / q).
     """
     check_common(method, noise_multiplier, clip_norm, trials, delta)
+    check_plant(plant_noise_factor)
+    if local_epochs < 1:
+        raise ValueError(f"local epochs {local_epochs} must be >= 1")
     if num_examples < 2:
         raise ValueError(f"--record-examples {num_examples} must be >= 2")
     if not 1 <= batch_size <= num_examples:
@@ -72,12 +80,18 @@ def run_record_audit(
     if not (frozen_scale > 0 and math.isfinite(frozen_scale)):
         raise ValueError(f"--frozen-scale {frozen_scale} must be finite and > 0")
     noise = method_spec(method).record_noise
-    record = RecordDP(noise_multipliers=(noise_multiplier,), clip_norm=clip_norm, delta=delta, noise=noise, ridge=ridge)
+    record = RecordDP(
+        noise_multipliers=(noise_multiplier * plant_noise_factor,),
+        clip_norm=clip_norm,
+        delta=delta,
+        noise=noise,
+        ridge=ridge,
+    )
     training = LocalTraining(
-        local_epochs=1, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0, record_dp=record
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0, record_dp=record
     )
     q = record_sample_rate(num_examples, batch_size)
-    steps = record_steps(num_examples, batch_size, 1)
+    steps = record_steps(num_examples, batch_size, local_epochs)
     expected_batch = max(1, round(q * num_examples))
     start = time.perf_counter()
     with audit_context():
@@ -128,10 +142,8 @@ def run_record_audit(
                 delta_ = update(bool(worlds[i]), hidden)
                 stats[i] = -dot(whitened(delta_, whiteners), direction) * scale / (noise_multiplier * clip_norm)
     seconds = time.perf_counter() - start
-    bound = epsilon_lower_bound(stats, worlds, delta)
-    accountants = RecordAccountants()
-    accountants.step(0, noise_multiplier, q, steps)
-    eps_ledger = accountants.epsilon(0, delta)
+    claimed = [(noise_multiplier, q, steps)]  # the ledger's history: nominal sigma, planted factor or not
+    result = judge(stats, worlds, delta, claimed, plant_noise_factor)
     return AuditResult(
         level="record",
         method=method,
@@ -139,15 +151,8 @@ def run_record_audit(
         clip_norm=clip_norm,
         delta=delta,
         trials=trials,
-        epsilon_lower=bound.epsilon_lower,
-        epsilon_ledger=eps_ledger,
-        epsilon_nominal=eps_ledger,
-        epsilon_gaussian_exact=gaussian_epsilon(noise_multiplier, delta) if q == 1 else None,
-        threshold=bound.threshold,
-        fpr=bound.fpr,
-        fnr=bound.fnr,
-        fpr_upper=bound.fpr_upper,
-        fnr_upper=bound.fnr_upper,
+        epsilon_nominal=result["epsilon_ledger"],
+        **result,
         reproducible_noise=reproducible_noise,
         seconds=seconds,
         seconds_per_trial=seconds / trials,
