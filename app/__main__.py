@@ -16,7 +16,7 @@ def _load_command():
     spec = importlib.util.spec_from_file_location("_peft_deer_light_import", path)
     light = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(light)
-    return light.load("peft_deer.demo", "peft_deer.demo.__main__")
+    return light.load("peft_deer.calibration", "peft_deer.demo", "peft_deer.demo.__main__")  # calibration: numpy only
 
 
 def main(argv: list[str] | None = None) -> int:

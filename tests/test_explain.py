@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_vit
 from transformers import Dinov2Config, Dinov2ForImageClassification
 
-from peft_deer.explain import last_block, overlay, token_gradcam
+from peft_deer.explain import SCALE_WIDTH, last_block, overlay, token_gradcam
 
 CELL = 7  # tiny_vit: 28 px, 7 px patches -> a 4 x 4 token grid
 
@@ -84,7 +84,8 @@ def test_dinov2_layout_and_overlay() -> None:
     assert cam.shape == (2, 4, 4) and float(cam.std()) > 0
     image = (np.arange(56 * 56).reshape(56, 56) % 256).astype(np.uint8)
     picture = overlay(image, cam[0].numpy(), size=112)
-    assert picture.size == (112, 112) and picture.mode == "RGB"
+    assert picture.size == (112 + SCALE_WIDTH, 112) and picture.mode == "RGB"
+    assert overlay(image, cam[0].numpy(), size=112, scale=False).size == (112, 112)
     plain = overlay(image, np.zeros((4, 4)), size=112)  # no evidence: the image shows through unchanged
     assert np.array_equal(np.asarray(plain)[..., 0], np.asarray(plain)[..., 1])
     assert not np.array_equal(np.asarray(picture), np.asarray(plain))
