@@ -30,11 +30,11 @@ from peft_deer.data import load_dataset_spec
 from peft_deer.demo import uploads
 from peft_deer.demo.__main__ import main as app_main
 from peft_deer.demo.decode import decode
-from peft_deer.demo.predict import AdapterError, Classifier, load_classifier
 from peft_deer.demo.panel import format_threshold
+from peft_deer.demo.predict import AdapterError, Classifier, load_classifier
 from peft_deer.demo.ui import build_demo, close, decision_md, describe, format_probability, launch
-from peft_deer.explain import SCALE_WIDTH
 from peft_deer.evaluation import classification_metrics
+from peft_deer.explain import SCALE_WIDTH
 from peft_deer.intensity import to_uint8
 
 DATASET = "medmnist:pneumoniamnist"
@@ -84,7 +84,7 @@ def served(clf: Classifier) -> Iterator[str]:
 
 
 OUTPUT_TTL_S = 2  # returned images are swept from the private cache after this long (tests only)
-UPLOAD_TTL_S = 2  # uploads are swept after this long (tests only)
+UPLOAD_TTL_S = 10  # uploads are swept after this long (tests only; long enough for a queue of 50 calls)
 
 
 def _probs(label: dict) -> dict[str, float]:

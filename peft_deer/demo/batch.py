@@ -70,7 +70,7 @@ def csv_cell(value: str | float) -> str | float:
 def to_csv(header: Sequence[str], rows: Iterable[Sequence[str | float]]) -> str:
     """The table as CSV text (RFC 4180 quoting), formula-like text cells neutralised (`csv_cell`)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\r\n")  # CRLF: a CR or LF inside a cell gets it quoted
     writer.writerow([csv_cell(c) for c in header])
     writer.writerows([csv_cell(c) for c in row] for row in rows)
     return out.getvalue()

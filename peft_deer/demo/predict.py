@@ -9,6 +9,7 @@ optional ``audit.json`` from ``deer-audit --json`` and an optional OOD guard ``o
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ class Classifier:
     examples: list[Example] = field(default_factory=list)
     ood: OodGuard | None = None
     ood_note: str = "no OOD guard for this run"
+    # One forward pass at a time: the hooks of `explain` and `_forward` are per model, Gradio runs events in threads.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -93,7 +96,8 @@ class Classifier:
     def probabilities(self, images: Any) -> np.ndarray:
         """Calibrated class probabilities softmax(logits / T) (N, num_classes) for uint8 images (anything
         `preprocess_images` takes)."""
-        logits = self.model(pixel_values=self._inputs(images)).logits
+        with self.lock:
+            logits = self.model(pixel_values=self._inputs(images)).logits
         return softmax_t(logits.double().cpu().numpy(), self.temperature)
 
     @torch.inference_mode()
@@ -101,7 +105,8 @@ class Classifier:
         """Calibrated (N, num_classes) for decoded images of any sizes (each preprocessed alone, one forward pass)."""
         if not images:
             return np.zeros((0, len(self.class_names)))
-        logits = self.model(pixel_values=torch.cat([self._inputs(px) for px in images])).logits
+        with self.lock:
+            logits = self.model(pixel_values=torch.cat([self._inputs(px) for px in images])).logits
         return softmax_t(logits.double().cpu().numpy(), self.temperature)
 
     def decide(self, probs: np.ndarray) -> int:
@@ -126,11 +131,13 @@ class Classifier:
     def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated probabilities (N, K), the head's input features (N, D)) in one forward pass."""
         captured: list[torch.Tensor] = []
-        handle = self._head().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            logits = self.model(pixel_values=torch.cat([self._inputs(px) for px in images])).logits
-        finally:
-            handle.remove()
+        x = torch.cat([self._inputs(px) for px in images])
+        with self.lock:
+            handle = self._head().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+            try:
+                logits = self.model(pixel_values=x).logits
+            finally:
+                handle.remove()
         feats = captured[0].reshape(len(images), -1).double().cpu().numpy()
         return softmax_t(logits.double().cpu().numpy(), self.temperature), feats
 
@@ -159,7 +166,8 @@ class Classifier:
         """(Grad-CAM map (gh, gw) >= 0, explained class) for decoded uint8 pixels; default: the decided class."""
         if target is None:
             target = self.decide(self.probabilities(pixels)[0])
-        cam = token_gradcam(self.model, self._inputs(pixels), int(target))[0]
+        with self.lock:
+            cam = token_gradcam(self.model, self._inputs(pixels), int(target))[0]
         return cam.cpu().numpy(), int(target)
 
     def explain_overlay(self, pixels: np.ndarray) -> Any:

@@ -54,24 +54,20 @@ NO_FILES = "No files: upload images, DICOM files or a zip of them first."
 # Small scans (MedMNIST is 28 px) are shown enlarged, pixels kept sharp.
 CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 OUTPUT_TTL_S = 60  # returned images and CSVs are deleted from the private cache after this long (s)
-class Decision(gr.Label):
-    """A Label whose headline is the decided class (not the argmax): takes `LabelData` as it is."""
-
-    def get_block_name(self) -> str:
-        return "label"
-
-    def postprocess(self, value: Any) -> Any:
-        return value if isinstance(value, LabelData) else super().postprocess(value)
-
-
-def answer(clf: Classifier, probs: np.ndarray, reason: str | None) -> LabelData:
-    """The decision as a label with the probabilities (3 decimals); "unlike the training images", no
-    probabilities, when the input was refused."""
+def answer(clf: Classifier, probs: np.ndarray, reason: str | None) -> dict[str, Any]:
+    """A Label's value, sent as it is (no postprocess, which would make the argmax the label): the decision as
+    the label with the probabilities (3 decimals); "unlike the training images", no probabilities, when the
+    input was refused."""
     if reason:
-        return LabelData(label=UNLIKE)
+        return LabelData(label=UNLIKE).model_dump()
     order = np.argsort(-probs)
     confidences = [LabelConfidence(label=clf.class_names[i], confidence=round(float(probs[i]), 3)) for i in order]
-    return LabelData(label=clf.class_names[clf.decide(probs)], confidences=confidences)
+    return LabelData(label=clf.class_names[clf.decide(probs)], confidences=confidences).model_dump()
+
+
+def _page_probs(clf: Classifier, probs: np.ndarray, reason: str | None) -> dict[str, float]:
+    """The page's probability bars (3 decimals; none for a refused input): the decision is the headline."""
+    return {} if reason else {n: round(float(p), 3) for n, p in zip(clf.class_names, probs, strict=True)}
 
 
 def build_demo(
@@ -133,7 +129,7 @@ def build_demo(
         for clf in classifiers:
             probs, reasons = clf.assess([pixels])
             cam, explained = clf.explain(pixels, clf.decide(probs[0]))
-            labels.append(answer(clf, probs[0], reasons[0]))
+            labels.append(_page_probs(clf, probs[0], reasons[0]))
             if reasons[0]:
                 decisions.append(unusual_md(clf, reasons[0]) + "\n\n" + resized_md(clf, pixels))
             else:
@@ -184,9 +180,10 @@ def build_demo(
                 for clf, title in zip(classifiers, titles, strict=True):
                     with gr.Column(scale=2 if not several else 1):
                         out_labels.append(
-                            Decision(
+                            gr.Label(
                                 num_top_classes=min(5, len(clf.class_names)),
-                                label=f"{title}: decision and probabilities",
+                                label=f"{title}: probabilities",
+                                show_heading=False,  # the decision below is the headline, not the argmax
                             )
                         )
                         out_decisions.append(gr.Markdown(threshold_md(clf), elem_classes="decision"))
@@ -234,7 +231,8 @@ def build_demo(
         batch_button.click(batch, inputs=files_in, outputs=[table, csv_out], api_name="batch")
         # API-only endpoints (hidden buttons): the same work as the page, fewer outputs.
         api_predict, api_explain = gr.Button(visible=False), gr.Button(visible=False)
-        api_predict.click(predict, inputs=file_in, outputs=out_labels, api_name="predict")
+        # postprocess=False: the label sent is the decision (`answer`), not the argmax Label would make it
+        api_predict.click(predict, inputs=file_in, outputs=out_labels, api_name="predict", postprocess=False)
         api_explain.click(explain, inputs=file_in, outputs=out_overlays, api_name="explain")
     return demo
 
