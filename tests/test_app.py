@@ -124,7 +124,8 @@ def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, 
         other = Classifier(clf.model, clf.adapter_dir, stored, clf.base_model)
         expected = softmax_t(logits, expected_t)
         np.testing.assert_allclose(other.probabilities(images), expected, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(other.probabilities_of(list(images[:3])), expected[:3], rtol=1e-9, atol=1e-12)
+        # another batch size: float32 kernels may differ in the last bits (1e-8 seen, on main too)
+        np.testing.assert_allclose(other.probabilities_of(list(images[:3])), expected[:3], rtol=1e-5, atol=1e-6)
     assert not np.allclose(softmax_t(logits, 3.0), softmax_t(logits))  # the three cases differ
     assert "softmax(logits / T) with T = " in describe(clf) and "uncalibrated, T = 1" in describe(
         Classifier(clf.model, clf.adapter_dir, old_run, clf.base_model)
@@ -154,7 +155,7 @@ def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     threshold = clf.run["decision_threshold"]
     for text in ("tiny random ViT", "method: deer", "client-level (ε, δ)-DP", "ε = ", "δ = 0.001", "mechanism:",
                  "trust model: central", "accuracy", "AUC", "| final |", "balanced accuracy", "sensitivity",
-                 "specificity", f"Operating threshold: **pneumonia** when P(pneumonia) ≥ {threshold:.7g}",
+                 "specificity", f"Operating threshold: **pneumonia** when P(pneumonia) ≥ {format_threshold(threshold)}",
                  "Chosen on the run's validation split (Youden's J)", "guarantee: holds",
                  "empirical audit: none recorded"):  # fmt: skip
         assert text in md, text
@@ -215,7 +216,9 @@ def test_served_page_is_offline_and_local(served: str) -> None:
 def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
     from gradio_client import Client, handle_file
 
-    demo = build_demo([clf, load_classifier(run_dir / "adapter-best")], output_ttl_s=OUTPUT_TTL_S)
+    demo = build_demo(
+        [clf, load_classifier(run_dir / "adapter-best")], output_ttl_s=OUTPUT_TTL_S, upload_ttl_s=UPLOAD_TTL_S
+    )  # (the upload TTL is per process: the last demo built sets it)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True)
     try:
@@ -379,7 +382,7 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
     overlay_path = client.predict(handle_file(str(dcm)), api_name="/explain")
     picture = np.asarray(Image.open(overlay_path).convert("RGB"))
     assert picture.shape == (320, 320 + SCALE_WIDTH, 3) and picture.std() > 0
-    time.sleep(OUTPUT_TTL_S * 2 + 1.5)
+    time.sleep(max(OUTPUT_TTL_S * 2, UPLOAD_TTL_S) + 1.5)  # the overlay and the upload itself
     leftover = [p for p, d in _cache_files().items() if p not in before and d and uploads.digest(p) not in _public(clf)]
     assert not leftover, leftover
     # the run's examples are still cached for the page, although uploads with their bytes came and went

@@ -86,8 +86,10 @@ def test_dinov2_layout_and_overlay() -> None:
     picture = overlay(image, cam[0].numpy(), size=112)
     assert picture.size == (112 + SCALE_WIDTH, 112) and picture.mode == "RGB"
     assert overlay(image, cam[0].numpy(), size=112, scale=False).size == (112, 112)
-    plain = overlay(image, np.zeros((4, 4)), size=112)  # no evidence: the image shows through unchanged
+    plain = overlay(image, np.zeros((4, 4)), size=112, scale=False)  # no evidence: the image shows through
     assert np.array_equal(np.asarray(plain)[..., 0], np.asarray(plain)[..., 1])
-    assert not np.array_equal(np.asarray(picture), np.asarray(plain))
+    assert not np.array_equal(np.asarray(picture)[:, :112], np.asarray(plain))
+    bar = np.asarray(picture)[:, 112 + 4 : 112 + 16].astype(int)  # the colour scale: jet red at the top, grey below
+    assert bar[1, 0, 0] > bar[1, 0, 2] + 40 and abs(bar[-1, 0] - 128).max() <= 1
     with pytest.raises(ValueError, match="no ViT blocks"):
         last_block(torch.nn.Linear(2, 2))
