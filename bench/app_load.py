@@ -1,10 +1,12 @@
-"""Load test of the demo's /predict endpoint on loopback: N concurrent calls, then M sequential ones.
+"""Load test of the demo on loopback: /predict, /explain and /batch, each with N concurrent calls of identical
+uploads (the same bytes: one shared path in Gradio's cache) and of distinct ones, then M sequential /predict.
 
-    python bench/app_load.py --adapter ../main/runs/pneumonia-deer/adapter [--concurrent 50 --sequential 200]
+    python bench/app_load.py --adapter ../main/runs/pneumonia-deer/adapter [--concurrent 20 --sequential 50]
 
 starts the real command (``python -m app``) in a subprocess, uploads the run's example images in
 turn through ``gradio_client``, and prints one JSON object: errors, p50/p95 latency per phase (s,
-client side, upload included) and the server's resident memory (RSS, MiB) before and after; it also
+client side, upload included) and the server's resident memory (RSS, MiB: before, after and the peak
+sampled every 50 ms); it also
 checks that no upload is left in the server's private cache afterwards.
 """
 
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +51,8 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="RUN_DIR/adapter to serve")
-    parser.add_argument("--concurrent", type=int, default=50, help="calls in flight at once (default: %(default)s)")
-    parser.add_argument("--sequential", type=int, default=200, help="calls one after another (default: %(default)s)")
+    parser.add_argument("--concurrent", type=int, default=20, help="calls in flight at once (default: %(default)s)")
+    parser.add_argument("--sequential", type=int, default=50, help="calls one after another (default: %(default)s)")
     args = parser.parse_args(argv)
     from gradio_client import Client, handle_file
 
@@ -86,33 +90,63 @@ def main(argv: list[str] | None = None) -> int:
         rss_before = _rss_mib(server.pid)
         errors: list[str] = []
 
-        def call(i: int) -> float:
+        peak = [rss_before]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                peak[0] = max(peak[0], _rss_mib(server.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        distinct = []  # one fresh file per call: distinct bytes, distinct cache paths
+        for i in range(args.concurrent):
+            px = np.asarray(Image.open(images[i % len(images)]).convert("L"))
+            distinct.append(temp.parent / f"{temp.name}-in-{i}.png")
+            Image.fromarray(np.roll(px, i, axis=1)).save(distinct[-1])
+
+        def call(endpoint: str, files: list[str], i: int) -> float:
             start = time.perf_counter()
+            path = files[i % len(files)]
             try:
-                result = client.predict(handle_file(images[i % len(images)]), api_name="/predict")
-                if not isinstance(result, dict) or "confidences" not in result:
-                    errors.append(f"call {i}: unexpected result {result!r:.100}")
+                if endpoint == "/batch":
+                    table, _ = client.predict([handle_file(path)] * 2, api_name="/batch")
+                    bad = [r for r in table["data"] if str(r[1]).startswith("error")]
+                    if bad:
+                        errors.append(f"{endpoint} call {i}: {bad[0]}")
+                else:
+                    result = client.predict(handle_file(path), api_name=endpoint)
+                    if endpoint == "/predict" and (not isinstance(result, dict) or "label" not in result):
+                        errors.append(f"{endpoint} call {i}: unexpected result {result!r:.100}")
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
-                errors.append(f"call {i}: {exc.__class__.__name__}: {exc}")
+                errors.append(f"{endpoint} call {i}: {exc.__class__.__name__}: {exc}")
             return time.perf_counter() - start
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.concurrent) as pool:
-            concurrent = list(pool.map(call, range(args.concurrent)))
-        concurrent_wall = time.perf_counter() - start
-        sequential = [call(i) for i in range(args.sequential)]
+        phases = {}
+        for endpoint in ("/predict", "/explain", "/batch"):
+            for kind, files in (("identical", [images[0]]), ("distinct", [str(p) for p in distinct])):
+                start = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=args.concurrent) as pool:
+                    times = list(pool.map(lambda i, e=endpoint, f=files: call(e, f, i), range(args.concurrent)))
+                phases[f"{endpoint} {kind}"] = {"wall_s": round(time.perf_counter() - start, 2), **_percentiles(times)}
+        sequential = [call("/predict", images, i) for i in range(args.sequential)]
+        sampling.set()
+        sampler.join()
         rss_after = _rss_mib(server.pid)
-        time.sleep(1.0)
+        time.sleep(122.0)  # the upload TTL (120 s) and one sweep
         public = {digest(p) for p in [*images, adapter.parent / "curves.png"] if Path(p).is_file()}
         left = [str(p) for p in temp.rglob("*") if p.is_file() and p.stat().st_size and digest(p) not in public]
         report = {
             "adapter": str(adapter),
-            "concurrent": {"calls": args.concurrent, "wall_s": round(concurrent_wall, 2), **_percentiles(concurrent)},
+            "concurrent_calls": args.concurrent,
+            "phases": phases,
             "sequential": {"calls": args.sequential, **_percentiles(sequential)},
             "errors": len(errors),
             "first_errors": errors[:3],
             "rss_mib_before": round(rss_before, 1),
             "rss_mib_after": round(rss_after, 1),
+            "rss_mib_peak": round(peak[0], 1),
             "uploads_left_in_cache": left,
         }
     finally:
@@ -123,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             server.kill()
     report["cache_removed_on_exit"] = not any(p.is_file() for p in temp.rglob("*"))
     shutil.rmtree(temp, ignore_errors=True)
+    for path in temp.parent.glob(f"{temp.name}-in-*.png"):
+        path.unlink()
     print(json.dumps(report, indent=1))
     return 0 if not errors and not left else 1
 

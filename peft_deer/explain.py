@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["last_block", "overlay", "token_gradcam"]
+__all__ = ["SCALE_WIDTH", "last_block", "overlay", "token_gradcam"]
 
 
 def last_block(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,8 +75,11 @@ def token_gradcam(model: torch.nn.Module, pixel_values: torch.Tensor, target: in
     return cam.reshape(n, gh, gw).float()
 
 
-def overlay(image: Any, heatmap: Any, *, size: int = 320, alpha: float = 0.45) -> Image.Image:
-    """RGB picture (size x size) of `image` with `heatmap` (gh, gw) blended on top, jet colours.
+def overlay(
+    image: Any, heatmap: Any, *, size: int = 320, alpha: float = 0.45, scale: bool = True
+) -> Image.Image:
+    """RGB picture of `image` (size x size) with `heatmap` (gh, gw) blended on top, jet colours, and (`scale`)
+    a colour scale `SCALE_WIDTH` px wide on its right: jet from "none" (bottom, no evidence) to "max" (top).
 
     The heatmap is scaled to its own maximum (a map without positive evidence shows no colour) and
     upsampled bilinearly; the image (uint8 (H, W) or (H, W, 3)) is enlarged nearest-neighbour.
@@ -92,4 +95,25 @@ def overlay(image: Any, heatmap: Any, *, size: int = 320, alpha: float = 0.45) -
     colour = colormaps["jet"](cam)[..., :3]  # (size, size, 3) in [0, 1]
     weight = alpha * cam[..., None]  # no evidence: the image shows through unchanged
     blended = (1 - weight) * np.asarray(base, dtype=np.float64) / 255.0 + weight * colour
-    return Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8))
+    picture = Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8))
+    return _with_scale(picture, colormaps["jet"], alpha) if scale else picture
+
+
+SCALE_WIDTH = 48  # px added on the right by the colour scale
+
+
+def _with_scale(picture: Image.Image, cmap: Any, alpha: float) -> Image.Image:
+    """`picture` with a vertical colour bar (as blended over mid grey, alpha at the top) and its two labels."""
+    from PIL import ImageDraw
+
+    size = picture.height
+    out = Image.new("RGB", (picture.width + SCALE_WIDTH, size), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    levels = np.linspace(1.0, 0.0, size)[:, None]  # top: the map's maximum
+    bar = (1 - alpha * levels[..., None]) * 0.5 + alpha * levels[..., None] * cmap(levels)[..., :3]
+    bar = np.repeat(bar, 12, axis=1)
+    out.paste(Image.fromarray(np.clip(np.rint(bar * 255), 0, 255).astype(np.uint8)), (picture.width + 4, 0))
+    draw = ImageDraw.Draw(out)
+    draw.text((picture.width + 18, 2), "max", fill=(0, 0, 0))
+    draw.text((picture.width + 18, size - 14), "none", fill=(0, 0, 0))
+    return out

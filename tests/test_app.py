@@ -30,9 +30,11 @@ from peft_deer.data import load_dataset_spec
 from peft_deer.demo import uploads
 from peft_deer.demo.__main__ import main as app_main
 from peft_deer.demo.decode import decode
+from peft_deer.demo.panel import format_threshold
 from peft_deer.demo.predict import AdapterError, Classifier, load_classifier
 from peft_deer.demo.ui import build_demo, close, decision_md, describe, format_probability, launch
 from peft_deer.evaluation import classification_metrics
+from peft_deer.explain import SCALE_WIDTH
 from peft_deer.intensity import to_uint8
 
 DATASET = "medmnist:pneumoniamnist"
@@ -72,7 +74,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(clf: Classifier) -> Iterator[str]:
     """The single-adapter demo on a free localhost port; always closed."""
-    demo = build_demo([clf], output_ttl_s=OUTPUT_TTL_S)
+    demo = build_demo([clf], output_ttl_s=OUTPUT_TTL_S, upload_ttl_s=UPLOAD_TTL_S)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True)
     try:
@@ -82,6 +84,7 @@ def served(clf: Classifier) -> Iterator[str]:
 
 
 OUTPUT_TTL_S = 2  # returned images are swept from the private cache after this long (tests only)
+UPLOAD_TTL_S = 10  # uploads are swept after this long (tests only; long enough for a queue of 50 calls)
 
 
 def _probs(label: dict) -> dict[str, float]:
@@ -121,7 +124,8 @@ def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, 
         other = Classifier(clf.model, clf.adapter_dir, stored, clf.base_model)
         expected = softmax_t(logits, expected_t)
         np.testing.assert_allclose(other.probabilities(images), expected, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(other.probabilities_of(list(images[:3])), expected[:3], rtol=1e-9, atol=1e-12)
+        # another batch size: float32 kernels may differ in the last bits (1e-8 seen, on main too)
+        np.testing.assert_allclose(other.probabilities_of(list(images[:3])), expected[:3], rtol=1e-5, atol=1e-6)
     assert not np.allclose(softmax_t(logits, 3.0), softmax_t(logits))  # the three cases differ
     assert "softmax(logits / T) with T = " in describe(clf) and "uncalibrated, T = 1" in describe(
         Classifier(clf.model, clf.adapter_dir, old_run, clf.base_model)
@@ -151,7 +155,7 @@ def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     threshold = clf.run["decision_threshold"]
     for text in ("tiny random ViT", "method: deer", "client-level (ε, δ)-DP", "ε = ", "δ = 0.001", "mechanism:",
                  "trust model: central", "accuracy", "AUC", "| final |", "balanced accuracy", "sensitivity",
-                 "specificity", f"Operating threshold: **pneumonia** when P(pneumonia) ≥ {threshold:.7g}",
+                 "specificity", f"Operating threshold: **pneumonia** when P(pneumonia) ≥ {format_threshold(threshold)}",
                  "Chosen on the run's validation split (Youden's J)", "guarantee: holds",
                  "empirical audit: none recorded"):  # fmt: skip
         assert text in md, text
@@ -185,7 +189,7 @@ def test_served_app_predicts_and_survives_bad_input(served: str, clf: Classifier
     label = client.predict(handle_file(str(example.path)), api_name="/predict")
     probs = _probs(label)
     assert set(probs) == {"normal", "pneumonia"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
-    assert probs == pytest.approx(clf.predict(example.path), abs=1e-6)
+    assert probs == pytest.approx(clf.predict(example.path), abs=5e-4)  # rounded to 3 decimals
 
     corrupt = tmp_path / "scan.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
@@ -212,7 +216,9 @@ def test_served_page_is_offline_and_local(served: str) -> None:
 def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
     from gradio_client import Client, handle_file
 
-    demo = build_demo([clf, load_classifier(run_dir / "adapter-best")], output_ttl_s=OUTPUT_TTL_S)
+    demo = build_demo(
+        [clf, load_classifier(run_dir / "adapter-best")], output_ttl_s=OUTPUT_TTL_S, upload_ttl_s=UPLOAD_TTL_S
+    )  # (the upload TTL is per process: the last demo built sets it)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True)
     try:
@@ -224,7 +230,7 @@ def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
         demo.close()
     for label in (a, b):
         assert sum(_probs(label).values()) == pytest.approx(1.0, abs=1e-6)
-    assert len(overlays) == 2 and all(Image.open(o).size == (320, 320) for o in overlays)
+    assert len(overlays) == 2 and all(Image.open(o).size == (320 + SCALE_WIDTH, 320) for o in overlays)
     assert table["headers"] == ["file"] + [f"{m}: {c}" for m in "AB" for c in ("prediction", "probability", "decision")]
 
 
@@ -301,10 +307,11 @@ def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     above, below = np.array([1 - threshold, threshold]), np.array([1 - threshold + 1e-3, threshold - 1e-3])
     assert clf.decide(above) == 1 and clf.decide(below) == 0
     md = decision_md(clf, below, explained=0)
-    assert "Decision at the operating threshold: normal" in md and f"< {threshold:.7g}" in md
+    assert "Decision at the operating threshold: normal" in md and f"< {format_threshold(threshold)}" in md
     assert "validation split" in md and "Heatmap: where the image speaks for *normal*" in md
-    assert format_probability(1 - 4.7e-8) == "1 − 4.7e-08" and format_probability(1 - 4.7e-6) == "0.9999953"
-    assert format_probability(0.25) == "0.25"
+    assert format_threshold(1 - 4.7e-6) == "1 − 4.7e-06" and format_threshold(0.87742) == "0.877"
+    assert format_probability(0.25) == "25.0 %" and format_probability(0.98765) == "98.8 %"
+    assert format_probability(1 - 4.7e-6) == "> 99.9 %" and format_probability(1e-5) == "< 0.1 %"
     multi = Classifier(clf.model, clf.adapter_dir, {**clf.run, "class_names": ["a", "b", "c"]}, clf.base_model)
     assert multi.operating_point is None and multi.decide(np.array([0.2, 0.5, 0.3])) == 1
     assert "no operating threshold" in decision_md(multi, np.array([0.2, 0.5, 0.3]))
@@ -363,7 +370,8 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
     # /predict takes DICOM through the same preprocessing: same probabilities as the equivalent PNG
     probs_dcm = _probs(client.predict(handle_file(str(dcm)), api_name="/predict"))
     assert probs_dcm == pytest.approx(_probs(client.predict(handle_file(str(png)), api_name="/predict")), abs=1e-9)
-    assert probs_dcm == pytest.approx(clf.predict(to_uint8(scan)), abs=1e-9)
+    assert probs_dcm == pytest.approx(clf.predict(to_uint8(scan)), abs=5e-4)
+    time.sleep(UPLOAD_TTL_S + 1.5)  # uploads are deleted by age, not by their request (identical uploads share a path)
     stored = _cache_files()
     uploaded = {dcm.read_bytes(), png.read_bytes()}
     assert not uploaded & set(stored.values()), "an upload is still on disk after its request"
@@ -373,8 +381,8 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
     # /explain returns the overlay; it is swept from the server's cache shortly after
     overlay_path = client.predict(handle_file(str(dcm)), api_name="/explain")
     picture = np.asarray(Image.open(overlay_path).convert("RGB"))
-    assert picture.shape == (320, 320, 3) and picture.std() > 0
-    time.sleep(OUTPUT_TTL_S * 2 + 1.5)
+    assert picture.shape == (320, 320 + SCALE_WIDTH, 3) and picture.std() > 0
+    time.sleep(max(OUTPUT_TTL_S * 2, UPLOAD_TTL_S) + 1.5)  # the overlay and the upload itself
     leftover = [p for p, d in _cache_files().items() if p not in before and d and uploads.digest(p) not in _public(clf)]
     assert not leftover, leftover
     # the run's examples are still cached for the page, although uploads with their bytes came and went
@@ -401,6 +409,7 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
                           "study.zip/series/notes.txt", "broken.dcm"]  # fmt: skip
     name, prediction, probability, decision = rows["study.zip/series/1.dcm"]
     assert prediction == max(probs_dcm, key=probs_dcm.get) and probability == pytest.approx(max(probs_dcm.values()))
+    probs_dcm = clf.predict(to_uint8(scan))  # unrounded, for the threshold
     expected = "pneumonia" if probs_dcm["pneumonia"] >= clf.run["decision_threshold"] else "normal"
     assert decision == expected
     assert rows["study.zip/series/notes.txt"][1].startswith("error: not a readable image")
@@ -411,6 +420,7 @@ def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classif
     assert [r[0] for r in csv_rows[1:]] == list(rows) and csv_rows[2][3] == decision
     with pytest.raises(AppError, match="No files"):
         client.predict([], api_name="/batch")
+    time.sleep(UPLOAD_TTL_S + 1.5)
     stored = _cache_files()
     assert not ({archive.read_bytes(), broken.read_bytes()} & set(stored.values()))
 
@@ -449,7 +459,7 @@ def test_server_shutdown_leaves_no_upload(run_dir: Path, tmp_path: Path) -> None
         client.predict(handle_file(str(scan)), api_name="/predict")
         client.predict(handle_file(str(scan)), api_name="/explain")  # leaves an overlay in the cache
         files = [p for p in temp.rglob("*") if p.is_file()]
-        assert scan.read_bytes() not in {p.read_bytes() for p in files}
+        assert scan.read_bytes() in {p.read_bytes() for p in files}  # within its TTL: still there until shutdown
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

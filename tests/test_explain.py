@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_vit
 from transformers import Dinov2Config, Dinov2ForImageClassification
 
-from peft_deer.explain import last_block, overlay, token_gradcam
+from peft_deer.explain import SCALE_WIDTH, last_block, overlay, token_gradcam
 
 CELL = 7  # tiny_vit: 28 px, 7 px patches -> a 4 x 4 token grid
 
@@ -84,9 +84,12 @@ def test_dinov2_layout_and_overlay() -> None:
     assert cam.shape == (2, 4, 4) and float(cam.std()) > 0
     image = (np.arange(56 * 56).reshape(56, 56) % 256).astype(np.uint8)
     picture = overlay(image, cam[0].numpy(), size=112)
-    assert picture.size == (112, 112) and picture.mode == "RGB"
-    plain = overlay(image, np.zeros((4, 4)), size=112)  # no evidence: the image shows through unchanged
+    assert picture.size == (112 + SCALE_WIDTH, 112) and picture.mode == "RGB"
+    assert overlay(image, cam[0].numpy(), size=112, scale=False).size == (112, 112)
+    plain = overlay(image, np.zeros((4, 4)), size=112, scale=False)  # no evidence: the image shows through
     assert np.array_equal(np.asarray(plain)[..., 0], np.asarray(plain)[..., 1])
-    assert not np.array_equal(np.asarray(picture), np.asarray(plain))
+    assert not np.array_equal(np.asarray(picture)[:, :112], np.asarray(plain))
+    bar = np.asarray(picture)[:, 112 + 4 : 112 + 16].astype(int)  # the colour scale: jet red at the top, grey below
+    assert bar[1, 0, 0] > bar[1, 0, 2] + 40 and abs(bar[-1, 0] - 128).max() <= 1
     with pytest.raises(ValueError, match="no ViT blocks"):
         last_block(torch.nn.Linear(2, 2))

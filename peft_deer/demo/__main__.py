@@ -18,8 +18,13 @@ zip) into a table and a CSV; and see the base model, method, privacy guarantee (
 test metrics (summary.json) and training curves (curves.png) of the run. The adapter
 (DEER_LORA or the plain LoRA export) is merged onto the base model named in its
 adapter_config.json. API endpoints: /predict, /explain, /batch. Uploads are kept in a private
-temporary directory only until their request is done; it is removed when the server stops.
-Runs offline, without a share link; binds to 127.0.0.1 unless --host says otherwise."""
+temporary directory and deleted 120 s after they arrive, classified or not; it is removed when the
+server stops. Inputs unlike the training images (tiny, blank, or far from the validation images'
+features: RUN_DIR/ood.npz, or calibrated at start with --data-dir) get no class. Runs offline,
+without a share link; binds to 127.0.0.1 unless --host says otherwise: any other address needs
+--auth USER:PASSWORD or --no-auth-i-understand."""
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +52,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device for inference (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="where the run's dataset is: calibrate the OOD guard on its validation split when the run has no ood.npz",
+    )
+    parser.add_argument("--auth", metavar="USER:PASSWORD", default=None, help="ask for this login (any --host)")
+    parser.add_argument(
+        "--no-auth-i-understand",
+        action="store_true",
+        help="serve on a non-loopback --host without a login: anyone who can reach the port can upload images",
+    )
     return parser
+
+
+def check_exposure(host: str, auth: str | None, no_auth: bool) -> tuple[str, str] | None:
+    """The (user, password) to ask for; ValueError (one line) for a non-loopback host with neither --auth nor
+    --no-auth-i-understand, or a malformed --auth. Prints a warning for any non-loopback host."""
+    login = None
+    if auth is not None:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth must be USER:PASSWORD, both non-empty")
+        login = (user, password)
+    if host not in LOOPBACK:
+        if login is None and not no_auth:
+            raise ValueError(
+                f"--host {host} serves beyond this machine: pass --auth USER:PASSWORD, or --no-auth-i-understand "
+                "to serve without a login"
+            )
+        print(
+            f"deer-app: warning: serving on {host}, reachable from other machines"
+            + ("" if login else " WITHOUT a login: anyone who reaches the port can upload images"),
+            file=sys.stderr,
+        )
+    return login
 
 
 def _interrupt(*_: object) -> None:
@@ -59,14 +99,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     adapters = [Path(a).expanduser().resolve() for a in (args.adapter, args.compare) if a]
     try:
+        login = check_exposure(args.host, args.auth, args.no_auth_i_understand)
+    except ValueError as exc:
+        print(f"deer-app: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         for adapter in adapters:  # cheap checks first: fail before importing torch and gradio
             resolve_base(check_adapter_dir(adapter)[0], adapter, args.base_model)
         from transformers.utils import logging as hf_logging
 
-        from .predict import load_classifier
+        from .predict import calibrate_ood, load_classifier
 
         hf_logging.disable_progress_bar()
         classifiers = [load_classifier(adapter, args.base_model, args.device) for adapter in adapters]
+        for clf in classifiers:
+            if clf.ood is None and args.data_dir:
+                calibrate_ood(clf, args.data_dir)
+            print(f"deer-app: {clf.name}: {clf.ood_note}", file=sys.stderr)
     except AdapterError as exc:
         print(f"deer-app: error: {exc}", file=sys.stderr)
         return 1
@@ -76,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM stops the server like Ctrl-C, so that the private upload cache is removed.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        launch(build_demo(classifiers), args.host, args.port)
+        launch(build_demo(classifiers), args.host, args.port, auth=login)
     except OSError as exc:
         print(f"deer-app: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,8 @@ modality LUT (rescale slope/intercept), then the VOI LUT or the first window (LI
 LINEAR_EXACT or SIGMOID, DICOM PS3.3 C.11.2.1.2) mapped to 0..255, MONOCHROME1 inverted, colour
 (RGB, YBR, palette) to RGB, the first frame of a multi-frame file. Without a VOI LUT or window a
 DICOM is scaled like a PNG of the same pixels. Zip members are read from memory, never extracted.
+Sizes are checked from the header before decoding (`peft_deer.demo.limits`); any failure of a file, a
+malformed DICOM header included, is an `UnreadableFile` with one line.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from PIL import Image
 
 from peft_deer.intensity import pil_to_array, to_uint8
 
-__all__ = ["MAX_SIDE", "Upload", "UnreadableFile", "decode", "is_dicom", "read_dicom", "read_uploads"]
+from .limits import MAX_FILE_BYTES, MAX_REQUEST_FILES, OverBudget, check_dicom_header, check_raster_header
+
+__all__ = ["MAX_SIDE", "Upload", "UnreadableFile", "decode", "expand", "is_dicom", "read_dicom", "read_uploads"]
 
 MAX_SIDE = 2048  # larger images are first shrunk (bounded memory); the model sees image_size px anyway
-MAX_FILE_BYTES = 256 * 2**20  # one image or zip member
-MAX_ZIP_MEMBERS = 1000
+MAX_ZIP_MEMBERS = MAX_REQUEST_FILES
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 ACCEPTED = "PNG, JPEG, BMP, TIFF, WebP or DICOM"
 
@@ -60,8 +63,11 @@ def _shrink(pixels: np.ndarray) -> np.ndarray:
 def _read_raster(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_raster_header(img)  # the size is in the header: refuse before decoding
             img.load()
             return pil_to_array(img)
+    except OverBudget as exc:
+        raise UnreadableFile(str(exc)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableFile(f"not a readable image or DICOM file ({exc.__class__.__name__}); use {ACCEPTED}") from exc
 
@@ -87,24 +93,35 @@ def _window(x: np.ndarray, center: float, width: float, function: str) -> np.nda
 def read_dicom(data: bytes) -> np.ndarray:
     """uint8 (H, W) or (H, W, 3) pixels of a DICOM file's first frame, as displayed (see module doc)."""
     import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
     try:
+        check_dicom_header(data, force=not is_dicom(data))  # sizes from the header, before any pixel is read
         ds = pydicom.dcmread(io.BytesIO(data), force=not is_dicom(data))
+    except OverBudget as exc:
+        raise UnreadableFile(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
         raise UnreadableFile(f"not a readable DICOM file ({exc.__class__.__name__})") from exc
     if "PixelData" not in ds:
         raise UnreadableFile("the DICOM file holds no image (no Pixel Data): e.g. a report or a structured document")
     try:
-        arr = np.asarray(ds.pixel_array)
+        return _displayed(ds)
+    except UnreadableFile:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed headers: palette without LUT, bad window, broken VOI LUT
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UnreadableFile(f"malformed DICOM header ({exc.__class__.__name__}: {line[:160]})") from exc
+
+
+def _displayed(ds: Any) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+
+    try:
+        arr = np.asarray(pixel_array(ds, index=0))  # the first frame only
     except Exception as exc:  # noqa: BLE001 - truncated data, missing tags, no decoder plugin
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         kind = f"{syntax.name} " if syntax is not None else ""
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UnreadableFile(f"cannot decode the DICOM {kind}pixel data: {line[:200]}") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         rgb = np.asarray(apply_color_lut(arr, ds))
@@ -119,7 +136,10 @@ def read_dicom(data: bytes) -> np.ndarray:
         pixels = to_uint8(apply_voi(indices, ds), value_range=(0, 2**bits - 1))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        pixels = to_uint8(_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function), (0.0, 1.0))
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+            raise UnreadableFile(f"DICOM window center {center:g} / width {width:g} is not a usable window")
+        pixels = to_uint8(_window(values, center, width, function), (0.0, 1.0))
     else:
         integral = bool(np.all(values == np.round(values)))  # integers follow the integer rule, as in a PNG
         pixels = to_uint8(values.astype(np.int64) if integral else values)
@@ -155,41 +175,51 @@ def decode(source: Any, name: str = "") -> np.ndarray:
     return _shrink(_read_raster(data))
 
 
-def _zip_members(path: Path) -> Iterator[Upload]:
+def _zip_members(zip_name: str, data: bytes) -> Iterator[Upload]:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = [m for m in archive.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")]
             if len(members) > MAX_ZIP_MEMBERS:
-                yield Upload(path.name, None, f"the zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
+                yield Upload(zip_name, None, f"the zip holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
                 return
             for member in members:
-                name = f"{path.name}/{member.filename}"
+                name = f"{zip_name}/{member.filename}"
                 if member.file_size > MAX_FILE_BYTES:
                     yield Upload(name, None, f"larger than {MAX_FILE_BYTES // 2**20} MB")
                     continue
                 try:
                     with archive.open(member) as fh:
-                        data = fh.read(MAX_FILE_BYTES + 1)  # the declared size may lie
-                except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as exc:
+                        member_data = fh.read(MAX_FILE_BYTES + 1)  # the declared size may lie
+                except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError) as exc:
                     yield Upload(name, None, f"unreadable zip member ({exc.__class__.__name__})")
                     continue
-                too_big = len(data) > MAX_FILE_BYTES
-                yield Upload(name, None, f"larger than {MAX_FILE_BYTES // 2**20} MB") if too_big else Upload(name, data)
-    except (OSError, zipfile.BadZipFile) as exc:
-        yield Upload(path.name, None, f"not a readable zip file ({exc.__class__.__name__})")
+                if len(member_data) > MAX_FILE_BYTES:
+                    yield Upload(name, None, f"larger than {MAX_FILE_BYTES // 2**20} MB")
+                else:
+                    yield Upload(name, member_data)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        yield Upload(zip_name, None, f"not a readable zip file ({exc.__class__.__name__})")
+
+
+def expand(files: Iterable[Upload]) -> Iterator[Upload]:
+    """Each file, a zip (by its ``.zip`` name) expanded into its members from memory, in order."""
+    for upload in files:
+        if upload.data is not None and upload.name.lower().endswith(".zip"):
+            yield from _zip_members(upload.name, upload.data)
+        else:
+            yield upload
+
+
+def read_file(path: str | Path) -> Upload:
+    """One file's bytes as an Upload (or the error that stopped reading it)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes() if path.stat().st_size <= MAX_FILE_BYTES else None
+    except OSError as exc:
+        return Upload(path.name, None, f"cannot read the file ({exc.__class__.__name__})")
+    return Upload(path.name, data, None if data is not None else f"larger than {MAX_FILE_BYTES // 2**20} MB")
 
 
 def read_uploads(paths: Iterable[str | Path]) -> Iterator[Upload]:
-    """Each uploaded file, a zip expanded into its members (in memory), in order."""
-    for p in paths:
-        path = Path(p)
-        if path.suffix.lower() == ".zip":
-            yield from _zip_members(path)
-            continue
-        try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                yield Upload(path.name, None, f"larger than {MAX_FILE_BYTES // 2**20} MB")
-            else:
-                yield Upload(path.name, path.read_bytes())
-        except OSError as exc:
-            yield Upload(path.name, None, f"cannot read the file ({exc.__class__.__name__})")
+    """Each file at `paths`, a zip expanded into its members (in memory), in order."""
+    return expand(read_file(p) for p in paths)

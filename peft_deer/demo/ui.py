@@ -2,24 +2,32 @@
 run's operating threshold and where the model looked; a batch of files in -> a table and a CSV; and
 the run's guarantees.
 
-API endpoints: ``/predict`` (file -> class probabilities), ``/explain`` (file -> overlay image),
-``/batch`` (files or zips -> table, CSV).
+API endpoints: ``/predict`` (file -> the decision as the label, with the class probabilities; "unlike the
+training images" and no probabilities for an input the OOD checks refuse), ``/explain`` (file -> overlay
+image), ``/batch`` (files or zips -> table, CSV). Page and API decide by the same rule (`Classifier.decide`).
+Each request reads its uploads into memory when it starts and never deletes them (identical uploads share
+one path); the janitor in `uploads` does, by age.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio.components.label import LabelConfidence, LabelData
 from PIL import Image
 
 from peft_deer.explain import overlay
 
 from . import uploads
-from .batch import classify_uploads, columns, to_csv
-from .decode import ACCEPTED, UnreadableFile, decode, read_uploads
+from .batch import UNLIKE, classify_uploads, columns, to_csv
+from .decode import ACCEPTED, UnreadableFile, Upload, decode, expand
+from .limits import MAX_FILE_BYTES, OverBudget, check_request
+from .panel import decision_md, describe, format_probability, resized_md, safe, threshold_md, unusual_md
 from .predict import Classifier
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "describe",
     "format_probability",
     "launch",
+    "safe",
 ]
 
 # System fonts only: the default themes fetch web fonts, the demo must work offline.
@@ -45,189 +54,33 @@ NO_FILES = "No files: upload images, DICOM files or a zip of them first."
 # Small scans (MedMNIST is 28 px) are shown enlarged, pixels kept sharp.
 CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 OUTPUT_TTL_S = 60  # returned images and CSVs are deleted from the private cache after this long (s)
-METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("balanced_accuracy", "balanced accuracy"),
-           ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("f1_macro", "macro F1"),
-           ("precision_macro", "macro precision"), ("recall_macro", "macro recall"),
-           ("threshold", "threshold"))  # fmt: skip
+def answer(clf: Classifier, probs: np.ndarray, reason: str | None) -> dict[str, Any]:
+    """A Label's value, sent as it is (no postprocess, which would make the argmax the label): the decision as
+    the label with the probabilities (3 decimals); "unlike the training images", no probabilities, when the
+    input was refused."""
+    if reason:
+        return LabelData(label=UNLIKE).model_dump()
+    order = np.argsort(-probs)
+    confidences = [LabelConfidence(label=clf.class_names[i], confidence=round(float(probs[i]), 3)) for i in order]
+    return LabelData(label=clf.class_names[clf.decide(probs)], confidences=confidences).model_dump()
 
 
-def _num(value: Any, fmt: str = ".3f") -> str:
-    return format(value, fmt) if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+def _page_probs(clf: Classifier, probs: np.ndarray, reason: str | None) -> dict[str, float]:
+    """The page's probability bars (3 decimals; none for a refused input): the decision is the headline."""
+    return {} if reason else {n: round(float(p), 3) for n, p in zip(clf.class_names, probs, strict=True)}
 
 
-def _record_lines(record: dict[str, Any]) -> list[str]:
-    lines = []
-    per_client = record.get("epsilon_per_client")
-    if isinstance(per_client, dict) and per_client:
-        eps = ", ".join(f"{k}: {_num(v, '.4g')}" for k, v in per_client.items())
-        lines.append(f"- record-level ε per client (δ = {_num(record.get('delta'), 'g')}): {eps}")
-    if record.get("clip_norm") is not None:
-        lines.append(
-            f"- DP-SGD: per-sample clip norm {_num(record['clip_norm'], 'g')}, {record.get('sampling', 'n/a')}; "
-            f"{record.get('calibration', '')}".rstrip("; ")
-        )
-    return lines
-
-
-def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
-    if not isinstance(audit, dict) or not isinstance(audit.get("epsilon_lower"), int | float):
-        return ["- empirical audit: none recorded (`deer-audit --json > RUN_DIR/audit.json` adds one)"]
-    lower, ledger = audit["epsilon_lower"], audit.get("epsilon_ledger")
-    verdict = ""
-    if isinstance(ledger, int | float):
-        verdict = (
-            " — **leaks more than the ledger claims**"
-            if lower > ledger
-            else " — consistent with the ledger (a lower bound cannot prove the guarantee)"
-        )
-    return [
-        f"- empirical audit (`deer-audit`, {audit.get('trials', 'n/a')} trials): ε ≥ {_num(lower, '.3g')} "
-        f"with 95 % confidence, ledger ε = {_num(ledger, '.3g')}{verdict}"
-    ]
-
-
-def _privacy_md(privacy: dict[str, Any] | None, audit: dict[str, Any] | None = None) -> str:
-    if not privacy:
-        return "**Privacy: unknown.** `privacy.json` was not found next to the adapter: no guarantee can be shown."
-    audit = audit or privacy.get("audit")
-    level = privacy.get("level", "none")
-    if level == "none":
-        return (
-            "**Privacy: none.** Trained without differential privacy: there is no formal guarantee, "
-            "the adapter may reveal information about its training images."
-        )
-    unit = {"client": "any one client (hospital)", "record": "any one training record (patient image)"}.get(
-        level, f"one {level}"
-    )
-    eps, delta = privacy.get("epsilon"), privacy.get("delta")
-    if privacy.get("reproducible_noise") or str(privacy.get("guarantee", "")).upper().startswith("NONE"):
-        return "\n".join(
-            [
-                f"**Privacy: NO guarantee.** The run's DP noise was derived from its public seed "
-                f"(`--reproducible-noise`, for tests and debugging): anyone with the seed can remove it. The "
-                f"ledger's ε = {_num(eps, '.3g')}, δ = {_num(delta, 'g')} would hold only for secret noise.",
-                *_audit_lines(audit),
-            ]
-        )
-    lines = [
-        f"**Privacy: {level}-level (ε, δ)-DP with ε = {_num(eps, '.3g')}, δ = {_num(delta, 'g')}** — "
-        f"the released adapter is almost equally likely whether or not {unit} took part.",
-        f"- guarantee: {privacy.get('guarantee', 'n/a')}",
-        f"- mechanism: {privacy.get('mechanism', 'n/a')}",
-        f"- trust model: {privacy.get('trust_model', 'n/a')}",
-    ]
-    if privacy.get("neighbouring_relation"):
-        lines.append(f"- neighbouring datasets: {privacy['neighbouring_relation']}")
-    if privacy.get("epsilon_semantics") == "running tally":
-        lines.append("- ε is a running tally of the releases made (reproduction of the published mechanism)")
-    if privacy.get("noise_randomness"):
-        lines.append(f"- noise: {privacy['noise_randomness']}")
-    if privacy.get("accountant"):
-        lines.append(f"- accountant: {privacy['accountant']}")
-    if privacy.get("noise_multiplier") is not None:
-        lines.append(
-            f"- noise multiplier σ = {_num(privacy['noise_multiplier'], '.4g')}, clip norm "
-            f"{_num(privacy.get('clip_norm'), 'g')}, {privacy.get('releases', 'n/a')} releases, "
-            f"{privacy.get('num_clients', 'n/a')} clients ({privacy.get('sampling', 'n/a')})"
-        )
-    if isinstance(privacy.get("record"), dict):
-        lines += _record_lines(privacy["record"])
-    return "\n".join(lines + _audit_lines(audit))
-
-
-def _metrics_md(summary: dict[str, Any] | None) -> str:
-    test = (summary or {}).get("test") or {}
-    if not test:
-        return "**Test metrics: unknown** (`summary.json` not found next to the adapter)."
-    header = "| adapter | " + " | ".join(label for _, label in METRICS) + " |"
-    rows = [header, "|---" * (len(METRICS) + 1) + "|"]
-    for name, values in test.items():
-        cells = [_num((values or {}).get(k), ".7g" if k == "threshold" else ".3f") for k, _ in METRICS]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    note = (
-        "Balanced accuracy, sensitivity (recall of the second class) and specificity (recall of the first) decide "
-        "at the threshold on its probability chosen on the validation split (n/a: argmax); a constant guess "
-        "scores balanced accuracy 0.5."
-    )
-    return "**Test metrics** (the run's held-out test split)\n\n" + "\n".join(rows) + "\n\n" + note
-
-
-def format_probability(p: float) -> str:
-    """A probability with enough digits to compare with a threshold near 1 (``1 − 4.7e-06``)."""
-    return f"1 − {1.0 - p:.2g}" if 0.9999995 <= p < 1.0 else f"{p:.7g}"
-
-
-def threshold_md(clf: Classifier) -> str:
-    """What the operating threshold is, where it came from and what it gave on validation."""
-    op = clf.operating_point
-    if op is None:
-        return "Decision rule: the most probable class (this run has no operating threshold)."
-    positive = clf.class_names[1]
-    return (
-        f"Operating threshold: **{positive}** when P({positive}) ≥ {op.threshold:.7g}. Chosen on the run's "
-        f"validation split (Youden's J), where it gave sensitivity {_num(op.val_sensitivity)} and "
-        f"specificity {_num(op.val_specificity)}."
-    )
-
-
-def calibration_md(clf: Classifier) -> str:
-    """Where the shown probabilities come from: the run's temperature, or none for runs that predate it."""
-    if "temperature" not in clf.run:
-        return "softmax of the logits (this run file has no temperature: uncalibrated, T = 1)"
-    return (
-        f"calibrated, softmax(logits / T) with T = {clf.temperature:.4g} fitted on the run's validation split "
-        "(post-processing of the released model: ε unchanged)"
-    )
-
-
-def decision_md(clf: Classifier, probs: np.ndarray, explained: int | None = None) -> str:
-    """Markdown: the decided class for probabilities (num_classes,), the rule, and what the heatmap shows."""
-    decided = clf.decide(probs)
-    op = clf.operating_point
-    if op is None:
-        head = f"**Decision: {clf.class_names[decided]}** (the most probable class, p = {probs[decided]:.4f})"
-    else:
-        p1 = float(probs[1])
-        head = (
-            f"**Decision at the operating threshold: {clf.class_names[decided]}** "
-            f"(P({clf.class_names[1]}) = {format_probability(p1)} {'≥' if decided == 1 else '<'} {op.threshold:.7g})"
-        )
-    lines = [head, "", threshold_md(clf)]
-    if explained is not None:
-        lines += [
-            "",
-            f"Heatmap: where the image speaks for *{clf.class_names[explained]}* (Grad-CAM on the patch tokens "
-            "of the last block; no colour means no positive evidence).",
-        ]
-    return "\n".join(lines)
-
-
-def describe(clf: Classifier, title: str | None = None) -> str:
-    """Markdown: what a user must know to trust the classifier (model, method, decision rule, privacy, metrics)."""
-    run, summary = clf.run, clf.summary or {}
-    model = [
-        f"### {title or clf.name}",
-        f"- base model: {run.get('base_description', 'n/a')} (`{run.get('model', clf.base_model)}`)",
-        f"- method: {run.get('method', 'n/a')}, LoRA rank {summary.get('rank', 'n/a')}, "
-        f"{summary.get('num_clients', 'n/a')} clients, {summary.get('partition', 'n/a')} partition, "
-        f"{summary.get('rounds_completed', 'n/a')} rounds",
-        f"- dataset: {run.get('dataset', 'n/a')}; classes: {', '.join(clf.class_names)}",
-        f"- input: {run['image_size']} px, {run['num_channels']} channel(s), same preprocessing as training",
-        f"- probabilities: {calibration_md(clf)}",
-        f"- decision: {threshold_md(clf)}",
-    ]
-    return "\n".join(model) + "\n\n" + _privacy_md(clf.privacy, clf.audit) + "\n\n" + _metrics_md(clf.summary)
-
-
-def _probs_dict(clf: Classifier, probs: np.ndarray) -> dict[str, float]:
-    return {name: float(p) for name, p in zip(clf.class_names, probs, strict=True)}
-
-
-def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_TTL_S) -> gr.Blocks:
+def build_demo(
+    classifiers: Sequence[Classifier],
+    *,
+    output_ttl_s: int = OUTPUT_TTL_S,
+    upload_ttl_s: float = uploads.UPLOAD_TTL_S,
+) -> gr.Blocks:
     """The demo for one classifier, or several side by side on the same image.
 
-    Uploads go to this process's private cache (`peft_deer.demo.uploads`) and are deleted when their request is
-    done; returned images and CSVs are deleted after `output_ttl_s` seconds, everything on `close`.
+    Uploads go to this process's private cache (`peft_deer.demo.uploads`): each request reads its uploads into
+    memory when it starts, and every upload is deleted `upload_ttl_s` seconds after it arrived (classified or
+    not); returned images and CSVs are deleted after `output_ttl_s` seconds, everything on `close`.
     """
     if not classifiers:
         raise ValueError("at least one classifier is needed")
@@ -237,15 +90,20 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
     several = len(classifiers) > 1
 
     # The run's public files (examples, curves): Gradio caches them once and reuses them for every click.
-    public = {uploads.digest(p) for c in classifiers for p in [*(e.path for e in c.examples), c.curves] if p}
+    uploads.set_public([p for c in classifiers for p in [*(e.path for e in c.examples), c.curves]], upload_ttl_s)
+    truth = {uploads.digest(e.path): e.class_name for e in first.examples}
 
-    def read(path: str | None) -> np.ndarray:
+    def read(path: str | None) -> tuple[np.ndarray, str | None]:
+        """(pixels, true label if the bytes are one of the run's examples) of the upload at `path`."""
         if path is None:
             raise gr.Error(NO_IMAGE, title="No image", print_exception=False)
         try:
-            return decode(path)
-        except UnreadableFile as exc:
-            raise gr.Error(f"{BAD_IMAGE}: {exc}", title="Unreadable file", print_exception=False) from exc
+            data = uploads.read(path, MAX_FILE_BYTES)  # at once: the janitor may delete the file any time after
+            pixels = decode(data, os.path.basename(path))
+        except (UnreadableFile, uploads.UploadGone) as exc:
+            message = safe(f"{BAD_IMAGE}: {exc}", markdown=False)
+            raise gr.Error(message, title="Unreadable file", print_exception=False) from None
+        return pixels, truth.get(hashlib.sha256(data).hexdigest())
 
     def returned(image: Image.Image, name: str) -> str:  # written where the sweeper deletes it after the TTL
         path = uploads.new_output(name, output_ttl_s)
@@ -253,42 +111,51 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
         return str(path)
 
     def predict(path: str | None) -> Any:
-        try:
-            pixels = read(path)
-            results = tuple(_probs_dict(c, c.probabilities(pixels)[0]) for c in classifiers)
-        finally:
-            uploads.forget([path], public)
-        return results if several else results[0]
+        pixels, _ = read(path)
+        results = []
+        for clf in classifiers:
+            probs, reasons = clf.assess([pixels])
+            results.append(answer(clf, probs[0], reasons[0]))
+        return tuple(results) if several else results[0]
 
     def explain(path: str | None) -> Any:
-        try:
-            pixels = read(path)
-            images = tuple(returned(c.explain_overlay(pixels), "overlay.png") for c in classifiers)
-        finally:
-            uploads.forget([path], public)
+        pixels, _ = read(path)
+        images = tuple(returned(c.explain_overlay(pixels), "overlay.png") for c in classifiers)
         return images if several else images[0]
 
     def classify(path: str | None) -> tuple[Any, ...]:
-        try:
-            pixels = read(path)
-            labels, decisions, overlays = [], [], []
-            for clf in classifiers:
-                probs = clf.probabilities(pixels)[0]
-                cam, explained = clf.explain(pixels, clf.decide(probs))
-                labels.append(_probs_dict(clf, probs))
-                decisions.append(decision_md(clf, probs, explained))
-                overlays.append(returned(overlay(pixels, cam), "overlay.png"))
-        finally:
-            uploads.forget([path], public)
+        pixels, true_label = read(path)
+        labels, decisions, overlays = [], [], []
+        for clf in classifiers:
+            probs, reasons = clf.assess([pixels])
+            cam, explained = clf.explain(pixels, clf.decide(probs[0]))
+            labels.append(_page_probs(clf, probs[0], reasons[0]))
+            if reasons[0]:
+                decisions.append(unusual_md(clf, reasons[0]) + "\n\n" + resized_md(clf, pixels))
+            else:
+                decisions.append(decision_md(clf, probs[0], explained, pixels=pixels, true_label=true_label))
+            overlays.append(returned(overlay(pixels, cam), "overlay.png"))
         return (returned(Image.fromarray(pixels), "input.png"), *labels, *decisions, *overlays)
 
-    def batch(paths: list[str] | None) -> tuple[list[list[Any]], str]:
+    def load(path: str) -> Upload:
+        name = os.path.basename(path)
         try:
-            if not paths:
-                raise gr.Error(NO_FILES, title="No files", print_exception=False)
-            rows = classify_uploads(classifiers, read_uploads(paths))
-        finally:
-            uploads.forget(paths or [], public)
+            data = uploads.read(path, MAX_FILE_BYTES)
+        except uploads.UploadGone as exc:
+            return Upload(name, None, str(exc))
+        except OSError as exc:
+            return Upload(name, None, f"cannot read the file ({exc.__class__.__name__})")
+        return Upload(name, data) if len(data) <= MAX_FILE_BYTES else Upload(name, None, "larger than the limit")
+
+    def batch(paths: list[str] | None) -> tuple[list[list[Any]], str]:
+        if not paths:
+            raise gr.Error(NO_FILES, title="No files", print_exception=False)
+        try:
+            check_request(paths)  # sizes and zip directories only, before anything is read or decoded
+        except OverBudget as exc:
+            raise gr.Error(safe(str(exc), markdown=False), title="Too much at once", print_exception=False) from None
+        files = [load(p) for p in paths]  # into memory at once: the janitor may delete the files any time after
+        rows = classify_uploads(classifiers, expand(files))
         csv_path = uploads.new_output("predictions.csv", output_ttl_s)
         csv_path.write_text(to_csv(columns(classifiers), rows))
         return rows, str(csv_path)
@@ -297,8 +164,8 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
         gr.Markdown(
             f"# DEeR federated LoRA: {first.run.get('dataset', 'image classification')}\n"
             f"Upload an image or a DICOM file ({ACCEPTED}; any size, gray or RGB), or click an example from "
-            "the run's test split. Uploads are deleted as soon as they are classified. "
-            "Research demo, not a medical device."
+            f"the run's test split. {resized_md(first)} Uploads are deleted {upload_ttl_s:g} s after they "
+            "arrive, classified or not. Research demo, not a medical device."
         )
         with gr.Tab("One image"):
             with gr.Row():
@@ -333,7 +200,7 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
             if first.examples:
                 gr.Examples(
                     examples=[[str(e.path)] for e in first.examples],
-                    example_labels=[f"{e.class_name} ({e.path.name})" for e in first.examples],
+                    example_labels=[f"true label: {e.class_name} ({e.path.name})" for e in first.examples],
                     inputs=file_in,
                     outputs=ui_outputs,
                     fn=classify,
@@ -349,7 +216,9 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
             )
             files_in = gr.File(label="Images, DICOM files or zips", file_count="multiple", type="filepath")
             batch_button = gr.Button("Classify all", variant="primary")
-            table = gr.Dataframe(headers=columns(classifiers), interactive=False, wrap=True, label="Predictions")
+            table = gr.Dataframe(
+                headers=columns(classifiers), datatype="str", interactive=False, wrap=True, label="Predictions"
+            )  # cells are text, never HTML
             csv_out = gr.File(label="Download CSV", interactive=False)
         gr.Markdown("## What you need to know to trust it")
         with gr.Row():
@@ -362,16 +231,23 @@ def build_demo(classifiers: Sequence[Classifier], *, output_ttl_s: int = OUTPUT_
         batch_button.click(batch, inputs=files_in, outputs=[table, csv_out], api_name="batch")
         # API-only endpoints (hidden buttons): the same work as the page, fewer outputs.
         api_predict, api_explain = gr.Button(visible=False), gr.Button(visible=False)
-        api_predict.click(predict, inputs=file_in, outputs=out_labels, api_name="predict")
+        # postprocess=False: the label sent is the decision (`answer`), not the argmax Label would make it
+        api_predict.click(predict, inputs=file_in, outputs=out_labels, api_name="predict", postprocess=False)
         api_explain.click(explain, inputs=file_in, outputs=out_overlays, api_name="explain")
     return demo
 
 
 def launch(
-    demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, *, prevent_thread_lock: bool = False
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    *,
+    prevent_thread_lock: bool = False,
+    auth: tuple[str, str] | None = None,
 ) -> None:
-    """Serve locally: no share link, no analytics, system fonts only."""
+    """Serve: no share link, no analytics, system fonts only; `auth` (user, password) asks for a login."""
     demo.launch(
+        auth=auth,
         server_name=host,
         server_port=port,
         share=False,

@@ -1,12 +1,15 @@
-"""Nothing of a patient's image stays on disk: the demo's private Gradio cache.
+"""Nothing of a patient's image stays on disk for long: the demo's private Gradio cache and its janitor.
 
 Gradio writes every upload (and every image or file it returns) into ``GRADIO_TEMP_DIR``. The demo
 points that at a fresh directory of its own (mode 0700, ``deer-app-*`` inside ``GRADIO_TEMP_DIR``
-or the system temp dir), deletes a request's uploads as soon as the request is done (`forget`),
-writes what it returns (images, CSVs) there itself and deletes each after a short time (`new_output`,
-swept by a background thread), and removes the whole directory when the server closes or the
-process exits (`remove`). Gradio's own cache sweep (``delete_cache``) is not used: it tracks files by
-path, and an upload with the bytes of a cached example lands on the example's path, so the sweep
+or the system temp dir). Gradio keys an upload by its content hash, so identical uploads of several
+requests share one path: a request must never delete "its" upload. Instead each request reads its
+uploads' bytes into memory when it starts (`read`), and a janitor thread (`sweep`, every second)
+deletes every file in the cache whose last upload (its mtime: Gradio moves each upload into place
+anew) is older than `upload_ttl_s` (default `UPLOAD_TTL_S`), classified or not, and every file the demo
+returned (`new_output`) after its own TTL. The run's public files (examples, curves; `set_public`) stay.
+The whole directory goes when the server closes or the process exits (`remove`). Gradio's own sweep
+(``delete_cache``) is not used: an upload with an example's bytes lands on the example's path, and it
 would delete the example for everyone.
 """
 
@@ -20,16 +23,23 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["STALE_S", "cache_dir", "digest", "forget", "new_output", "remove", "sweep"]
+__all__ = ["UPLOAD_TTL_S", "UploadGone", "cache_dir", "digest", "new_output", "read", "remove", "set_public", "sweep"]
 
-STALE_S = 10.0
+UPLOAD_TTL_S = 120.0  # every upload is deleted this long after it arrived (plus at most 1 s), classified or not
 _DIR: Path | None = None
 _OUTPUTS: list[tuple[float, Path]] = []  # (deadline, path) of files the demo returned
+_PUBLIC: set[str] = set()  # SHA-256 of the run's public files
+_DIGESTS: dict[tuple[Path, int, int], str] = {}  # (path, mtime_ns, size) -> SHA-256, for the public check
 _LOCK = threading.Lock()
 _SWEEPER: threading.Thread | None = None
+_TTL = {"upload": UPLOAD_TTL_S}
+
+
+class UploadGone(ValueError):
+    """An upload no longer on disk (older than the upload TTL); the message is one line, meant for users."""
 
 
 def cache_dir() -> Path:
@@ -50,23 +60,24 @@ def digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def forget(paths: Iterable[str | Path | None], public: Collection[str] = ()) -> None:
-    """Delete these files inside the private cache (a finished request's uploads) and their emptied folders.
+def set_public(paths: Iterable[str | Path | None], upload_ttl_s: float = UPLOAD_TTL_S) -> None:
+    """Keep files with the bytes of `paths` (the run's examples and curves), start the janitor with this TTL."""
+    with _LOCK:
+        _PUBLIC.update(digest(p) for p in paths if p)
+        _TTL["upload"] = float(upload_ttl_s)
+    _start_sweeper()
 
-    Files whose SHA-256 is in `public` (the run's example images, which Gradio caches once and reuses
-    for every click) stay, as do files outside the cache.
-    """
-    if _DIR is None:
-        return
-    for p in paths:
-        if not p:
-            continue
-        path = Path(p).resolve()
-        if not path.is_relative_to(_DIR) or path == _DIR or not path.is_file():
-            continue
-        if public and digest(path) in public:
-            continue
-        _delete(path)
+
+def read(path: str | Path, max_bytes: int) -> bytes:
+    """An upload's bytes, read at once (the janitor may delete the file right after); UploadGone if gone."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise UploadGone(
+            f"the upload is no longer on the server (uploads are deleted {_TTL['upload']:g} s after they arrive); "
+            "upload the file again"
+        ) from None
 
 
 def _delete(path: Path) -> None:
@@ -83,41 +94,61 @@ def _delete(path: Path) -> None:
 
 def new_output(name: str, ttl_s: float) -> Path:
     """A fresh path in the private cache for a file the demo returns; deleted `ttl_s` seconds from now."""
-    global _SWEEPER
     folder = cache_dir() / secrets.token_hex(8)
     folder.mkdir()
     path = folder / name
     with _LOCK:
         _OUTPUTS.append((time.time() + ttl_s, path))
-        if _SWEEPER is None or not _SWEEPER.is_alive():
-            _SWEEPER = threading.Thread(target=_sweep_forever, name="deer-app-sweeper", daemon=True)
-            _SWEEPER.start()
+    _start_sweeper()
     return path
 
 
+def _is_public(path: Path, stat: os.stat_result) -> bool:
+    if not _PUBLIC:
+        return False
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = digest(path)
+    return _DIGESTS[key] in _PUBLIC
+
+
 def sweep(now: float | None = None) -> None:
-    """Delete returned files past their deadline, and top-level files untouched for `STALE_S` seconds
-    (uploads aborted before Gradio moved them into place)."""
+    """Delete returned files past their deadline and every other file (uploads, finished or aborted) whose
+    mtime is more than the upload TTL ago, except the run's public files."""
     now = time.time() if now is None else now
     with _LOCK:
         due = [p for deadline, p in _OUTPUTS if deadline <= now]
         _OUTPUTS[:] = [(d, p) for d, p in _OUTPUTS if d > now]
+        owned = {p for _, p in _OUTPUTS}
     for path in due:
         _delete(path)
     if _DIR is None or not _DIR.is_dir():
         return
-    for entry in _DIR.iterdir():
+    for path in list(_DIR.rglob("*")):
         try:
-            if entry.is_file() and now - entry.stat().st_mtime > STALE_S:
-                entry.unlink()
+            stat = path.stat()
+            if path.is_file() and path not in owned and now - stat.st_mtime > _TTL["upload"]:
+                if not _is_public(path, stat):
+                    _delete(path)
         except OSError:
             continue
+
+
+def _start_sweeper() -> None:
+    global _SWEEPER
+    with _LOCK:
+        if _SWEEPER is None or not _SWEEPER.is_alive():
+            _SWEEPER = threading.Thread(target=_sweep_forever, name="deer-app-sweeper", daemon=True)
+            _SWEEPER.start()
 
 
 def _sweep_forever() -> None:
     while True:
         time.sleep(1.0)
-        sweep()
+        try:
+            sweep()
+        except Exception:  # noqa: BLE001 - the janitor must outlive a file vanishing under it
+            continue
 
 
 def remove() -> None:
