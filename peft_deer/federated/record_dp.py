@@ -1,10 +1,13 @@
 """Record-level DP (DESIGN 2.6): the settings, calibration and accounting of DP-SGD inside clients.
 
-A hospital protects each patient: every local step is Poisson-sampled (rate q = batch_size / n_k),
-every per-sample gradient is clipped to C and Gaussian noise of std sigma*C is added to the sum
-(the trainer is `dp_sgd.py`). Each client has its own RDP history that persists across rounds and
-restarts; `merge_ledgers` adds the record-level guarantee to the client-level ledger.
-Engine-free: no accelerate, flwr or gradio.
+A hospital protects each patient: every local step is Poisson-sampled over its actual records at rate
+q = batch_size / s_k, every per-sample gradient is clipped to C and Gaussian noise of std sigma*C is added
+to the sum (the trainer is `dp_sgd.py`). s_k is the hospital's *declared public size* (`public_size`: its
+count floored to a coarse grid, or given explicitly), never its exact count: q, the step count, sigma and
+the FedAvg weight are functions of s_k and public settings only, so one record more or less changes
+nothing the run publishes (the declaration itself is public and treated as fixed). Each client has its own
+RDP history that persists across rounds and restarts; `merge_ledgers` adds the record-level guarantee to
+the client-level ledger. Engine-free: no accelerate, flwr or gradio.
 """
 
 from __future__ import annotations
@@ -22,6 +25,21 @@ from .accountant import calibrate_noise_multiplier
 
 # ---------------------------------------------------------------------------------------------
 # Sampling and calibration
+
+
+PUBLIC_SIZE_RULE = (
+    "declared public size s = the record count floored to 2 significant figures on a grid at least 10 wide "
+    "(57 -> 50, 117 -> 110, 1234 -> 1200; below 10 -> 1), unless declared explicitly"
+)
+
+
+def public_size(num_examples: int) -> int:
+    """The default declared public size of a client with `num_examples` records (`PUBLIC_SIZE_RULE`): floor to
+    2 significant figures, in steps of max(10, 10^(digits - 2)); at least 1. Never above `num_examples`."""
+    if num_examples < 1:
+        raise ValueError(f"a client with record-level DP needs at least one example, not {num_examples}")
+    step = 10 ** max(1, len(str(int(num_examples))) - 2)
+    return max(1, num_examples // step * step)
 
 
 def record_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -66,6 +84,8 @@ class RecordDP:
 
     `noise` is 'regulated' (metric clipping, covariance sigma^2 C^2 M^-1; method deer) or 'plain'.
     `max_physical_batch_size` bounds memory with opacus's `BatchMemoryManager` (None: no split).
+    `public_sizes` (indexed by client id) are the declared public sizes s_k that fix q_k, the steps and the
+    FedAvg weight; empty: each client's exact count is used as if public (tests and the audit only).
     """
 
     noise_multipliers: tuple[float, ...]
@@ -76,6 +96,7 @@ class RecordDP:
     max_physical_batch_size: int | None = None
     target_epsilon: float | None = None
     calibration: str = "per-client"
+    public_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0:
@@ -89,9 +110,15 @@ class RecordDP:
         object.__setattr__(self, "noise", NoiseKind(self.noise))  # a str 'plain' becomes NoiseKind.PLAIN
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise ValueError("--max-physical-batch-size must be >= 1")
+        if any(int(n) != n or n < 1 for n in self.public_sizes):
+            raise ValueError(f"declared public sizes {list(self.public_sizes)} must be integers >= 1")
 
     def noise_multiplier(self, client_id: int) -> float:
         return self.noise_multipliers[client_id]
+
+    def public_size(self, client_id: int, exact: int) -> int:
+        """Client `client_id`'s declared public size; `exact` (its record count) only when none is declared."""
+        return int(self.public_sizes[client_id]) if self.public_sizes else exact
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +172,9 @@ class RecordLevel:
     def account(self, updates) -> None:
         """Step the accountant of every client that returned an update (same on every process)."""
         for u in sorted(updates, key=lambda u: u.client_id):
-            q = record_sample_rate(u.num_examples, self.batch_size)
-            steps = record_steps(u.num_examples, self.batch_size, self.local_epochs)
+            n = self.dp.public_size(u.client_id, u.num_examples)  # never the exact count when sizes are declared
+            q = record_sample_rate(n, self.batch_size)
+            steps = record_steps(n, self.batch_size, self.local_epochs)
             self.accountants.step(u.client_id, self.dp.noise_multiplier(u.client_id), q, steps)
 
     def account_clients(self, client_ids: list[int]) -> None:
@@ -165,7 +193,10 @@ class RecordLevel:
                 NoiseKind.REGULATED: "regulated DP-SGD (per-sample metric clipping, noise sigma^2 C^2 M^-1)",
                 NoiseKind.PLAIN: "DP-SGD (per-sample clipping, isotropic Gaussian noise)",
             }[self.dp.noise],
-            "sampling": "poisson (opacus DPDataLoader), q_k = batch_size / n_k",
+            "sampling": "poisson over the client's actual records (opacus DPDataLoader), q_k = batch_size / s_k, "
+            "steps per update local_epochs * floor(1 / q_k), s_k its declared public size",
+            "public_sizes": {str(c): int(n) for c, n in enumerate(self.dp.public_sizes)} or None,
+            "public_size_rule": PUBLIC_SIZE_RULE if self.dp.public_sizes else "exact counts (no declared sizes)",
             "noise_multipliers": {str(c): s for c, s in enumerate(self.dp.noise_multipliers)},
             "calibration": self.dp.calibration,
             "clip_norm": self.dp.clip_norm,
@@ -176,7 +207,10 @@ class RecordLevel:
             "epsilon_per_client": {str(c): e for c, e in eps.items()},
             "epsilon_max": max(eps.values(), default=0.0),
             "accountant": "opacus RDP, one per client",
-            "neighbouring_relation": "add/remove one record (one patient's image) in one client's data",
+            "neighbouring_relation": (
+                "add/remove one record (one patient's image) in one client's data, given the clients' declared "
+                "public sizes s_k (public and fixed: q, steps, sigma and weights depend on them only)"
+            ),
             "trust_model": "each client is trusted with its own records; what leaves it is DP-SGD output",
         }
 
@@ -212,8 +246,10 @@ __all__ = [
     "RecordAccountants",
     "RecordDP",
     "RecordLevel",
+    "PUBLIC_SIZE_RULE",
     "calibrate_record_sigmas",
     "merge_ledgers",
+    "public_size",
     "record_sample_rate",
     "record_steps",
 ]

@@ -1,13 +1,18 @@
 """What the DEeR ServerApp and ClientApp say to each other, and the checks on every reply.
 
 Three message kinds:
-- query "hello" (once per run): the node answers with the client id it holds and its example count;
+- query "hello" (once per run): the node answers with the client id it holds and a count it may announce:
+  its declared public size under record-level DP, nothing under client-level DP only, its exact count
+  without DP;
 - train (once per phase and participant): the server sends the global adapter, the phase, the run
   key and, with distributed noise, the mechanism's terms (sigma, C, lambda, noise kind); the client
-  answers with the delta of the phase's trained parameters only, its example
-  count and, under record-level DP, its accountant (`RecordReport`);
+  answers with the delta of the phase's trained parameters only, a public weight (`num-examples`: the
+  declared public size under record-level DP, 1 under client-level DP only) and, under record-level DP,
+  its accountant (`RecordReport`: functions of public values only). Training statistics (loss, images
+  seen, seconds) are sent only without DP; under DP they stay in the site's own log;
 - evaluate (once, after the run): the server sends the final adapter, its temperature and its decision
-  threshold; the site answers with counts on its own held-out images (`SiteCounts`).
+  threshold; the site answers with counts on its own held-out images (`SiteCounts`) without DP, or under
+  DP keeps them in its own state directory and answers only that it evaluated (`SiteEvaluated`).
 
 The ClientApp side works on message *contents* (`RecordDict`): the SuperNode's ClientApp process
 forwards them to the site's long-lived worker (`site_worker.py`) and wraps the reply.
@@ -95,18 +100,22 @@ def hello_message(node_id: int) -> Message:
     )
 
 
-def hello_content(client_id: int, num_examples: int) -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"client-id": client_id, "num-examples": num_examples})})
+def hello_content(client_id: int, count: int | None) -> RecordDict:
+    """A node's hello: its client id and the count it may announce (None: none, e.g. under client-level DP)."""
+    config = ConfigRecord({"client-id": client_id})
+    if count is not None:
+        config["num-examples"] = int(count)
+    return RecordDict({CONFIG: config})
 
 
-def read_hello_reply(reply: Message) -> tuple[int, int]:
-    """(client id, example count) a node announced; ValueError with the node's reason if it failed."""
+def read_hello_reply(reply: Message) -> tuple[int, int | None]:
+    """(client id, announced count or None) of a node; ValueError with the node's reason if it failed."""
     if reply.has_error():
         raise ValueError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
     config = reply.content.config_records.get(CONFIG)
     if config is None or "client-id" not in config:
         raise ValueError(f"node {reply.metadata.src_node_id} sent no client id")
-    return int(config["client-id"]), int(config["num-examples"])
+    return int(config["client-id"]), (int(config["num-examples"]) if "num-examples" in config else None)
 
 
 def train_message(node_id: int, instruction: TrainInstruction) -> Message:
@@ -157,15 +166,14 @@ def read_train_message(msg: Message) -> TrainInstruction:
     return read_train_content(msg.content)
 
 
-def update_content(update: ClientUpdate, record: RecordReport | None = None) -> RecordDict:
-    metrics = MetricRecord(
-        {
-            "num-examples": update.num_examples,
-            "train-loss": float(update.mean_loss),
-            "images-seen": update.images_seen,
-            "seconds": float(update.seconds),
-        }
-    )
+def update_content(update: ClientUpdate, record: RecordReport | None = None, statistics: bool = False) -> RecordDict:
+    """A site's train reply: the delta, the weight `num-examples` (the caller makes it public under DP), the
+    client id, the record-level report and, only with `statistics` (no DP), loss, images seen and seconds."""
+    metrics = MetricRecord({"num-examples": update.num_examples})
+    if statistics:
+        metrics["train-loss"] = float(update.mean_loss)
+        metrics["images-seen"] = update.images_seen
+        metrics["seconds"] = float(update.seconds)
     content = RecordDict(
         {
             UPDATE: state_to_record(update.delta),
@@ -178,8 +186,10 @@ def update_content(update: ClientUpdate, record: RecordReport | None = None) -> 
     return content
 
 
-def update_reply(msg: Message, update: ClientUpdate, record: RecordReport | None = None) -> Message:
-    return Message(update_content(update, record), reply_to=msg)
+def update_reply(
+    msg: Message, update: ClientUpdate, record: RecordReport | None = None, statistics: bool = False
+) -> Message:
+    return Message(update_content(update, record, statistics), reply_to=msg)
 
 
 def read_update_reply(reply: Message, client_id: int, shapes: dict[str, torch.Size]) -> ClientUpdate:
@@ -225,17 +235,20 @@ def read_update_reply(reply: Message, client_id: int, shapes: dict[str, torch.Si
 class RecordReport:
     """A site's record-level DP accountant after an update: this update's DP-SGD steps (`sigma`,
     `sample_rate`, `steps`), its whole opacus RDP history [(sigma, q, steps)] over the run (retries
-    included) and the epsilon that history gives at the run's record delta."""
+    included), the epsilon that history gives at the run's record delta and the site's declared public size
+    (q = batch_size / public size): all functions of public values, none of the site's exact count."""
 
     sigma: float
     sample_rate: float
     steps: int
     history: tuple[tuple[float, float, int], ...]
     epsilon: float
+    public_size: int | None = None
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
             {
+                **({} if self.public_size is None else {"public-size": int(self.public_size)}),
                 "sigma": self.sigma,
                 "sample-rate": self.sample_rate,
                 "steps": self.steps,
@@ -267,6 +280,7 @@ def record_report_from_config(config: ConfigRecord | None, client_id: int) -> Re
             int(config["steps"]),
             history,
             float(config["epsilon"]),
+            int(config["public-size"]) if "public-size" in config else None,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidClientUpdate(client_id, f"malformed record-level accountant: {err}") from err
@@ -274,9 +288,10 @@ def record_report_from_config(config: ConfigRecord | None, client_id: int) -> Re
         s > 0 and math.isfinite(s) and 0 < q <= 1 and n >= 0
         for s, q, n in (*history, (report.sigma, report.sample_rate, report.steps))
     ]
-    if not history or not all(sound) or not report.epsilon >= 0:
+    if not history or not all(sound) or not report.epsilon >= 0 or (report.public_size or 1) < 1:
         raise InvalidClientUpdate(
-            client_id, "record-level accountant with a non-positive sigma, q outside (0, 1] or negative steps"
+            client_id,
+            "record-level accountant with a non-positive sigma, q outside (0, 1], negative steps or public size < 1",
         )
     return report
 
@@ -306,6 +321,17 @@ class SiteCounts:
         return RecordDict({COUNTS: MetricRecord(metrics), CONFIG: ConfigRecord({"client-id": self.client_id})})
 
 
+@dataclass(frozen=True)
+class SiteEvaluated:
+    """A site's answer to evaluate under DP: it evaluated and kept its counts in its own state directory
+    (nothing un-noised about its held-out images leaves it)."""
+
+    client_id: int
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({CONFIG: ConfigRecord({"client-id": self.client_id, "kept-at-site": True})})
+
+
 def evaluate_message(node_id: int, state: AdapterState, threshold: float | None, temperature: float = 1.0) -> Message:
     config = ConfigRecord(
         {"temperature": float(temperature), **({} if threshold is None else {"threshold": float(threshold)})}
@@ -330,13 +356,16 @@ def read_evaluate_content(content: RecordDict) -> tuple[AdapterState, float | No
     return record_to_state(content.array_records[GLOBAL]), threshold, temperature
 
 
-def read_site_counts(reply: Message) -> SiteCounts:
-    """The counts a site returned; ValueError with the reason if the reply is an error or malformed."""
+def read_site_counts(reply: Message) -> SiteCounts | SiteEvaluated:
+    """The counts a site returned (or, under DP, that it evaluated and kept them); ValueError with the reason if
+    the reply is an error or malformed."""
     node = reply.metadata.src_node_id
     if reply.has_error():
         raise ValueError(f"node {node} could not evaluate: {reply.error.reason}")
     metrics = reply.content.metric_records.get(COUNTS)
     config = reply.content.config_records.get(CONFIG)
+    if metrics is None and config is not None and config.get("kept-at-site") and "client-id" in config:
+        return SiteEvaluated(int(config["client-id"]))
     if metrics is None or config is None:
         raise ValueError(f"node {node} sent no evaluation counts")
     k = int(metrics["num-classes"])

@@ -23,11 +23,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..federated import AdapterState
 from ..run import PRIVATE_DIR, Experiment, Host, ReleasePhase, SettingsMismatch, SetupFailed, Transport, run_experiment
-from .protocol import SiteCounts, evaluate_message, hello_message, read_hello_reply, read_site_counts
+from .protocol import SiteCounts, SiteEvaluated, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .run_config import DeploymentOptions, parse_run_config
 from .secagg import SecAggDeerStrategy
 from .site_accounting import SiteRecordLevel
-from .site_evaluation import add_model_card_note, site_table, write_site_evaluation
+from .site_evaluation import add_model_card_note, site_table, split_reports, write_site_evaluation
 from .strategy import DeerStrategy
 
 logger = logging.getLogger("flwr")
@@ -59,9 +59,8 @@ def discover_clients(grid: Grid, num_clients: int, options: DeploymentOptions) -
                 f"SuperNodes {clients[client_id]} and {reply.metadata.src_node_id} both hold client {client_id}"
             )
         clients[client_id] = reply.metadata.src_node_id
-        logger.info(
-            "client %d is SuperNode %d (%d training images)", client_id, reply.metadata.src_node_id, num_examples
-        )
+        announced = "no count announced (DP)" if num_examples is None else f"announces {num_examples} images"
+        logger.info("client %d is SuperNode %d (%s)", client_id, reply.metadata.src_node_id, announced)
     missing = sorted(set(range(num_clients)) - set(clients))
     if missing:
         logger.warning("no SuperNode holds clients %s: they are dropped whenever sampled", missing)
@@ -75,9 +74,9 @@ def evaluate_sites(
     threshold: float | None,
     options: DeploymentOptions,
     temperature: float = 1.0,
-) -> tuple[list[SiteCounts], list[str]]:
+) -> tuple[list[SiteCounts | SiteEvaluated], list[str]]:
     """Ask every site to evaluate `state` on its own held-out images, with probabilities softmax(logits /
-    temperature) and `threshold`: (the counts, one reason per failed site)."""
+    temperature) and `threshold`: (the counts, or under DP that a site kept them; one reason per failed site)."""
     messages = [evaluate_message(nodes[c], state, threshold, temperature) for c in sorted(nodes)]
     counts, failed = [], []
     for reply in grid.send_and_receive(messages, timeout=options.reply_timeout_s):
@@ -136,17 +135,21 @@ class FlowerTransport(Transport):
         threshold = summary["test"]["final"]["threshold"]
         temperature = summary["calibration"]["final"]["temperature"]
         state = exp.server.global_state
-        counts, failed = evaluate_sites(self.grid, self.nodes, state, threshold, self.options, temperature)
-        write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed, temperature)
-        evaluated = sorted(c.client_id for c in counts)
+        reports, failed = evaluate_sites(self.grid, self.nodes, state, threshold, self.options, temperature)
+        counts, kept = split_reports(reports)  # kept: sites that keep their counts under DP
+        write_site_evaluation(out / PRIVATE_DIR, site_table(counts), threshold, failed, temperature, kept)
+        evaluated = sorted([c.client_id for c in counts] + kept)
         absent = sorted(set(self.nodes) - set(evaluated))
         add_model_card_note(out, f"Sites that evaluated: {len(evaluated)} of {len(self.nodes)}"
-                            + (f" (not: clients {absent})." if absent else "."))  # fmt: skip
+                            + (f" (not: clients {absent})." if absent else "."), kept_at_site=bool(kept))  # fmt: skip
         total = len(getattr(self.strategy, "deer", self.strategy).phases)  # SecAgg+ wraps the DeerStrategy
         for client, missed in self.strategy.private_ledger().get("missed_phases", {}).items():
             logger.warning("client %s missed %d of %d phases (server-private/deployment.json)", client, missed, total)
         logger.info(
-            "per-site evaluation of %d sites -> %s (server-private, not DP-covered)", len(counts), out / PRIVATE_DIR
+            "per-site evaluation: %d sites sent counts -> %s (server-private, not DP-covered), %d kept theirs",
+            len(counts),
+            out / PRIVATE_DIR,
+            len(kept),
         )
 
 

@@ -12,7 +12,9 @@ Node config (`flower-supernode --node-config '...'`):
   the simulation splits it; 1 means the whole dataset is this site's own;
 - `dataset`, `data-dir` (default: the run's): where this site's images are;
 - `state-dir` (default `~/.local/state/peft_deer/site`): where the site keeps its record-level DP
-  accountant between messages and restarts;
+  accountant between messages and restarts, its training diagnostics and (under DP) its evaluation;
+- `public-size` (default: the site's image count floored to 2 significant figures, `record_dp.public_size`):
+  the site's declared public size under record-level DP, which fixes q, steps and sigma;
 - `site-worker` (default true), `site-worker-idle-s`: see `peft_deer_clientapp`.
 
 Each train message runs the core's `train_client` with the seed the simulation would use for this
@@ -20,8 +22,12 @@ client and phase. With client-level DP and the `distributed` noise placement the
 update in the metric and adds its noise share (`privatize_update`) before anything leaves the site,
 with the sigma, C, lambda and noise kind the train instruction carries (`protocol.NoiseTerms`,
 checked against this site's own run settings).
-With record-level DP it trains with DP-SGD (the core's `record_dp`), sigma calibrated on its own image
-count, and returns its accountant (`SiteAccountant`) with the update.
+With record-level DP it trains with DP-SGD (the core's `record_dp`), q, steps and sigma from its declared
+public size, and returns its accountant (`SiteAccountant`) with the update.
+Under any DP a reply carries only the DP output and public values (client id, public weight, the record-level
+report); the site's loss, images seen, timing and exact count go to its own `diagnostics-*.jsonl` in the state
+directory, and its evaluation counts to its own `site-evaluation-*.json` (`SiteEvaluated` is all it answers).
+Without DP (no guarantee claimed) they are sent to the server as before.
 In a SecAgg+ phase (`secure-aggregation=true`) the train message is a legacy `FitIns` holding the same
 instruction, noise terms included (`secagg_protocol`); the site trains and privatizes it alike and
 answers with a `FitRes`, which the ClientApp's `secaggplus_mod` quantizes and masks.
@@ -63,6 +69,7 @@ from ..federated import (
     train_client,
 )
 from ..federated.record_dp import RecordLevel
+from ..io import write_json_atomic
 from ..run.privacy import local_training
 from ..run.task import RunData, build_model, client_dataset, load_run_backbone, load_run_data, tensor_dataset
 from ..settings import RunSettings
@@ -71,6 +78,7 @@ from .protocol import (
     NoiseTerms,
     RecordReport,
     SiteCounts,
+    SiteEvaluated,
     TrainInstruction,
     hello_content,
     read_evaluate_content,
@@ -80,10 +88,12 @@ from .protocol import (
 from .run_config import OPTION_KEYS, parse_run_config
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .site_accounting import SiteAccountant, site_record_level
+from .site_evaluation import site_metrics
 
 # Run settings only the server uses: runs that differ in these share a site's loaded data and model.
 SERVER_ONLY = {"output-dir", "resume", "overwrite", "max-phases", *OPTION_KEYS}
-SITE_KEYS = {"state-dir", "site-worker", "site-worker-idle-s"}  # node config that does not change the data
+# Node config that does not change the data or the mechanism ("public-size" does: not here).
+SITE_KEYS = {"state-dir", "site-worker", "site-worker-idle-s"}
 MAX_SITES = 2  # loaded (settings, node) combinations kept per process
 logger = logging.getLogger("peft_deer.flower.site")
 
@@ -128,7 +138,7 @@ class Site:
         model, layout = build_model(settings, backbone, 0.0, device)
         partition = 0 if num_partitions == 1 else client_id
         train_data = client_dataset(data, backbone, partition)
-        record = site_record_level(settings, len(train_data))
+        record = site_record_level(settings, len(train_data), _declared_size(node_config.get("public-size")))
         state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
         site = cls(settings, client_id, num_partitions, data, model, layout, train_data, record, state_dir)
         site.held_out = tensor_dataset(backbone, data.splits.test, site.held_out_indices())
@@ -151,13 +161,50 @@ class Site:
         return np.sort(parts[self.client_id])
 
     # -- the three messages --------------------------------------------------------------------------
+    @property
+    def private(self) -> bool:
+        """Whether the run has DP: then nothing un-noised about this site's data leaves it."""
+        return self.settings.privacy.dp != "none"
+
+    def public_count(self) -> int | None:
+        """The count this site may announce: its declared public size under record-level DP, none under
+        client-level DP only, its exact image count without DP (no guarantee claimed)."""
+        if self.record is not None:
+            return self.record.dp.public_size(self.client_id, len(self.train_data))
+        return None if self.private else len(self.train_data)
+
     def hello(self) -> RecordDict:
-        """Announce this site's client id and example count."""
-        return hello_content(self.client_id, len(self.train_data))
+        """Announce this site's client id and the count it may announce (`public_count`)."""
+        return hello_content(self.client_id, self.public_count())
 
     def train(self, content: RecordDict) -> RecordDict:
         """One phase of local training from the received global adapter; the trained factor's delta."""
-        return update_content(*self.train_update(read_train_content(content)))
+        return update_content(*self.reply_update(read_train_content(content)), statistics=not self.private)
+
+    def reply_update(self, work: TrainInstruction) -> tuple[ClientUpdate, RecordReport | None]:
+        """`train_update`, then what may leave the site: under DP the statistics go to the site's own log and the
+        weight becomes public (the declared size under record-level DP, else 1: client-level weights are uniform)."""
+        update, report = self.train_update(work)
+        if not self.private:
+            return update, report
+        self.log_diagnostics(work, update)
+        count = self.public_count()
+        return ClientUpdate(update.client_id, update.delta, 1 if count is None else count), report
+
+    def log_diagnostics(self, work: TrainInstruction, update: ClientUpdate) -> None:
+        """Append this update's training statistics to the site's own `diagnostics-<run key>-client<k>.jsonl`."""
+        row = {
+            "round": work.round,
+            "phase": work.phase,
+            "num_examples": len(self.train_data),
+            "train_loss": update.mean_loss,
+            "images_seen": update.images_seen,
+            "seconds": update.seconds,
+        }
+        path = self.state_dir / f"diagnostics-{work.run_key or 'no-run-key'}-client{self.client_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def train_update(self, work: TrainInstruction) -> tuple[ClientUpdate, RecordReport | None]:
         """Train one phase as `work` says (a plain train message or a SecAgg+ phase's `FitIns`): the update,
@@ -209,6 +256,20 @@ class Site:
         return received
 
     def evaluate(self, content: RecordDict) -> RecordDict:
+        """Evaluate the received adapter on the held-out images (`evaluate_counts`). Without DP the reply carries
+        the counts; under DP the site writes them and its metrics to its own `site-evaluation-client<k>-<time>.json`
+        and answers only that it evaluated."""
+        counts = self.evaluate_counts(content)
+        if not self.private:
+            return counts.to_content()
+        metrics = site_metrics(np.array(counts.confusion), counts.score_histograms)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = self.state_dir / f"site-evaluation-client{self.client_id}-{stamp}-{time.time_ns() % 10**9:09d}.json"
+        write_json_atomic(path, {"client": self.client_id, **metrics, "confusion": [list(r) for r in counts.confusion]})
+        logger.info("site evaluation of client %d kept at the site: %s", self.client_id, path)
+        return SiteEvaluated(self.client_id).to_content()
+
+    def evaluate_counts(self, content: RecordDict) -> SiteCounts:
         """Counts of the global adapter's decisions (and, binary, calibrated P(class 1) histograms) on the held-out
         images, with the server's temperature and threshold."""
         state, threshold, temperature = read_evaluate_content(content)
@@ -231,7 +292,17 @@ class Site:
                 tuple(int(h) for h in np.histogram(probs[labels == c, 1], bins=SCORE_BINS, range=(0.0, 1.0))[0])
                 for c in range(2)
             )
-        return SiteCounts(self.client_id, tuple(tuple(int(x) for x in row) for row in confusion), hists).to_content()
+        return SiteCounts(self.client_id, tuple(tuple(int(x) for x in row) for row in confusion), hists)
+
+
+def _declared_size(value: Any) -> int | None:
+    """The node config's `public-size` as an integer >= 1 (None if not given); ValueError (one line) otherwise."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"node config public-size {value!r} must be an integer >= 1")
+    return int(text)
 
 
 def _phase(method: str, rounds: int, round_index: int, phase_index: int) -> Phase:
@@ -278,7 +349,7 @@ def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_c
     if kind == "hello":
         return site.hello()
     if kind == "train" and is_fit_ins(content):  # a SecAgg+ phase: legacy FitIns in, FitRes out (secagg.py)
-        return fit_res_content(*site.train_update(read_fit_ins(content)))
+        return fit_res_content(*site.reply_update(read_fit_ins(content)))
     if kind == "train":
         return site.train(content)
     if kind == "evaluate":

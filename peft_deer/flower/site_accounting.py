@@ -25,15 +25,19 @@ from .protocol import RecordReport
 logger = logging.getLogger("flwr")
 
 
-def site_record_level(settings: RunSettings, num_examples: int) -> RecordLevel | None:
-    """The run's record-level DP-SGD settings as one site applies them: sigma calibrated on this site's own
-    image count, exactly as `deer-fed` calibrates that client (None without record-level DP)."""
-    record = record_level(settings, [num_examples])
+def site_record_level(settings: RunSettings, num_examples: int, public_size: int | None = None) -> RecordLevel | None:
+    """The run's record-level DP-SGD settings as one site applies them: q, steps and sigma from this site's
+    declared public size (`public_size`, default `record_dp.public_size(num_examples)`), exactly as `deer-fed`
+    calibrates that client (None without record-level DP)."""
+    record = record_level(settings, [num_examples], None if public_size is None else [public_size])
     if record is None:
         return None
-    # RecordDP indexes multipliers by client id; this site only ever trains its own.
-    sigmas = record.dp.noise_multipliers * settings.data.num_clients
-    return RecordLevel(dataclasses.replace(record.dp, noise_multipliers=sigmas), record.batch_size, record.local_epochs)
+    # RecordDP indexes multipliers and sizes by client id; this site only ever trains its own.
+    k = settings.data.num_clients
+    dp = dataclasses.replace(
+        record.dp, noise_multipliers=record.dp.noise_multipliers * k, public_sizes=record.dp.public_sizes * k
+    )
+    return RecordLevel(dp, record.batch_size, record.local_epochs)
 
 
 class SiteAccountant:
@@ -49,14 +53,17 @@ class SiteAccountant:
             self.accountants.load_state_dict(json.loads(self.path.read_text()))
 
     def step(self, record: RecordLevel, num_examples: int) -> RecordReport:
-        """Account one DP-SGD client update of `num_examples` images; save; return the report for the server."""
+        """Account one DP-SGD client update (q and steps from the site's declared public size; `num_examples`
+        only if it declared none); save; return the report for the server (public values only)."""
         sigma = record.dp.noise_multiplier(self.client_id)
-        q = record_sample_rate(num_examples, record.batch_size)
-        steps = record_steps(num_examples, record.batch_size, record.local_epochs)
+        size = record.dp.public_size(self.client_id, num_examples)
+        q = record_sample_rate(size, record.batch_size)
+        steps = record_steps(size, record.batch_size, record.local_epochs)
         self.accountants.step(self.client_id, sigma, q, steps)
         write_json_atomic(self.path, self.accountants.state_dict())
         history = tuple(self.accountants.history[self.client_id])
-        return RecordReport(sigma, q, steps, history, self.accountants.epsilon(self.client_id, record.dp.delta))
+        eps = self.accountants.epsilon(self.client_id, record.dp.delta)
+        return RecordReport(sigma, q, steps, history, eps, size if record.dp.public_sizes else None)
 
 
 class SiteRecordLevel(RecordLevel):
@@ -72,6 +79,7 @@ class SiteRecordLevel(RecordLevel):
         super().__init__(record.dp, record.batch_size, record.local_epochs)
         self.accountants.load_state_dict(record.accountants.state_dict())
         self.sigmas: dict[int, float] = dict(getattr(record, "sigmas", {}))
+        self.public_sizes: dict[int, int] = dict(getattr(record, "public_sizes", {}))
         self._pending: dict[int, RecordReport] = {}
 
     def expect(self, reports: dict[int, RecordReport]) -> None:
@@ -97,23 +105,28 @@ class SiteRecordLevel(RecordLevel):
                 )
                 self.accountants.step(client, report.sigma, report.sample_rate, report.steps)
             self.sigmas[client] = report.sigma
+            if report.public_size is not None:
+                self.public_sizes[client] = report.public_size
         self._pending = {}
 
     def ledger(self) -> dict:
         ledger = super().ledger()
         ledger["noise_multipliers"] = {str(c): s for c, s in sorted(self.sigmas.items())}
-        ledger["calibration"] = f"by each site on its own image count ({self.dp.calibration})"
+        ledger["public_sizes"] = {str(c): n for c, n in sorted(self.public_sizes.items())} or None
+        ledger["calibration"] = f"by each site on its declared public size ({self.dp.calibration})"
         ledger["accountant"] = (
             "opacus RDP, one per site, kept by the site across rounds and restarts and reported with every update"
         )
         return ledger
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sigmas": {str(c): s for c, s in self.sigmas.items()}}
+        sizes = {str(c): n for c, n in self.public_sizes.items()}
+        return {**super().state_dict(), "sigmas": {str(c): s for c, s in self.sigmas.items()}, "public_sizes": sizes}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.sigmas = {int(c): float(s) for c, s in state.get("sigmas", {}).items()}
+        self.public_sizes = {int(c): int(n) for c, n in state.get("public_sizes", {}).items()}
 
 
 __all__ = ["SiteAccountant", "SiteRecordLevel", "site_record_level"]

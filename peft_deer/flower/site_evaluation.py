@@ -5,6 +5,8 @@ The server turns each site's counts (`protocol.SiteCounts`) into accuracy, balan
 share of pairs of the exact AUC), sensitivity and specificity at the run's decision threshold, plus
 a pooled row. These figures come from each site's data without noise: they are NOT covered by the
 DP guarantee, so they go to `server-private/` only, and the model card says so without quoting them.
+Under DP a site sends no counts at all: it keeps them in its own state directory (`protocol.SiteEvaluated`),
+and the server's table only lists which sites evaluated.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import write_json_atomic
-from .protocol import SCORE_BINS, SiteCounts
+from .protocol import SCORE_BINS, SiteCounts, SiteEvaluated
 
 MODEL_CARD_NOTE = """
 ## Per-site evaluation (not published)
@@ -25,6 +27,21 @@ figures (accuracy, AUC, sensitivity, specificity per hospital) are computed from
 without noise: they are **not covered by the differential-privacy guarantee** above, so they stay in the
 run's `server-private/site_evaluation.*` and are not part of this card.
 """
+
+
+MODEL_CARD_NOTE_KEPT = """
+## Per-site evaluation (kept at the sites)
+
+Each site evaluated this adapter on its own held-out images and kept the figures in its own state
+directory (`site-evaluation-client<k>-*.json`): under differential privacy nothing un-noised about a
+site's images leaves it, so the server holds no per-site figures and this card quotes none.
+"""
+
+
+def split_reports(reports: list[SiteCounts | SiteEvaluated]) -> tuple[list[SiteCounts], list[int]]:
+    """(the sites' counts, the client ids of sites that evaluated and kept their counts)."""
+    counts = [r for r in reports if isinstance(r, SiteCounts)]
+    return counts, sorted(r.client_id for r in reports if isinstance(r, SiteEvaluated))
 
 
 def histogram_auc(negatives: np.ndarray, positives: np.ndarray) -> float | None:
@@ -93,10 +110,15 @@ def format_site_table(rows: list[dict], threshold: float | None, temperature: fl
 
 
 def write_site_evaluation(
-    private_dir: Path, rows: list[dict], threshold: float | None, failed: list[str], temperature: float = 1.0
+    private_dir: Path,
+    rows: list[dict],
+    threshold: float | None,
+    failed: list[str],
+    temperature: float = 1.0,
+    kept_at_site: list[int] | None = None,
 ) -> None:
     """`site_evaluation.json` and `.md` in the run's server-private directory (probabilities: softmax(logits /
-    temperature), the final adapter's calibration)."""
+    temperature), the final adapter's calibration); `kept_at_site`: sites that evaluated and kept their counts."""
     write_json_atomic(
         private_dir / "site_evaluation.json",
         {
@@ -105,30 +127,37 @@ def write_site_evaluation(
             "temperature": temperature,
             "auc_from": f"per-class histograms of P(class 1), {SCORE_BINS} equal bins, ties within a bin counted half",
             "rows": rows,
+            "sites_kept_counts": list(kept_at_site or []),
             "sites_failed": failed,
         },
     )
     text = format_site_table(rows, threshold, temperature)
+    if kept_at_site:
+        text += "\nSites that evaluated and kept their figures (DP): " + ", ".join(map(str, kept_at_site)) + "\n"
     if failed:
         text += "\nSites that could not evaluate: " + "; ".join(failed) + "\n"
     (private_dir / "site_evaluation.md").write_text(text)
 
 
-def add_model_card_note(out: Path, sites: str = "") -> None:
-    """Say in each adapter's model card that per-site figures exist, are server-private and not DP-covered;
-    `sites` says which sites evaluated (e.g. "Sites that evaluated: 2 of 3 (not: clients [1]).")."""
+def add_model_card_note(out: Path, sites: str = "", kept_at_site: bool = False) -> None:
+    """Say in each adapter's model card that per-site figures exist and are server-private and not DP-covered,
+    or (`kept_at_site`, under DP) that they stayed at the sites; `sites` says which sites evaluated (e.g.
+    "Sites that evaluated: 2 of 3 (not: clients [1]).")."""
+    note = MODEL_CARD_NOTE_KEPT if kept_at_site else MODEL_CARD_NOTE
     for name in ("adapter", "adapter-best", "adapter-lora"):
         card = out / name / "README.md"
-        if card.is_file() and MODEL_CARD_NOTE not in card.read_text():
-            card.write_text(card.read_text().rstrip("\n") + "\n" + MODEL_CARD_NOTE + (f"\n{sites}\n" if sites else ""))
+        if card.is_file() and note not in card.read_text():
+            card.write_text(card.read_text().rstrip("\n") + "\n" + note + (f"\n{sites}\n" if sites else ""))
 
 
 __all__ = [
     "MODEL_CARD_NOTE",
+    "MODEL_CARD_NOTE_KEPT",
     "add_model_card_note",
     "format_site_table",
     "histogram_auc",
     "site_metrics",
     "site_table",
+    "split_reports",
     "write_site_evaluation",
 ]

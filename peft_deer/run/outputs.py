@@ -23,6 +23,7 @@ from typing import Any
 
 from ..export import export_lora_adapter
 from ..federated import load_adapter_state
+from ..federated.trust_model import trust_model_of
 from ..io import write_json_atomic
 from ..reporting import model_card, plot_curves, reproducible_noise_label
 from ..run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
@@ -100,6 +101,7 @@ def finalize(
     staged[out / "adapter-lora"] = lora
 
     ledger = {**server.ledger(), "dataset": settings.data.dataset, **(extra_privacy or {})}
+    ledger["trust_model_table"] = trust_model_of(ledger)  # per adversary: the epsilon that holds against it
     write_json_atomic(out / "privacy.json", ledger)
     if private_extra:
         write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)

@@ -64,8 +64,9 @@ def run_phases(
         with exp.model_inputs():
             updates, release = release_phase(phase, server.participants(phase))
         acc["seconds"] += time.perf_counter() - t0
+        # Client statistics, server-private; a deployed site under DP keeps them (images_seen 0: none sent).
         acc["images"] += sum(u.images_seen for u in updates)
-        acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates)
+        acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates if u.images_seen)
         acc["update_norms"].append(release.mean_update_norm)
         acc["participants"].append(len(release.participants))
         done_this_call += 1
@@ -115,7 +116,7 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     # Server-private: computed from the clients' data without noise.
     private = {
         "round": phase.round,
-        "train_loss": acc["loss"] / max(acc["images"], 1),
+        "train_loss": acc["loss"] / acc["images"] if acc["images"] else None,  # None: the sites kept it
         "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
         "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
         "participants_per_phase": list(acc["participants"]),
@@ -131,7 +132,7 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     eps_text = "" if eps is None else f" eps {eps:.2f}"
     # Logs are public: the training loss is a client statistic, shown only when nothing is private.
     loss_text = ""
-    if settings.privacy.dp == "none":
+    if settings.privacy.dp == "none" and private["train_loss"] is not None:
         loss_text = f" (train loss {private['train_loss']:.4f}, {private['images_per_s']:.1f} img/s)"
     say(
         f"round {phase.round + 1}/{settings.federation.rounds}: val acc {val['accuracy']:.3f} bal acc "

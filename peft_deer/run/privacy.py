@@ -13,7 +13,7 @@ import warnings
 from ..config import DeerLoraConfig
 from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
 from ..federated.accountant import WeakDeltaWarning
-from ..federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas
+from ..federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas, public_size
 from ..settings import RunSettings
 
 
@@ -68,21 +68,31 @@ def client_dp(config: DeerLoraConfig) -> ClientDP | None:
     )
 
 
-def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel | None:
-    """Record-level DP-SGD settings (sigma calibrated per client for the whole planned run); None without."""
+def record_level(
+    settings: RunSettings, client_sizes: list[int], public_sizes: list[int] | None = None
+) -> RecordLevel | None:
+    """Record-level DP-SGD settings (sigma calibrated per client for the whole planned run); None without.
+
+    q, steps and sigma come from each client's declared public size (`public_sizes`, default: `public_size` of
+    its count), never from its exact count; so do the record-delta check and warning.
+    """
     record, local = settings.record, settings.local
     if not settings.privacy.record_level:
         return None
     if min(client_sizes) < 1:
         raise ValueError("--dp record needs every client to hold at least one image")
-    if record.record_delta >= 1.0 / max(client_sizes):
+    declared = [public_size(n) for n in client_sizes] if public_sizes is None else [int(n) for n in public_sizes]
+    if len(declared) != len(client_sizes) or min(declared) < 1:
+        raise ValueError(f"declared public sizes {declared} must be one integer >= 1 per client")
+    largest = max(declared)  # the checks and messages read declared sizes only: the console is public
+    if record.record_delta >= 1.0 / largest:
         raise ValueError(
-            f"--record-delta {record.record_delta:g} must be < 1 / largest client size ({max(client_sizes)})"
+            f"--record-delta {record.record_delta:g} must be < 1 / largest declared client size ({largest})"
         )
-    n, delta = max(client_sizes), record.record_delta
+    n, delta = largest, record.record_delta
     if delta > 0.1 / n:  # as check_delta warns for clients: a client's n records, each exposed with probability delta
         warnings.warn(
-            f"--record-delta {delta:g} is above 1/(10 largest client size) = {0.1 / n:.3g}: (epsilon, delta)-DP "
+            f"--record-delta {delta:g} is above 1/(10 largest declared client size) = {0.1 / n:.3g}: (epsilon, delta)-DP "
             f"then still allows exposing one of a client's {n} records outright with probability up to {n * delta:.2g}"
             "; use e.g. 1e-5",
             WeakDeltaWarning,
@@ -95,7 +105,7 @@ def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel 
         calibration = "fixed (--record-noise-multiplier)"
     else:
         sigmas = calibrate_record_sigmas(
-            record.record_epsilon, record.record_delta, client_sizes, local.batch_size, local.local_epochs, updates
+            record.record_epsilon, record.record_delta, declared, local.batch_size, local.local_epochs, updates
         )
         calibration = f"per client: epsilon {record.record_epsilon:g} after {updates} updates (all phases)"
     rdp = RecordDP(
@@ -107,6 +117,7 @@ def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel 
         record.max_physical_batch_size,
         record.record_epsilon,
         calibration,
+        tuple(declared),
     )
     return RecordLevel(rdp, local.batch_size, local.local_epochs)
 
