@@ -176,7 +176,7 @@ def train_client_record(
     device = next(model.parameters()).device
     keys, params = begin_local_training(model, layout, global_state, phase)
     whiteners = build_whiteners(layout, global_state, keys, record.noise, record.ridge)
-    n = len(task.dataset)
+    n = record.public_size(task.client_id, len(task.dataset))  # declared public size: q, steps, weight
     q = record_sample_rate(n, training.batch_size)
     sigma = record.noise_multiplier(task.client_id)
     torch.manual_seed(task.seed)  # dropout and any other stochastic layers (public: not a DP draw)
