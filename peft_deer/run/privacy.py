@@ -92,8 +92,9 @@ def record_level(
     n, delta = largest, record.record_delta
     if delta > 0.1 / n:  # as check_delta warns for clients: a client's n records, each exposed with probability delta
         warnings.warn(
-            f"--record-delta {delta:g} is above 1/(10 largest declared client size) = {0.1 / n:.3g}: (epsilon, delta)-DP "
-            f"then still allows exposing one of a client's {n} records outright with probability up to {n * delta:.2g}"
+            f"--record-delta {delta:g} is above 1/(10 largest declared client size) = {0.1 / n:.3g}: "
+            f"(epsilon, delta)-DP then still allows exposing one of a client's {n} records outright with probability "
+            f"up to {n * delta:.2g}"
             "; use e.g. 1e-5",
             WeakDeltaWarning,
             stacklevel=2,
