@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -132,3 +134,68 @@ def test_secret_randomness_is_fresh_per_run_and_reproducible_only_when_asked():
     # Every draw has its own seed: rounds, phases, clients and purposes never share one.
     seeds = {a.seed(r, p, c, what) for r in range(4) for p in range(2) for c in range(6) for what in ("noise", "x")}
     assert len(seeds) == 4 * 2 * 6 * 2
+
+
+def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian release (sensitivity 1) at delta (Balle & Wang 2018), by bisection."""
+    from statistics import NormalDist
+
+    phi = NormalDist().cdf
+
+    def delta_of(eps: float) -> float:
+        return phi(-eps * sigma + 0.5 / sigma) - math.exp(eps) * phi(-eps * sigma - 0.5 / sigma)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+def test_prv_matches_the_exact_gaussian_epsilon_within_its_error_and_is_below_rdp():
+    from peft_deer.federated import ReleaseAccountant
+
+    for sigma in (0.8, 2.0):
+        acc = ReleaseAccountant([(sigma, 1.0, 1)])
+        exact = _analytic_gaussian_epsilon(sigma, 1e-5)
+        prv, rdp = acc.epsilon(1e-5, "prv"), acc.epsilon(1e-5, "rdp")
+        assert exact <= prv <= exact + 0.03  # the upper bound: eps_error 0.01 plus delta_error, never below
+        assert prv < rdp
+    many = ReleaseAccountant([(1.0, 0.1, 200)])
+    assert many.epsilon(1e-5, "prv") < many.epsilon(1e-5, "rdp")
+    with pytest.raises(ValueError, match="accountant 'pld' must be one of"):
+        many.epsilon(1e-5, "pld")
+
+
+@pytest.mark.parametrize("target,q", [(2.0, 1.0), (8.0, 1.0)])
+def test_prv_calibration_reaches_the_target_with_less_noise_than_rdp(target, q):
+    sigma_prv = calibrate_noise_multiplier(target, 1e-5, sample_rate=q, releases=4, accountant="prv")
+    sigma_rdp = calibrate_noise_multiplier(target, 1e-5, sample_rate=q, releases=4, accountant="rdp")
+    prv = PRVAccountant()
+    prv.history = [(sigma_prv, q, 4)]
+    assert target - 0.05 <= prv.get_epsilon(1e-5) <= target  # conservative: the upper bound stays within
+    assert sigma_prv < sigma_rdp
+
+
+def test_budget_stop_uses_the_calibration_accountant_and_the_ledger_shows_both():
+    dp = ClientDP(noise_multiplier=6.0, clip_norm=1.0, delta=1e-3, target_epsilon=2.5)
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    counts = {}
+    for kind in ("rdp", "prv"):
+        randomness = DPRandomness.from_seed(0)
+        server = FederatedServer("lora", layout, dict(state), 4, 4, dp, randomness, budget_accountant=kind)
+        with pytest.raises(PrivacyBudgetExceeded, match=kind.upper()):
+            run(server, rounds=60)
+        ledger = server.ledger()
+        assert ledger["budget_accountant"] == kind and ledger["epsilon"] == ledger[f"epsilon_{kind}"] <= 2.5
+        assert ledger["epsilon_prv"] < ledger["epsilon_rdp"]
+        counts[kind] = len(server.releases)
+    for kind, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        accountant.history = [(6.0, 1.0, counts[kind])]  # the last release made stayed within, the next would not
+        assert accountant.get_epsilon(1e-3) <= 2.5
+        accountant.history = [(6.0, 1.0, counts[kind] + 1)]
+        assert accountant.get_epsilon(1e-3) > 2.5
+    assert counts["prv"] > counts["rdp"]  # the tight accountant allows more releases at the same budget
+    with pytest.raises(ValueError, match="accountant"):
+        FederatedServer("lora", layout, dict(state), 4, 4, dp, budget_accountant="exact")
