@@ -98,3 +98,13 @@ def test_range_failures_are_bounded_and_come_out_of_delta():
         skellam_epsilon([(1.0, 1.0, 10.0)] * 10, 1e-5, range_failure=2e-6)
     assert skellam_epsilon([(1.0, 1.0, 10.0)], 1e-5, 1e-7) > skellam_epsilon([(1.0, 1.0, 10.0)], 1e-5)
     assert skellam_variance_for(0.8, 1000.0) == pytest.approx(640_000.0)
+
+
+def test_the_gaussian_secagg_range_tail_bounds_clipping_of_any_update():
+    from peft_deer.federated.quantization import range_clipping_probability, tail_quantile
+
+    d, n, tail = 30, 4, 0.05
+    t = tail_quantile(d, tail)
+    z = torch.randn(20_000, n, d, generator=torch.Generator().manual_seed(3))
+    observed = float((z.abs() > t).flatten(1).any(1).double().mean())
+    assert 0 < observed <= range_clipping_probability(n, tail) == pytest.approx(n * tail)

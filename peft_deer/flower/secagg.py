@@ -39,7 +39,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from ..federated import ClientUpdate, Phase, PhaseRelease, build_whiteners
-from ..federated.quantization import DEFAULT_TAIL, clipping_range, sum_error_bound
+from ..federated.quantization import DEFAULT_TAIL, clipping_range, range_clipping_probability, sum_error_bound
 from .protocol import NoiseTerms, RecordReport, TrainInstruction
 from .secagg_protocol import fit_ins, read_fit_res_client, read_fit_res_report, summed_update
 from .strategy import DeerStrategy, TooFewClients
@@ -230,8 +230,13 @@ class SecAggDeerStrategy(LegacyStrategy):
             "sum_error_bound_per_entry_max": max(bounds, default=None),
             "adapter_error_bound_per_entry_max": None if not bounds else max(bounds) / denominator,
             "error_note": "stochastic rounding moves each entry of each update by less than one step 2 rho / Q, "
-            "so the sum of n <= num-clients updates is within n * 2 rho / Q per entry; quantization is "
-            "post-processing: epsilon is unchanged",
+            "so the sum of n <= num-clients updates is within n * 2 rho / Q per entry",
+            "analysis_gap": "epsilon accounts the Gaussian sum before quantization; the released sum is sum_i Q(x_i + "
+            "z_i), which is not a post-processing of it, so that epsilon is not a proof for the quantized sum (the "
+            "exact construction, Skellam noise on quantized updates, is in peft_deer.federated.skellam, not yet "
+            "wired here)",
+            "range_clipping_probability_per_release": range_clipping_probability(server.num_clients),
+            "delta_with_range_clipping": server.dp.delta + len(ranges) * range_clipping_probability(server.num_clients),
         }
         return ledger
 

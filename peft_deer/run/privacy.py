@@ -30,9 +30,10 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
     )
 
 
-def client_sigma(settings: RunSettings) -> float:
+def client_sigma(settings: RunSettings, accountant: str = "rdp") -> float:
     """The client-level noise multiplier per release: --noise-multiplier, else calibrated for --epsilon over
-    the planned run (0.0 without client-level DP). A ValueError names an impossible target."""
+    the planned run with `accountant` ('rdp' or 'prv': pass the same one to `FederatedServer(budget_accountant=)`)
+    (0.0 without client-level DP). A ValueError names an impossible target."""
     privacy, data = settings.privacy, settings.data
     if not privacy.client_level:
         return 0.0
@@ -41,7 +42,7 @@ def client_sigma(settings: RunSettings) -> float:
     releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
     sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
     try:
-        return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases)
+        return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases, accountant)
     except ValueError as err:
         raise ValueError(
             f"cannot calibrate a noise multiplier for --epsilon {privacy.epsilon:g} at --delta {privacy.delta:g} "
