@@ -10,6 +10,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from scipy import special
 
+from peft_deer.federated.randomness import DPRandomness, SecureStream
 from peft_deer.federated.skellam import (
     range_failure_probability,
     rounded_sensitivity,
@@ -21,22 +22,14 @@ from peft_deer.federated.skellam import (
 )
 
 
-class NumpyStream:
-    """A test stand-in for `randomness.stream(...)` (a SecureStream): same methods, numpy draws."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def uniform(self, shape):
-        return torch.from_numpy(self.rng.random(shape))
-
-    def skellam(self, mu, shape):
-        return torch.from_numpy(self.rng.poisson(mu, shape) - self.rng.poisson(mu, shape))
+def secure_stream(seed: int) -> SecureStream:
+    """The real cryptographic stream a site draws from (a public-seed key: fine for a test)."""
+    return DPRandomness.from_seed(seed).stream("skellam-test")
 
 
 def test_sum_of_shares_is_exactly_skellam_of_the_summed_variance():
     variances, n = (0.7, 1.9, 3.4), 400_000
-    stream = NumpyStream(0)
+    stream = secure_stream(0)
     x = torch.zeros(n)  # integers round to themselves: each message is its noise share
     total = sum(skellam_share(x, v, stream) for v in variances)
     assert total.dtype == torch.int64
@@ -51,7 +44,7 @@ def test_sum_of_shares_is_exactly_skellam_of_the_summed_variance():
 def test_stochastic_rounding_is_unbiased_and_within_one_and_the_norm_bound_holds():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, generator=g, dtype=torch.float64) * 3
-    stream = NumpyStream(1)
+    stream = secure_stream(1)
     draws = torch.stack([stochastic_round(x, stream.uniform((64,))) for _ in range(20_000)]).double()
     assert ((draws - x).abs() < 1).all()
     assert torch.allclose(draws.mean(0), x, atol=0.02)
@@ -83,7 +76,7 @@ def test_skellam_rdp_tends_to_the_gaussian_and_is_never_below_it():
 
 def test_range_failures_are_bounded_and_come_out_of_delta():
     clip, v = 20.0, 400.0
-    stream, trials = NumpyStream(2), 20_000
+    stream, trials = secure_stream(2), 20_000
     x = torch.full((trials,), clip)  # one entry at the clip (the worst case), many independent messages
     messages = skellam_share(x, v, stream).abs()
     for bound in (60.0, 75.0, 90.0):
