@@ -125,14 +125,24 @@ def test_secret_randomness_is_fresh_per_run_and_reproducible_only_when_asked():
     from peft_deer.federated import DPRandomness
 
     a, b = DPRandomness.secret(), DPRandomness.secret()
-    assert a.key != b.key and a.seed(0, 0, "noise") != b.seed(0, 0, "noise") and not a.reproducible
+    assert (
+        a.key != b.key
+        and not torch.equal(a.stream(0, 0, "noise").uniform(4), b.stream(0, 0, "noise").uniform(4))
+        and not a.reproducible
+    )
     assert "key" not in repr(a) and a.key.hex() not in repr(a)
     again = DPRandomness.from_state_dict(a.state_dict())  # what the checkpoint keeps
-    assert again == a and again.seed(1, 0, 3, "noise") == a.seed(1, 0, 3, "noise")
+    assert again == a and torch.equal(again.stream(1, 0, 3, "noise").uniform(4), a.stream(1, 0, 3, "noise").uniform(4))
     public = DPRandomness.from_seed(0)
     assert public == DPRandomness.from_seed(0) and public.reproducible and "NO privacy" in public.guarantee_note
-    # Every draw has its own seed: rounds, phases, clients and purposes never share one.
-    seeds = {a.seed(r, p, c, what) for r in range(4) for p in range(2) for c in range(6) for what in ("noise", "x")}
+    # Every draw has its own stream: rounds, phases, clients and purposes never share one.
+    seeds = {
+        tuple(a.stream(r, p, c, what).uniform(2).tolist())
+        for r in range(4)
+        for p in range(2)
+        for c in range(6)
+        for what in ("noise", "x")
+    }
     assert len(seeds) == 4 * 2 * 6 * 2
 
 
@@ -188,7 +198,7 @@ def test_budget_stop_uses_the_calibration_accountant_and_the_ledger_shows_both()
         with pytest.raises(PrivacyBudgetExceeded, match=kind.upper()):
             run(server, rounds=60)
         ledger = server.ledger()
-        assert ledger["budget_accountant"] == kind and ledger["epsilon"] == ledger[f"epsilon_{kind}"] <= 2.5
+        assert ledger["accountant"] == kind and ledger["epsilon"] == ledger[f"epsilon_{kind}"] <= 2.5
         assert ledger["epsilon_prv"] < ledger["epsilon_rdp"]
         counts[kind] = len(server.releases)
     for kind, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
@@ -199,3 +209,47 @@ def test_budget_stop_uses_the_calibration_accountant_and_the_ledger_shows_both()
     assert counts["prv"] > counts["rdp"]  # the tight accountant allows more releases at the same budget
     with pytest.raises(ValueError, match="accountant"):
         FederatedServer("lora", layout, dict(state), 4, 4, dp, budget_accountant="exact")
+
+
+def test_the_accountant_setting_defaults_to_prv_drives_client_calibration_and_refuses_resume():
+    from peft_deer.run.privacy import client_sigma
+    from peft_deer.settings import parse_args
+
+    argv = ["--dp", "client", "--epsilon", "3", "--num-clients", "4", "--delta", "1e-3", "--rounds", "2"]
+    prv_settings = parse_args(argv)
+    rdp_settings = parse_args([*argv, "--accountant", "rdp"])
+    assert prv_settings.privacy.accountant == "prv" and rdp_settings.privacy.accountant == "rdp"
+    sigma_prv, sigma_rdp = client_sigma(prv_settings), client_sigma(rdp_settings)
+    assert sigma_prv == calibrate_noise_multiplier(3.0, 1e-3, 1.0, 4, "prv") < sigma_rdp
+    check = PRVAccountant()
+    check.history = [(sigma_prv, 1.0, 4)]
+    assert 2.95 <= check.get_epsilon(1e-3) <= 3.0
+    # The accountant is part of the run's fingerprint: a resume with the other one is refused.
+    assert prv_settings.fingerprint() != rdp_settings.fingerprint()
+    saved, mine = prv_settings.fingerprint(), rdp_settings.fingerprint()
+    assert {k for k in saved if saved[k] != mine[k]} == {"accountant"}
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--accountant", "pld"])
+
+
+def test_record_calibration_and_ledger_use_the_accountant_and_show_both():
+    from peft_deer.federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas, record_steps
+
+    sizes, batch, epochs, updates, target = [40, 13], 8, 1, 4, 3.0
+    prv = calibrate_record_sigmas(target, 1e-5, sizes, batch, epochs, updates, accountant="prv")
+    rdp = calibrate_record_sigmas(target, 1e-5, sizes, batch, epochs, updates, accountant="rdp")
+    assert all(p < r for p, r in zip(prv, rdp, strict=True))
+    record = RecordLevel(RecordDP(prv, 1.0, 1e-5, accountant="prv"), batch, epochs)
+    for _ in range(updates):
+        record.account([ClientUpdate(c, {}, n) for c, n in enumerate(sizes)])
+    ledger = record.ledger()
+    for c, n in enumerate(sizes):
+        fresh = PRVAccountant()
+        fresh.history = [(prv[c], batch / n, updates * record_steps(n, batch, epochs))]
+        eps = ledger["epsilon_per_client"][str(c)]
+        assert eps == ledger["epsilon_per_client_prv"][str(c)] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-6)
+        assert target - 0.1 < eps <= target < ledger["epsilon_per_client_rdp"][str(c)]
+    assert ledger["epsilon_max"] == record.epsilon_max() == max(ledger["epsilon_per_client"].values())
+    assert ledger["accountant"].startswith("opacus PRV")
+    with pytest.raises(ValueError, match="accountant 'exact'"):
+        RecordDP(prv, 1.0, 1e-5, accountant="exact")

@@ -295,9 +295,9 @@ class FederatedServer:
             "epsilon": eps[self.budget_accountant],
             "epsilon_rdp": eps["rdp"],
             "epsilon_prv": eps["prv"],
-            "budget_accountant": self.budget_accountant,
-            "accountant": f"opacus {self.budget_accountant.upper()} (epsilon, budget); RDP and PRV (PRV: its upper "
-            "bound, eps_error included) both shown",
+            "accountant": self.budget_accountant,
+            "accountant_description": f"opacus {self.budget_accountant.upper()} (sigma calibration, budget stop, "
+            "'epsilon'); RDP and PRV (PRV: its upper bound, eps_error included) both shown",
             "effective_noise_multipliers": [r["effective_noise_multiplier"] for r in self.releases],
         }
         if self.dp.placement == "distributed":
@@ -312,7 +312,7 @@ class FederatedServer:
                 "is accounted at sigma"
             )
         if self.spec.noise == NoiseKind.REFERENCE:
-            ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, "rdp")
+            ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, self.budget_accountant)
             ledger["epsilon_semantics"] = "running tally"
             ledger["note"] = (
                 "reproduction only: 'epsilon' composes the effective multiplier of each release as it was made "

@@ -56,7 +56,8 @@ class SiteAccountant:
         self.accountants.step(self.client_id, sigma, q, steps)
         write_json_atomic(self.path, self.accountants.state_dict())
         history = tuple(self.accountants.history[self.client_id])
-        return RecordReport(sigma, q, steps, history, self.accountants.epsilon(self.client_id, record.dp.delta))
+        epsilon = self.accountants.epsilon(self.client_id, record.dp.delta, record.dp.accountant)
+        return RecordReport(sigma, q, steps, history, epsilon)
 
 
 class SiteRecordLevel(RecordLevel):
@@ -104,7 +105,8 @@ class SiteRecordLevel(RecordLevel):
         ledger["noise_multipliers"] = {str(c): s for c, s in sorted(self.sigmas.items())}
         ledger["calibration"] = f"by each site on its own image count ({self.dp.calibration})"
         ledger["accountant"] = (
-            "opacus RDP, one per site, kept by the site across rounds and restarts and reported with every update"
+            f"opacus {self.dp.accountant.upper()} (calibration, epsilon; RDP and PRV both shown), one history per "
+            "site, kept by the site across rounds and restarts and reported with every update"
         )
         return ledger
 

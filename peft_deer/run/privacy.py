@@ -30,15 +30,16 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
     )
 
 
-def client_sigma(settings: RunSettings, accountant: str = "rdp") -> float:
+def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     """The client-level noise multiplier per release: --noise-multiplier, else calibrated for --epsilon over
-    the planned run with `accountant` ('rdp' or 'prv': pass the same one to `FederatedServer(budget_accountant=)`)
-    (0.0 without client-level DP). A ValueError names an impossible target."""
+    the planned run with `accountant` (default --accountant; pass the same one to
+    `FederatedServer(budget_accountant=)`) (0.0 without client-level DP). A ValueError names an impossible target."""
     privacy, data = settings.privacy, settings.data
     if not privacy.client_level:
         return 0.0
     if privacy.noise_multiplier is not None:
         return privacy.noise_multiplier
+    accountant = accountant or privacy.accountant
     releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
     sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
     try:
@@ -84,9 +85,18 @@ def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel 
         calibration = "fixed (--record-noise-multiplier)"
     else:
         sigmas = calibrate_record_sigmas(
-            record.record_epsilon, record.record_delta, client_sizes, local.batch_size, local.local_epochs, updates
+            record.record_epsilon,
+            record.record_delta,
+            client_sizes,
+            local.batch_size,
+            local.local_epochs,
+            updates,
+            settings.privacy.accountant,
         )
-        calibration = f"per client: epsilon {record.record_epsilon:g} after {updates} updates (all phases)"
+        calibration = (
+            f"per client: epsilon {record.record_epsilon:g} ({settings.privacy.accountant.upper()}) after {updates} "
+            "updates (all phases)"
+        )
     rdp = RecordDP(
         sigmas,
         record.record_clip_norm,
@@ -96,6 +106,7 @@ def record_level(settings: RunSettings, client_sizes: list[int]) -> RecordLevel 
         record.max_physical_batch_size,
         record.record_epsilon,
         calibration,
+        settings.privacy.accountant,
     )
     return RecordLevel(rdp, local.batch_size, local.local_epochs)
 
