@@ -8,7 +8,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from peft_deer.federated import ClientDP, DPRandomness, FederatedServer, iter_phases
+from peft_deer.federated import ClientDP, ClientUpdate, DPRandomness, FederatedServer, iter_phases
 from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
 from peft_deer.federated.collusion import adversary_multipliers, residual_multiplier, share_divisor
 
@@ -87,3 +87,51 @@ def test_colluders_who_know_every_share_get_no_guarantee_and_too_few_shares_are_
     zero = {key: torch.zeros(server.global_state[key].shape) for key in server.trained_keys(phase)}
     with pytest.raises(ValueError, match="fewer than the noise floor k=3"):
         _server(t=1, k=3).finish_summed_phase(phase, zero, [0, 1], 2, noise_floor=3)
+
+
+def _simulated(t: int, clients: int = 3) -> FederatedServer:
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    dp = ClientDP(0.8, 1.0, placement="distributed", delta=1e-3)
+    return FederatedServer(
+        "lora", layout, state, clients, clients, dp, DPRandomness.from_seed(0), collusion_threshold=t
+    )
+
+
+def _zero_updates(server: FederatedServer, phase) -> list[ClientUpdate]:
+    keys = server.trained_keys(phase)
+    return [ClientUpdate(c, {k: torch.zeros(server.global_state[k].shape) for k in keys}, 10) for c in range(3)]
+
+
+@pytest.mark.parametrize("t,divisor", [(0, 3), (1, 2), (2, 1)])
+def test_the_simulated_distributed_run_sizes_shares_for_t_colluders_and_its_ledger_states_both(t, divisor):
+    """Each simulated client adds sigma^2 C^2 / (k - t): the release's noise variance is k / (k - t) sigma^2 C^2,
+    and the ledger states sigma sqrt(k / d) against outsiders and sigma against t colluding sites."""
+    phase = next(iter(iter_phases("lora", 1)))
+    sums = []
+    for seed in range(150):
+        server = _simulated(t)
+        server.randomness = DPRandomness.from_seed(seed)
+        release = server.finish_phase(phase, _zero_updates(server, phase))
+        sums.append(torch.cat([v.flatten() * 3 for v in release.delta.values()]))  # times the denominator k = 3
+    variance = float(torch.stack(sums).double().var())
+    assert variance == pytest.approx(0.8**2 * 3 / divisor, rel=0.1)
+    server = _simulated(t)
+    for phase in iter_phases("lora", 4):
+        server.finish_phase(phase, _zero_updates(server, phase))
+    ledger = server.ledger()
+    against = ledger["epsilon_against"]
+    assert ledger["collusion_threshold"] == t and ledger["noise_shares_per_release"] == [[3, divisor]] * 4
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3 / divisor), 4))
+    assert against["t_colluding_sites"]["rdp"] == pytest.approx(_rdp(0.8, 4))
+    assert ledger["epsilon"] == pytest.approx(_rdp(0.8, 4))  # accounted at sigma, whatever d
+
+
+def test_with_more_colluders_than_shares_each_share_is_full_and_the_ledger_gives_no_guarantee_against_them():
+    server = _simulated(t=3)
+    assert server.share_divisor(3) == 1 and server.share_divisor(5) == 2
+    for phase in iter_phases("lora", 2):
+        server.finish_phase(phase, _zero_updates(server, phase))
+    against = server.ledger()["epsilon_against"]
+    assert against["t_colluding_sites"]["rdp"] == math.inf
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3), 2))

@@ -62,10 +62,10 @@ from peft_deer_clientapp import keyed_masks, secagg_when_asked  # noqa: E402
 DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
 
 
-
 def _stream(seed: int):
     """A public (test-only) noise stream."""
     return DPRandomness.from_seed(seed).stream("t")
+
 
 def phase_b_setup(num_clients: int = 3):
     """A tiny deer model, its layout and state, phase B (round 1) and each client's raw (unclipped) update."""
@@ -188,6 +188,7 @@ def test_privatized_sum_refuses_below_the_noise_floor_or_an_impossible_sum():
         ({"dp": "none", "noise-multiplier": ""}, "needs dp with 'client'"),
         ({"noise-placement": "central"}, "central noise is added by the server to the clients' raw updates"),
         ({"min-clients-per-phase": 1}, "a sum of one update is that update"),
+        ({"collusion-threshold": 2}, "collusion-threshold < min-clients-per-phase"),
         ({"quantization-range": 2**31}, "quantization-range"),
         ({"secure-aggregation": "maybe"}, "secure_aggregation must be true or false, got 'maybe'"),
     ],
@@ -284,10 +285,12 @@ class LoopbackGrid:
         return replies
 
 
-def secagg_setup(num_clients: int, k: int, dead: dict[int, str] | None = None, quantization_range: int = 2**24):
+def secagg_setup(
+    num_clients: int, k: int, dead: dict[int, str] | None = None, quantization_range: int = 2**24, t: int = 0
+):
     layout, state, phase, updates = phase_b_setup(num_clients)
-    private = privatized(layout, state, phase, updates, k)
-    server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP)
+    private = privatized(layout, state, phase, updates, k - t)  # each site's share: sigma^2 C^2 / (k - t)
+    server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP, collusion_threshold=t)
     nodes = {c: 500 + c for c in range(num_clients)}
     deer = DeerStrategy(
         server, nodes, 1, DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range)
@@ -478,3 +481,27 @@ def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(t
         accountant.step(0.8, 1.0)
     assert ledger["epsilon"] == pytest.approx(accountant.epsilon(1e-3, "rdp")) == plain_ledger["epsilon"]
     assert "testing only" in ledger["client_noise"]
+
+
+def test_shares_sized_for_a_colluding_site_travel_to_the_sites_and_the_release_is_accounted_against_both(
+    flower_task_identity,
+):
+    """collusion-threshold t = 1, k = 2: each site is told d = k - t = 1 (the full sigma^2 C^2), the range rho is
+    sized for that share, and the ledger states sigma against one site and sigma sqrt(2) against outsiders."""
+    layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=2, t=1)
+    _, out = release(phase, server.participants(phase))
+    assert {w.num_shares for w in grid.instructions.values()} == {1}
+    keys = server.trained_keys(phase)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    shapes = {key: state[key].shape for key in keys}
+    rho = server.releases[0]["secure_aggregation"]["clipping_range"]
+    assert rho == pytest.approx(clipping_range(whiteners, shapes, "regulated", DP, num_shares=1))
+    assert server.releases[0]["noise_shares"] == 2 and server.releases[0]["share_divisor"] == 1
+    against = server.adversary_epsilons()
+    single = ReleaseAccountant()
+    single.step(DP.noise_multiplier, 1.0)
+    outsiders = ReleaseAccountant()
+    outsiders.step(DP.noise_multiplier * math.sqrt(2), 1.0)
+    assert against["t_colluding_sites"]["rdp"] == pytest.approx(single.epsilon(1e-3, "rdp"))
+    assert against["outsiders"]["rdp"] == pytest.approx(outsiders.epsilon(1e-3, "rdp"))
+    assert "1/1 of the noise variance" in secagg.deployment_ledger()["note_distributed"]

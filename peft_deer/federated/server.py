@@ -47,7 +47,7 @@ class FederatedServer:
     record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     budget_accountant: str = "rdp"
-    collusion_threshold: int = 1
+    collusion_threshold: int = 0
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = method_spec(self.method)
@@ -114,9 +114,15 @@ class FederatedServer:
     ) -> PhaseRelease:
         """Validate and aggregate `updates`, step the global adapter with the release, account the release.
 
-        On any invalid update nothing is aggregated, applied or accounted. `privatized_shares`: the
-        updates were clipped and noised by their clients, m shares in all (see `aggregate_phase`).
+        On any invalid update nothing is aggregated, applied or accounted. `privatized_shares` k: the
+        updates were clipped and noised by their clients, at least k of them (the noise floor), each share of
+        variance sigma^2 C^2 / `share_divisor(k)` (see `aggregate_phase`). With distributed noise and no k,
+        the simulation adds the shares itself, k = len(updates).
         """
+        shares = None
+        if self.dp is not None and self.dp.placement == "distributed":  # >= k shares of variance sigma^2 C^2 / d
+            k = privatized_shares if privatized_shares is not None else len(updates)
+            shares = (k, self.share_divisor(k))
         release = aggregate_phase(
             updates,
             self.layout,
@@ -128,18 +134,19 @@ class FederatedServer:
             randomness=self.randomness,
             phase_step=phase.step,
             privatized_shares=privatized_shares,
+            share_divisor=None if shares is None else shares[1],
         )
         if self.record is not None:
             self.record.account(updates)
-        shares = None
-        if self.dp is not None and self.dp.placement == "distributed":  # simulated shares: 1/len(updates) each
-            k = privatized_shares if privatized_shares is not None else len(updates)
-            shares = (k, k)
         return self._apply(phase, release, shares=shares)
 
     def share_divisor(self, noise_floor: int) -> int:
         """d = k - t: distributed noise shares of variance sigma^2 C^2 / d keep sigma against t =
-        `collusion_threshold` colluding sites (ValueError if t >= k); see `collusion.py`."""
+        `collusion_threshold` colluding sites (`collusion.py`); every site and simulated client sizes its share
+        so. d = 1 (each share the full sigma^2 C^2) when k <= t: the t colluders may then know every share of
+        the release, and the ledger states no guarantee against them."""
+        if noise_floor <= self.collusion_threshold:
+            return 1
         return share_divisor(noise_floor, self.collusion_threshold)
 
     def finish_summed_phase(

@@ -84,7 +84,7 @@ class TrainInstruction:
     round: int
     phase: int
     client_id: int
-    num_shares: int
+    num_shares: int  # d: the site's noise share has variance sigma^2 C^2 / d (d = k - t, `share_divisor`)
     run_key: str = ""
     noise: NoiseTerms | None = None
 

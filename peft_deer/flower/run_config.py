@@ -84,4 +84,10 @@ def check_secure_aggregation(settings: RunSettings, options: DeploymentOptions) 
             f"secure-aggregation=true needs min-clients-per-phase >= 2 (got {options.min_clients_per_phase}): "
             "a sum of one update is that update; set it to the number of sites you expect to reply"
         )
+    if privacy.collusion_threshold >= options.min_clients_per_phase:
+        raise ValueError(
+            f"secure-aggregation=true needs collusion-threshold < min-clients-per-phase (got "
+            f"{privacy.collusion_threshold} >= {options.min_clients_per_phase}): that many colluding sites would know "
+            "every noise share of a release; raise min-clients-per-phase or lower collusion-threshold"
+        )
     check_quantization_range(options.quantization_range, settings.data.num_clients)

@@ -6,7 +6,8 @@ with `secaggplus_mod` on the ClientApp. `SecAggDeerStrategy` is that legacy stra
 as `DeerStrategy` (whose sampling, noise floor k and drop log it reuses): `configure_fit` sends the
 global adapter, the phase and the mechanism's `NoiseTerms` (sigma, C, lambda, noise kind: the same
 train instruction as a plain phase, in the FitIns config); the sites check those terms against their
-own settings, clip in the metric and add their noise share sigma C / sqrt(k) before the mod quantizes
+own settings, clip in the metric and add their noise share sigma C / sqrt(d), d = k - t (t =
+collusion-threshold: t colluding sites still face sigma, outsiders sigma sqrt(k / d)) before the mod quantizes
 and masks; `aggregate_fit` receives only the unmasked sum of the survivors'
 updates and hands it to `FederatedServer.finish_summed_phase`. Each phase runs the workflow once (what
 `DefaultWorkflow` does per round) inside the phase loop of `peft_deer.run.run_experiment`, where
@@ -16,7 +17,7 @@ and resume.
 Per phase: reconstruction threshold k (the noise floor: fewer than k survivors cannot be unmasked, and
 would carry less noise than sigma), every sampled site a neighbour of every other (num_shares = all),
 weight 1 for everyone (`max_weight` 1, so SecAgg+ does not scale the updates), and the entry range
-`clipping_range` from C, sigma, k and the frozen factor (`peft_deer.federated.quantization`). Masks are
+`clipping_range` from C, sigma, d and the frozen factor (`peft_deer.federated.quantization`). Masks are
 drawn from the whole 32-byte keys on both sides (`peft_deer_clientapp.keyed_masks`): flwr 1.42 seeds
 them with 32 bits only.
 """
@@ -89,7 +90,7 @@ class SecAggDeerStrategy(LegacyStrategy):
                     f"SecAgg+ and the noise floor k={max(k, 2)} need; nothing released. Resume with resume=true "
                     "once the SuperNodes are back."
                 )
-            rho = self.phase_clipping_range(phase, k)
+            rho = self.phase_clipping_range(phase, self.deer.server.share_divisor(k))
             self._phase, self._release = (phase, sent, k, rho), None
             workflow = SecAggPlusWorkflow(
                 num_shares=1.0,  # every sampled site holds a share of every other's keys
@@ -114,7 +115,8 @@ class SecAggDeerStrategy(LegacyStrategy):
         return release
 
     def phase_clipping_range(self, phase: Phase, noise_shares: int) -> float:
-        """rho for `phase`: the entry range holding any privatized update but with probability `DEFAULT_TAIL`."""
+        """rho for `phase`: the entry range holding any privatized update (noise share sigma^2 C^2 / d, d =
+        `noise_shares`) but with probability `DEFAULT_TAIL`."""
         server = self.deer.server
         keys = server.trained_keys(phase)
         whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, server.dp.ridge)
@@ -128,12 +130,14 @@ class SecAggDeerStrategy(LegacyStrategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """One `FitIns` per reachable sampled site: the server's global adapter, the phase, k and the noise terms."""
+        """One `FitIns` per reachable sampled site: the server's global adapter, the phase, the share divisor
+        d = k - t (`FederatedServer.share_divisor`) and the noise terms."""
         phase, sent, k, _ = self._current(server_round)
         server = self.deer.server
+        d = server.share_divisor(k)
         state, run_key, noise = server.global_state, self.deer.run_key, NoiseTerms.of(server.dp, server.spec.noise)
         return [
-            (self.proxies[c], fit_ins(TrainInstruction(state, phase.round, phase.index, c, k, run_key, noise)))
+            (self.proxies[c], fit_ins(TrainInstruction(state, phase.round, phase.index, c, d, run_key, noise)))
             for c in sent
         ]
 
@@ -181,7 +185,7 @@ class SecAggDeerStrategy(LegacyStrategy):
                 "sum_error_bound": sum_error_bound(rho, q, len(survivors)),
             }
         }
-        self._release = server.finish_summed_phase(phase, total, survivors, k, facts)
+        self._release = server.finish_summed_phase(phase, total, survivors, server.share_divisor(k), facts, k)
         logger.info(
             "%s: released the SecAgg+ sum of %d sites (rho %.4g, error <= %.3g per entry of the sum)",
             _name(phase),
@@ -215,16 +219,16 @@ class SecAggDeerStrategy(LegacyStrategy):
         ledger["secure_aggregation"] = True
         ledger["note_distributed"] = (
             "SecAgg+: the server receives only the sum of the surviving sites' privatized updates (each with 1/"
-            f"{k} of the noise variance), never one update; the SuperLink and the server still see metadata: "
-            "which sites take part in each phase, message sizes and timing"
+            f"{server.share_divisor(k)} of the noise variance), never one update; the SuperLink and the server still "
+            "see metadata: which sites take part in each phase, message sizes and timing"
         )
         ledger["secure_aggregation_protocol"] = {
             "protocol": "SecAgg+ (flwr SecAggPlusWorkflow / secaggplus_mod), one run per release",
             "reconstruction_threshold": f"k = {k} (min-clients-per-phase): fewer survivors are neither unmasked "
             "nor released",
             "quantization_range": q,
-            "clipping_range_rule": "C ||L^-1|| (1 + t sigma / sqrt(k)) per release, t the Gaussian quantile for a "
-            f"{DEFAULT_TAIL:g} chance that any entry of an update is clipped",
+            "clipping_range_rule": "C ||L^-1|| (1 + t sigma / sqrt(d)) per release (d = k - collusion-threshold), "
+            f"t the Gaussian quantile for a {DEFAULT_TAIL:g} chance that any entry of an update is clipped",
             "clipping_range_per_release": ranges,
             "sum_error_bound_per_entry": bounds,
             "sum_error_bound_per_entry_max": max(bounds, default=None),

@@ -126,6 +126,7 @@ def build_experiment(
         record,
         ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum),
         budget_accountant=settings.privacy.accountant,
+        collusion_threshold=settings.privacy.collusion_threshold,
     )
     engine = select_engine(fed.engine, SequentialEngine(local_training(settings, record)), model, layout, say)
     blocks = adapted_blocks(settings, model)

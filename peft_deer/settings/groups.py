@@ -221,6 +221,11 @@ class PrivacySettings:
     noise_placement: str = setting(
         "central", "who adds the noise: the server, or each client its share", choices=NOISE_PLACEMENTS
     )
+    collusion_threshold: int = setting(
+        1,
+        "t: with distributed noise each client's share has variance sigma^2 C^2 / (k - t) (k the noise floor), so "
+        "t colluding participating sites still face sigma and outsiders more; 0: shares sized for outsiders only",
+    )
     reproducible_noise: bool = setting(
         False,
         "derive the DP noise, client sampling and DP-SGD batches from --seed instead of an OS secret: "
@@ -238,6 +243,8 @@ class PrivacySettings:
     def __post_init__(self) -> None:
         if self.regulator_ridge < 0:
             raise ValueError(f"--regulator-ridge {self.regulator_ridge:g} must be >= 0")
+        if self.collusion_threshold < 0:
+            raise ValueError(f"--collusion-threshold {self.collusion_threshold} must be >= 0")
         if self.client_level:
             if self.epsilon is None and self.noise_multiplier is None:
                 raise ValueError(
