@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import special
 
 from peft_deer.federated.randomness import DPRandomness, SecureStream
 from peft_deer.federated.skellam import (
+    SKELLAM_ORDERS,
     range_failure_probability,
     rounded_sensitivity,
     skellam_epsilon,
@@ -101,3 +104,75 @@ def test_the_gaussian_secagg_range_tail_bounds_clipping_of_any_update():
     z = torch.randn(20_000, n, d, generator=torch.Generator().manual_seed(3))
     observed = float((z.abs() > t).flatten(1).any(1).double().mean())
     assert 0 < observed <= range_clipping_probability(n, tail) == pytest.approx(n * tail)
+
+
+def test_skellam_secagg_messages_pass_flowers_quantization_exactly_and_decode_to_the_clipped_sum():
+    """The wiring of `secagg-noise = "skellam"`: sites clip in the metric, scale, round and add integer noise; with
+    flwr's clipping range rho and Q = 2 rho the integers pass SecAgg+'s quantization exactly; the server's decoded
+    sum is unbiased for the sum of clipped updates and carries noise covariance sigma^2 C^2 (k / d) M^-1."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from peft_deer.federated.mechanism import Whitener, clip_update
+    from peft_deer.federated.skellam import decode_skellam_sum, plan_skellam, skellam_message
+
+    g = torch.Generator().manual_seed(5)
+    chol = torch.linalg.cholesky(torch.tensor([[2.0, 0.3], [0.3, 0.5]]))
+    whiteners = {"b": Whitener(chol, "right"), "h": Whitener(None, "right")}
+    updates = [{"b": torch.randn(3, 2, generator=g), "h": torch.randn(2, generator=g) * 0.1} for _ in range(3)]
+    sigma, clip, k, d = 0.7, 0.5, 3, 2
+    plan = plan_skellam(sigma, clip, 8, d, k)
+    assert plan.range_failure <= 1e-9 and plan.bound < 2**24 and plan.sensitivity[0] == pytest.approx(plan.scaled_clip)
+    rho, levels = float(plan.bound), 2 * plan.bound
+    messages = [skellam_message(u, whiteners, clip, plan, secure_stream(i)) for i, u in enumerate(updates)]
+    exact = {key: sum(m[key] for m in messages) for key in ("b", "h")}
+    # flwr's SecAgg+ arithmetic (secaggplus_mod quantize; workflow dequantize, offset, divide by n): the mean.
+    quantized = [quantize([m[key].numpy() for key in ("b", "h")], rho, levels) for m in messages]
+    summed = [sum(q[i].astype(np.int64) for q in quantized) for i in range(2)]
+    mean = [(a - (k - 1) * rho) / k for a in dequantize(summed, rho, levels)]
+    for i, key in enumerate(("b", "h")):
+        assert torch.equal(torch.from_numpy(np.round(mean[i] * k)), exact[key])  # integers pass exactly
+    # Unbiased for the sum of the clipped updates; the noise has the stated covariance (whitened: isotropic).
+    clipped = [clip_update(u, whiteners, clip)[0] for u in updates]
+    target = {key: sum(c[key] for c in clipped).double() for key in ("b", "h")}
+    draws = []
+    for seed in range(400):
+        msgs = [
+            skellam_message(u, whiteners, clip, plan, secure_stream(1000 * seed + i)) for i, u in enumerate(updates)
+        ]
+        decoded = decode_skellam_sum({key: sum(m[key] for m in msgs) for key in ("b", "h")}, whiteners, plan.scale)
+        draws.append({key: decoded[key].double() - target[key] for key in ("b", "h")})
+    noise = torch.cat(
+        [torch.cat([whiteners[key].whiten(x[key].float()).double().flatten() for key in x]) for x in draws]
+    )
+    assert float(noise.mean()) == pytest.approx(0.0, abs=4 * sigma * clip * math.sqrt(k / d) / math.sqrt(noise.numel()))
+    assert float(noise.var()) == pytest.approx((sigma * clip) ** 2 * k / d, rel=0.08)
+
+
+def test_a_skellam_message_without_noise_has_l2_norm_at_most_the_scaled_clip():
+    from peft_deer.federated.mechanism import Whitener
+    from peft_deer.federated.skellam import SkellamPlan, plan_skellam, skellam_message
+
+    whiteners = {"a": Whitener(torch.linalg.cholesky(torch.tensor([[1.5, 0.2], [0.2, 0.3]])), "left")}
+    plan = plan_skellam(1.0, 2.0, 40, 1, 2)
+    quiet = SkellamPlan(plan.scale, plan.scaled_clip, 1e-12, plan.bound, plan.range_failure, plan.dim)
+    g = torch.Generator().manual_seed(0)
+    for i in range(50):
+        big = {"a": torch.randn(2, 20, generator=g) * 1e3}  # far above C: clipped
+        rounded = skellam_message(big, whiteners, 2.0, quiet, secure_stream(i))["a"]
+        assert torch.equal(rounded, rounded.round()) and float(rounded.norm()) <= plan.sensitivity[0]
+        assert float(rounded.norm()) > 0.98 * plan.scaled_clip  # rounding costs at most ~1 %
+
+
+def test_the_skellam_ledger_tends_to_the_gaussian_of_sigma_sqrt_k_over_d_and_refuses_exposed_colluders():
+    from peft_deer.federated.skellam import plan_skellam, skellam_ledger
+
+    sigma, k, d, releases = 0.8, 3, 2, 4
+    plan = plan_skellam(sigma, 1.0, 10_000, d, k)
+    logged = [dataclasses.asdict(plan)] * releases
+    ledger = skellam_ledger(logged, 1e-3, [(k, d)] * releases, t=1)
+    orders = list(SKELLAM_ORDERS)  # the corollary holds at integer orders: compare the Gaussian at the same ones
+    for who, multiplier in (("outsiders", sigma * math.sqrt(k / d)), ("t_colluding_sites", sigma)):
+        rdp = compute_rdp(q=1.0, noise_multiplier=multiplier, steps=releases, orders=orders)
+        gaussian, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3 - releases * plan.range_failure)
+        assert gaussian <= ledger[who] <= 1.01 * gaussian
+    assert skellam_ledger(logged, 1e-3, [(k, d)] * releases, t=3)["t_colluding_sites"] == math.inf

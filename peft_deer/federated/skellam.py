@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -91,9 +92,7 @@ def range_failure_probability(scaled_clip: float, dim: int, share_variance: floa
     return min(1.0, 2.0 * dim * sites * skellam_tail(margin, share_variance))
 
 
-def skellam_epsilon(
-    releases: Sequence[tuple[float, float, float]], delta: float, range_failure: float = 0.0
-) -> float:
+def skellam_epsilon(releases: Sequence[tuple[float, float, float]], delta: float, range_failure: float = 0.0) -> float:
     """epsilon at `delta` of composing releases [(D2, D1, mu)] (integer units), where each release's range
     failure probability `range_failure` is taken out of delta first (ValueError if nothing is left)."""
     spent = range_failure * len(releases)
@@ -111,7 +110,92 @@ def skellam_variance_for(noise_multiplier: float, scaled_clip: float) -> float:
     return (noise_multiplier * scaled_clip) ** 2
 
 
+# The secure-aggregation wiring (`peft_deer.flower.secagg`, `secagg-noise = "skellam"`): the plan both sides
+# derive from public terms, a site's integer message, the server's decoding, and the ledger's epsilon.
+
+ROUNDING_RATIO = 100.0  # sC >= 100 sqrt(d): rounding costs at most 1 % of the clip norm (it is clipped away)
+RANGE_FAILURE = 1e-9  # per release: chance that any entry of any message leaves [-rho, rho] (added to delta)
+
+
+@dataclass(frozen=True)
+class SkellamPlan:
+    """One release's integer mechanism: scale s (integer units per whitened unit, sC = `scaled_clip`), each site's
+    Skellam share variance, the entry range rho every message must stay in and its failure probability."""
+
+    scale: float
+    scaled_clip: float
+    share_variance: float
+    bound: int
+    range_failure: float
+    dim: int
+
+    @property
+    def sensitivity(self) -> tuple[float, float]:
+        """(D2, D1) of one site's message: sites clip to C - sqrt(d)/s, so the rounded vector has L2 norm <= sC."""
+        return rounded_sensitivity(self.scaled_clip - math.sqrt(self.dim), self.dim)
+
+
+def plan_skellam(noise_multiplier: float, clip_norm: float, dim: int, divisor: int, sites: int) -> SkellamPlan:
+    """The plan of a release of `dim` entries summed from <= `sites` messages, each share of variance
+    (sigma sC)^2 / d: the summed noise of k shares is sigma sqrt(k/d) in units of the clip (as the Gaussian)."""
+    if not (noise_multiplier > 0 and clip_norm > 0 and dim >= 1 and divisor >= 1 and sites >= 1):
+        raise ValueError(f"bad Skellam plan terms: sigma={noise_multiplier}, C={clip_norm}, d={dim}, divisor={divisor}")
+    scaled_clip = max(1024.0, ROUNDING_RATIO * math.sqrt(dim))
+    variance = (noise_multiplier * scaled_clip) ** 2 / divisor
+    bound = scaled_clip + 1.0
+    while range_failure_probability(scaled_clip, dim, variance, sites, bound) > RANGE_FAILURE:
+        bound += math.sqrt(variance) / 4
+    bound = math.ceil(bound)
+    failure = range_failure_probability(scaled_clip, dim, variance, sites, bound)
+    return SkellamPlan(scaled_clip / clip_norm, scaled_clip, variance, bound, failure, dim)
+
+
+def skellam_message(
+    delta: dict[str, torch.Tensor], whiteners: dict, clip_norm: float, plan: SkellamPlan, stream: SkellamStream
+) -> dict[str, torch.Tensor]:
+    """A site's integer message (float64 holding integers, whitened coordinates, `delta`'s keys and shapes):
+    clip the whitened update to C - sqrt(d)/s, scale by s, round stochastically, add its Skellam share."""
+    whitened = {k: whiteners[k].whiten(delta[k].float()).double() for k in sorted(delta)}
+    norm = math.sqrt(sum(float(u.square().sum()) for u in whitened.values()))
+    target = clip_norm - math.sqrt(plan.dim) / plan.scale
+    factor = min(1.0, target / norm) if norm > 0 else 1.0
+    return {
+        k: skellam_share(u * factor * plan.scale, plan.share_variance, stream).double() for k, u in whitened.items()
+    }
+
+
+def decode_skellam_sum(total: dict[str, torch.Tensor], whiteners: dict, scale: float) -> dict[str, torch.Tensor]:
+    """The parameter-space sum from the unmasked integer sum: rounded to integers (it is one, up to float error),
+    divided by s and coloured back (un-whitened)."""
+    return {k: whiteners[k].color((torch.round(v.double()) / scale).float()) for k, v in total.items()}
+
+
+def skellam_ledger(plans: Sequence[dict], delta: float, shares: Sequence[tuple[int, int]], t: int) -> dict:
+    """epsilon of the Skellam releases (plans as logged: `SkellamPlan` fields; `shares` their (k, d)) against
+    outsiders (all k shares) and t colluding sites (k - t shares; inf if none is left); each release's range
+    failure comes out of delta."""
+    out: dict = {}
+    for who, known in (("outsiders", 0), ("t_colluding_sites", t)):
+        releases, failure = [], 0.0
+        for plan, (k, _) in zip(plans, shares, strict=True):
+            if k - known < 1:
+                releases = None
+                break
+            l2, l1 = rounded_sensitivity(plan["scaled_clip"] - math.sqrt(plan["dim"]), plan["dim"])
+            releases.append((l2, l1, (k - known) * plan["share_variance"]))
+            failure = max(failure, plan["range_failure"])
+        out[who] = math.inf if releases is None else skellam_epsilon(releases, delta, failure)
+    out["t_colluding_sites_t"] = t
+    return out
+
+
 __all__ = [
+    "ROUNDING_RATIO",
+    "SkellamPlan",
+    "decode_skellam_sum",
+    "plan_skellam",
+    "skellam_ledger",
+    "skellam_message",
     "SKELLAM_ORDERS",
     "range_failure_probability",
     "rounded_sensitivity",
