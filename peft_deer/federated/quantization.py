@@ -15,7 +15,7 @@ step, so the sum of n dequantized updates is within n * 2 rho / Q of the exact s
 Not proven private as such: the released sum is sum_i Q(x_i + z_i), not a post-processing of the Gaussian
 sum that the ledger's epsilon accounts, and the range-clipping tail is a failure probability (n * tail per
 release, `range_clipping_probability`) to add to delta. The exact construction is the Skellam mechanism
-(`skellam.py`: quantize first, then add integer noise), not yet wired into SecAgg+.
+(`skellam.py`: quantize first, then add integer noise), SecAgg+ with `secagg-noise = "skellam"`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ sum (add/remove one site) is `skellam_rdp` (ibid., Corollary 3.6; integer orders
 mu the variance of the summed noise, D2 / D1 the L2 / L1 sensitivities of step 2, all in integer units; it
 tends to the Gaussian alpha D2^2 / (2 mu) as mu grows. Releases compose by adding RDP; (eps, delta) by
 opacus's conversion (Balle et al. 2020). Client sampling is not used for amplification (conservative).
-Range: a site's integers must lie in [-R, R] (R = 2^(b-1) / n for b-bit secure aggregation of n sites, or the
-range the protocol clips to). `range_failure_probability` bounds (Chernoff, union over sites and coordinates)
+Range: a site's integers must lie in [-R, R] (the range the protocol clips to: flwr's SecAgg+ `clipping_range`
+rho, with `quantization_range` 2 rho so that its quantization maps integers exactly; `plan_skellam`).
+`range_failure_probability` bounds (Chernoff, union over sites and coordinates)
 the chance that any entry leaves it; that probability is added to delta per release (`skellam_epsilon`).
 """
 
