@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -123,12 +125,131 @@ def test_secret_randomness_is_fresh_per_run_and_reproducible_only_when_asked():
     from peft_deer.federated import DPRandomness
 
     a, b = DPRandomness.secret(), DPRandomness.secret()
-    assert a.key != b.key and a.seed(0, 0, "noise") != b.seed(0, 0, "noise") and not a.reproducible
+    assert (
+        a.key != b.key
+        and not torch.equal(a.stream(0, 0, "noise").uniform(4), b.stream(0, 0, "noise").uniform(4))
+        and not a.reproducible
+    )
     assert "key" not in repr(a) and a.key.hex() not in repr(a)
     again = DPRandomness.from_state_dict(a.state_dict())  # what the checkpoint keeps
-    assert again == a and again.seed(1, 0, 3, "noise") == a.seed(1, 0, 3, "noise")
+    assert again == a and torch.equal(again.stream(1, 0, 3, "noise").uniform(4), a.stream(1, 0, 3, "noise").uniform(4))
     public = DPRandomness.from_seed(0)
     assert public == DPRandomness.from_seed(0) and public.reproducible and "NO privacy" in public.guarantee_note
-    # Every draw has its own seed: rounds, phases, clients and purposes never share one.
-    seeds = {a.seed(r, p, c, what) for r in range(4) for p in range(2) for c in range(6) for what in ("noise", "x")}
+    # Every draw has its own stream: rounds, phases, clients and purposes never share one.
+    seeds = {
+        tuple(a.stream(r, p, c, what).uniform(2).tolist())
+        for r in range(4)
+        for p in range(2)
+        for c in range(6)
+        for what in ("noise", "x")
+    }
     assert len(seeds) == 4 * 2 * 6 * 2
+
+
+def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian release (sensitivity 1) at delta (Balle & Wang 2018), by bisection."""
+    from statistics import NormalDist
+
+    phi = NormalDist().cdf
+
+    def delta_of(eps: float) -> float:
+        return phi(-eps * sigma + 0.5 / sigma) - math.exp(eps) * phi(-eps * sigma - 0.5 / sigma)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+def test_prv_matches_the_exact_gaussian_epsilon_within_its_error_and_is_below_rdp():
+    from peft_deer.federated import ReleaseAccountant
+
+    for sigma in (0.8, 2.0):
+        acc = ReleaseAccountant([(sigma, 1.0, 1)])
+        exact = _analytic_gaussian_epsilon(sigma, 1e-5)
+        prv, rdp = acc.epsilon(1e-5, "prv"), acc.epsilon(1e-5, "rdp")
+        assert exact <= prv <= exact + 0.03  # the upper bound: eps_error 0.01 plus delta_error, never below
+        assert prv < rdp
+    many = ReleaseAccountant([(1.0, 0.1, 200)])
+    assert many.epsilon(1e-5, "prv") < many.epsilon(1e-5, "rdp")
+    with pytest.raises(ValueError, match="accountant 'pld' must be one of"):
+        many.epsilon(1e-5, "pld")
+
+
+@pytest.mark.parametrize("target,q", [(2.0, 1.0), (8.0, 1.0)])
+def test_prv_calibration_reaches_the_target_with_less_noise_than_rdp(target, q):
+    sigma_prv = calibrate_noise_multiplier(target, 1e-5, sample_rate=q, releases=4, accountant="prv")
+    sigma_rdp = calibrate_noise_multiplier(target, 1e-5, sample_rate=q, releases=4, accountant="rdp")
+    prv = PRVAccountant()
+    prv.history = [(sigma_prv, q, 4)]
+    assert target - 0.05 <= prv.get_epsilon(1e-5) <= target  # conservative: the upper bound stays within
+    assert sigma_prv < sigma_rdp
+
+
+def test_budget_stop_uses_the_calibration_accountant_and_the_ledger_shows_both():
+    dp = ClientDP(noise_multiplier=6.0, clip_norm=1.0, delta=1e-3, target_epsilon=2.5)
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    counts = {}
+    for kind in ("rdp", "prv"):
+        randomness = DPRandomness.from_seed(0)
+        server = FederatedServer("lora", layout, dict(state), 4, 4, dp, randomness, budget_accountant=kind)
+        with pytest.raises(PrivacyBudgetExceeded, match=kind.upper()):
+            run(server, rounds=60)
+        ledger = server.ledger()
+        assert ledger["accountant"] == kind and ledger["epsilon"] == ledger[f"epsilon_{kind}"] <= 2.5
+        assert ledger["epsilon_prv"] < ledger["epsilon_rdp"]
+        counts[kind] = len(server.releases)
+    for kind, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        accountant.history = [(6.0, 1.0, counts[kind])]  # the last release made stayed within, the next would not
+        assert accountant.get_epsilon(1e-3) <= 2.5
+        accountant.history = [(6.0, 1.0, counts[kind] + 1)]
+        assert accountant.get_epsilon(1e-3) > 2.5
+    assert counts["prv"] > counts["rdp"]  # the tight accountant allows more releases at the same budget
+    with pytest.raises(ValueError, match="accountant"):
+        FederatedServer("lora", layout, dict(state), 4, 4, dp, budget_accountant="exact")
+
+
+def test_the_accountant_setting_defaults_to_prv_drives_client_calibration_and_refuses_resume():
+    from peft_deer.run.privacy import client_sigma
+    from peft_deer.settings import parse_args
+
+    argv = ["--dp", "client", "--epsilon", "3", "--num-clients", "4", "--delta", "1e-3", "--rounds", "2"]
+    prv_settings = parse_args(argv)
+    rdp_settings = parse_args([*argv, "--accountant", "rdp"])
+    assert prv_settings.privacy.accountant == "prv" and rdp_settings.privacy.accountant == "rdp"
+    sigma_prv, sigma_rdp = client_sigma(prv_settings), client_sigma(rdp_settings)
+    assert sigma_prv == calibrate_noise_multiplier(3.0, 1e-3, 1.0, 4, "prv") < sigma_rdp
+    check = PRVAccountant()
+    check.history = [(sigma_prv, 1.0, 4)]
+    assert 2.95 <= check.get_epsilon(1e-3) <= 3.0
+    # The accountant is part of the run's fingerprint: a resume with the other one is refused.
+    assert prv_settings.fingerprint() != rdp_settings.fingerprint()
+    saved, mine = prv_settings.fingerprint(), rdp_settings.fingerprint()
+    assert {k for k in saved if saved[k] != mine[k]} == {"accountant"}
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--accountant", "pld"])
+
+
+def test_record_calibration_and_ledger_use_the_accountant_and_show_both():
+    from peft_deer.federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas, record_steps
+
+    sizes, batch, epochs, updates, target = [40, 13], 8, 1, 4, 3.0
+    prv = calibrate_record_sigmas(target, 1e-5, sizes, batch, epochs, updates, accountant="prv")
+    rdp = calibrate_record_sigmas(target, 1e-5, sizes, batch, epochs, updates, accountant="rdp")
+    assert all(p < r for p, r in zip(prv, rdp, strict=True))
+    record = RecordLevel(RecordDP(prv, 1.0, 1e-5, accountant="prv"), batch, epochs)
+    for _ in range(updates):
+        record.account([ClientUpdate(c, {}, n) for c, n in enumerate(sizes)])
+    ledger = record.ledger()
+    for c, n in enumerate(sizes):
+        fresh = PRVAccountant()
+        fresh.history = [(prv[c], batch / n, updates * record_steps(n, batch, epochs))]
+        eps = ledger["epsilon_per_client"][str(c)]
+        assert eps == ledger["epsilon_per_client_prv"][str(c)] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-6)
+        assert target - 0.1 < eps <= target < ledger["epsilon_per_client_rdp"][str(c)]
+    assert ledger["epsilon_max"] == record.epsilon_max() == max(ledger["epsilon_per_client"].values())
+    assert ledger["accountant"].startswith("opacus PRV")
+    with pytest.raises(ValueError, match="accountant 'exact'"):
+        RecordDP(prv, 1.0, 1e-5, accountant="exact")

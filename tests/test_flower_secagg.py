@@ -62,10 +62,10 @@ from peft_deer_clientapp import keyed_masks, secagg_when_asked  # noqa: E402
 DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
 
 
-
 def _stream(seed: int):
     """A public (test-only) noise stream."""
     return DPRandomness.from_seed(seed).stream("t")
+
 
 def phase_b_setup(num_clients: int = 3):
     """A tiny deer model, its layout and state, phase B (round 1) and each client's raw (unclipped) update."""
@@ -188,6 +188,7 @@ def test_privatized_sum_refuses_below_the_noise_floor_or_an_impossible_sum():
         ({"dp": "none", "noise-multiplier": ""}, "needs dp with 'client'"),
         ({"noise-placement": "central"}, "central noise is added by the server to the clients' raw updates"),
         ({"min-clients-per-phase": 1}, "a sum of one update is that update"),
+        ({"collusion-threshold": 2}, "collusion-threshold < min-clients-per-phase"),
         ({"quantization-range": 2**31}, "quantization-range"),
         ({"secure-aggregation": "maybe"}, "secure_aggregation must be true or false, got 'maybe'"),
     ],
@@ -284,10 +285,12 @@ class LoopbackGrid:
         return replies
 
 
-def secagg_setup(num_clients: int, k: int, dead: dict[int, str] | None = None, quantization_range: int = 2**24):
+def secagg_setup(
+    num_clients: int, k: int, dead: dict[int, str] | None = None, quantization_range: int = 2**24, t: int = 0
+):
     layout, state, phase, updates = phase_b_setup(num_clients)
-    private = privatized(layout, state, phase, updates, k)
-    server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP)
+    private = privatized(layout, state, phase, updates, k - t)  # each site's share: sigma^2 C^2 / (k - t)
+    server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP, collusion_threshold=t)
     nodes = {c: 500 + c for c in range(num_clients)}
     deer = DeerStrategy(
         server, nodes, 1, DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range)
@@ -476,5 +479,79 @@ def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(t
     accountant = ReleaseAccountant()
     for _ in range(2):
         accountant.step(0.8, 1.0)
-    assert ledger["epsilon"] == pytest.approx(accountant.epsilon(1e-3, "rdp")) == plain_ledger["epsilon"]
+    assert ledger["epsilon"] == pytest.approx(accountant.epsilon(1e-3, "prv")) == plain_ledger["epsilon"]  # default
+    assert ledger["epsilon_rdp"] == pytest.approx(accountant.epsilon(1e-3, "rdp"))
+    assert ledger["epsilon_rdp"] > ledger["epsilon"]
     assert "testing only" in ledger["client_noise"]
+
+
+def test_shares_sized_for_a_colluding_site_travel_to_the_sites_and_the_release_is_accounted_against_both(
+    flower_task_identity,
+):
+    """collusion-threshold t = 1, k = 2: each site is told d = k - t = 1 (the full sigma^2 C^2), the range rho is
+    sized for that share, and the ledger states sigma against one site and sigma sqrt(2) against outsiders."""
+    layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=2, t=1)
+    _, out = release(phase, server.participants(phase))
+    assert {w.num_shares for w in grid.instructions.values()} == {1}
+    keys = server.trained_keys(phase)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    shapes = {key: state[key].shape for key in keys}
+    rho = server.releases[0]["secure_aggregation"]["clipping_range"]
+    assert rho == pytest.approx(clipping_range(whiteners, shapes, "regulated", DP, num_shares=1))
+    assert server.releases[0]["noise_shares"] == 2 and server.releases[0]["share_divisor"] == 1
+    against = server.adversary_epsilons()
+    single = ReleaseAccountant()
+    single.step(DP.noise_multiplier, 1.0)
+    outsiders = ReleaseAccountant()
+    outsiders.step(DP.noise_multiplier * math.sqrt(2), 1.0)
+    assert against["t_colluding_sites"]["rdp"] == pytest.approx(single.epsilon(1e-3, "rdp"))
+    assert against["outsiders"]["rdp"] == pytest.approx(outsiders.epsilon(1e-3, "rdp"))
+    assert "1/1 of the noise variance" in secagg.deployment_ledger()["note_distributed"]
+
+
+def test_skellam_shares_pass_secagg_exactly_and_the_ledger_states_their_skellam_epsilon(flower_task_identity):
+    """secagg-noise='skellam': sites send integer messages (`skellam_message`), the real secaggplus_mod quantizes
+    and masks them with rho and Q = 2 rho, and the server's release is the decoded exact integer sum."""
+    from peft_deer.federated.skellam import decode_skellam_sum, plan_skellam, skellam_ledger, skellam_message
+
+    layout, state, phase, updates = phase_b_setup(3)
+    keys = layout.trained_keys(phase.factors)
+    plan = plan_skellam(DP.noise_multiplier, DP.clip_norm, sum(state[k].numel() for k in keys), 2, 3)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    messages = [
+        dataclasses.replace(u, delta=skellam_message(u.delta, whiteners, DP.clip_norm, plan, _stream(300 + i)))
+        for i, u in enumerate(updates)
+    ]
+    server = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    nodes = {c: 500 + c for c in range(3)}
+    deer = DeerStrategy(server, nodes, 1, DeploymentOptions(2, reply_timeout_s=5, secagg_noise="skellam"))
+    grid = LoopbackGrid({nodes[c]: messages[c] for c in range(3)})
+    secagg = SecAggDeerStrategy(deer, grid, run_id=1)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    _, out = secagg.release_phase(grid, context)(phase, server.participants(phase))
+    assert {w.skellam_scale for w in grid.instructions.values()} == {plan.scale}
+    facts = server.releases[0]["secure_aggregation"]
+    assert facts["skellam"] == dataclasses.asdict(plan) and facts["quantization_range"] == 2 * plan.bound
+    exact = decode_skellam_sum({k: sum(m.delta[k] for m in messages) for k in keys}, whiteners, plan.scale)
+    for key in keys:
+        assert torch.allclose(out.delta[key], exact[key] / 3, rtol=1e-6, atol=1e-9)  # no quantization error
+    ledger = secagg.deployment_ledger()
+    expected = skellam_ledger([dataclasses.asdict(plan)], 1e-3, [(2, 2)], 0)
+    assert ledger["epsilon"] == pytest.approx(expected["t_colluding_sites"]) and ledger["epsilon"] > 0
+    assert ledger["epsilon"] >= ledger["epsilon_gaussian_limit"] * 0.99
+    assert "analysis_gap" not in ledger["secure_aggregation_protocol"]
+    with pytest.raises(ValueError, match="not deer-reference"):
+        from test_flower import flower_config
+
+        parse_run_config(
+            {
+                **flower_config(),
+                "dp": "client",
+                "noise-multiplier": 1.0,
+                "noise-placement": "distributed",
+                "min-clients-per-phase": 2,
+                "secure-aggregation": True,
+                "secagg-noise": "skellam",
+                "method": "deer-reference",
+            }
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -40,29 +41,57 @@ def check_delta(delta: float, num_clients: int) -> None:
         )
 
 
+ACCOUNTANTS = ("rdp", "prv")  # opacus RDP (Renyi, loose) and PRV (tight; its upper bound, eps_error included)
+
+
+def check_accountant(kind: str) -> None:
+    """ValueError unless `kind` names an accountant this package uses."""
+    if kind not in ACCOUNTANTS:
+        raise ValueError(f"accountant {kind!r} must be one of {', '.join(ACCOUNTANTS)}")
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, releases: int, accountant: str = "rdp"
 ) -> float:
-    """Smallest sigma (to opacus's tolerance) whose `releases` releases at rate q stay within target_epsilon."""
+    """Smallest sigma (to 0.01 in epsilon) whose `releases` releases at rate q stay within target_epsilon.
+
+    `accountant` 'rdp' (opacus RDP) or 'prv' (opacus PRV, tight: bisection on its *upper* bound, which
+    includes the PRV's eps_error, so the returned sigma is conservative). Results are cached (PRV takes
+    about a second per call). The budget stop must then use the same accountant (`ReleaseAccountant`).
+    """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"--epsilon {target_epsilon} must be finite and > 0")
     if releases < 1:
         raise ValueError(f"releases={releases} must be >= 1")
-    return get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=releases,
-        accountant=accountant,
-        epsilon_tolerance=0.01,
-    )
+    check_accountant(accountant)
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(releases), accountant)
+
+
+@lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, releases: int, accountant: str) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # opacus PRV logs divide-by-zero at q = 1
+        return get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=releases,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
 
 
 def _epsilon(history: list[tuple[float, float, int]], delta: float, kind: str) -> float:
+    check_accountant(kind)
     if not history:
         return 0.0
+    return _epsilon_of(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), kind)
+
+
+@lru_cache(maxsize=1024)  # PRV takes seconds for a long history; the budget stop asks again each release
+def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, kind: str) -> float:
     accountant = RDPAccountant() if kind == "rdp" else PRVAccountant()
-    accountant.history = [tuple(h) for h in history]
+    accountant.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # opacus PRV logs divide-by-zero at q = 1
         return float(accountant.get_epsilon(delta=delta))
@@ -93,14 +122,14 @@ class ReleaseAccountant:
             self.history.append((noise_multiplier, sample_rate, 1))
 
     def epsilon(self, delta: float, kind: str = "rdp") -> float:
-        """epsilon of all releases so far at `delta`; kind 'rdp' (opacus RDP) or 'prv' (opacus PRV)."""
+        """epsilon of all releases so far at `delta`; kind 'rdp' (opacus RDP) or 'prv' (opacus PRV, upper bound)."""
         return _epsilon(self.history, delta, kind)
 
-    def epsilon_after(self, noise_multiplier: float, sample_rate: float, delta: float) -> float:
-        """RDP epsilon if one more release with (sigma, q) were made (for the budget stop)."""
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, delta: float, kind: str = "rdp") -> float:
+        """epsilon (accountant `kind`) if one more release with (sigma, q) were made (for the budget stop)."""
         probe = ReleaseAccountant(list(self.history))
         probe.step(noise_multiplier, sample_rate)
-        return probe.epsilon(delta)
+        return probe.epsilon(delta, kind)
 
     def state_dict(self) -> dict:
         return {"history": [list(h) for h in self.history]}

@@ -164,6 +164,7 @@ def aggregate_phase(
     randomness: DPRandomness,
     phase_step: tuple[int, int],
     privatized_shares: int | None = None,
+    share_divisor: int | None = None,
 ) -> PhaseRelease:
     """Aggregate `updates` of `trained_keys` into one delta (nothing else is touched).
 
@@ -173,6 +174,9 @@ def aggregate_phase(
     1/k of the noise variance (distributed placement in a deployment): they are checked and summed,
     nothing is added. At least k must arrive (else ValueError: the release would carry less noise than
     sigma); r >= k give noise of std sigma * C * sqrt(r / k) >= sigma * C, accounted as sigma.
+    `share_divisor` d: each privatized update carries noise variance sigma^2 C^2 / d (the simulation adds it so;
+    received updates are checked against it); default k (received) or the number of updates (simulated).
+    d = k - t keeps sigma against t colluding sites (`collusion.py`).
     """
     shapes = {k: global_state[k].shape for k in trained_keys}
     validate_updates(updates, shapes)
@@ -193,14 +197,15 @@ def aggregate_phase(
     total = {k: torch.zeros(s) for k, s in shapes.items()}
     norms, clipped = [], 0
     std = dp.noise_multiplier * dp.clip_norm
+    divisor = share_divisor or privatized_shares or len(updates)
     for u in updates:
         if privatized_shares is not None:
-            check_privatized_update(u, whiteners, noise_kind, dp, privatized_shares)
+            check_privatized_update(u, whiteners, noise_kind, dp, divisor)
             private, norm = u.delta, math.nan  # the norm before clipping stays with the client
         elif dp.placement == "distributed":
             # Simulate each client's own step: under secure aggregation only the sum is seen.
             stream = randomness.stream(*phase_step, u.client_id, "noise")
-            private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, len(updates), stream)
+            private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, divisor, stream)
         else:
             private, norm = clip_client_update(u.delta, whiteners, noise_kind, dp.clip_norm)
         norms.append(norm)

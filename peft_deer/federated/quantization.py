@@ -12,7 +12,10 @@ Hence rho = C ||L^-1|| (1 + t sigma / sqrt(k)), where t is the Gaussian quantile
 update's d entries pass rho with probability below `tail` (union bound over d entries): nothing is
 clipped silently except with that probability. Stochastic rounding moves each entry by less than one
 step, so the sum of n dequantized updates is within n * 2 rho / Q of the exact sum in every entry.
-Quantization is post-processing of the privatized updates: epsilon is unchanged.
+Not proven private as such: the released sum is sum_i Q(x_i + z_i), not a post-processing of the Gaussian
+sum that the ledger's epsilon accounts, and the range-clipping tail is a failure probability (n * tail per
+release, `range_clipping_probability`) to add to delta. The exact construction is the Skellam mechanism
+(`skellam.py`: quantize first, then add integer noise), SecAgg+ with `secagg-noise = "skellam"`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ def sum_error_bound(rho: float, quantization_range: int, num_updates: int) -> fl
     return num_updates * 2.0 * rho / quantization_range
 
 
+def range_clipping_probability(num_updates: int, tail: float = DEFAULT_TAIL) -> float:
+    """P(any entry of any of `num_updates` privatized updates is clipped by the range) <= n * tail (union bound)."""
+    return min(1.0, num_updates * tail)
+
+
 def check_quantization_range(quantization_range: int, max_updates: int) -> None:
     """ValueError unless Q levels fit int32 (Flower rounds into int32) and n * Q < 2^32 (no wrap of the sum)."""
     if not 2 <= quantization_range < 2**31:
@@ -86,6 +94,7 @@ __all__ = [
     "check_quantization_range",
     "clipping_range",
     "inverse_cholesky_norm",
+    "range_clipping_probability",
     "sum_error_bound",
     "tail_quantile",
 ]

@@ -13,15 +13,12 @@ the client-level ledger. Engine-free: no accelerate, flwr or gradio.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from opacus.accountants import RDPAccountant
-
 from .. import defaults
 from ..methods import NoiseKind
-from .accountant import calibrate_noise_multiplier
+from .accountant import ReleaseAccountant, calibrate_noise_multiplier, check_accountant
 
 # ---------------------------------------------------------------------------------------------
 # Sampling and calibration
@@ -61,11 +58,13 @@ def calibrate_record_sigmas(
     batch_size: int,
     local_epochs: int,
     updates_per_client: int,
+    accountant: str = "rdp",
 ) -> tuple[float, ...]:
     """Per-client calibration: sigma_k so that client k reaches `target_epsilon` after the planned run.
 
     The plan assumes client k takes part in every phase: `updates_per_client` = rounds * phases per
     round updates of `record_steps` steps each at rate q_k. (Clients sampled less often end below.)
+    `accountant` 'rdp' or 'prv' (`calibrate_noise_multiplier`); the ledger's budget uses the same one.
     """
     cache: dict[tuple[float, int], float] = {}
     out = []
@@ -73,7 +72,7 @@ def calibrate_record_sigmas(
         q = record_sample_rate(n, batch_size)
         steps = updates_per_client * record_steps(n, batch_size, local_epochs)
         if (q, steps) not in cache:
-            cache[(q, steps)] = calibrate_noise_multiplier(target_epsilon, delta, q, steps)
+            cache[(q, steps)] = calibrate_noise_multiplier(target_epsilon, delta, q, steps, accountant)
         out.append(cache[(q, steps)])
     return tuple(out)
 
@@ -86,6 +85,7 @@ class RecordDP:
     `max_physical_batch_size` bounds memory with opacus's `BatchMemoryManager` (None: no split).
     `public_sizes` (indexed by client id) are the declared public sizes s_k that fix q_k, the steps and the
     FedAvg weight; empty: each client's exact count is used as if public (tests and the audit only).
+    `accountant` ('rdp' or 'prv') calibrated the multipliers and gives the ledger's `epsilon_max`.
     """
 
     noise_multipliers: tuple[float, ...]
@@ -97,8 +97,10 @@ class RecordDP:
     target_epsilon: float | None = None
     calibration: str = "per-client"
     public_sizes: tuple[int, ...] = ()
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
+        check_accountant(self.accountant)
         if not self.clip_norm > 0:
             raise ValueError(f"record-level clip norm {self.clip_norm} must be > 0")
         if not 0 < self.delta < 1:
@@ -126,11 +128,10 @@ class RecordDP:
 
 
 class RecordAccountants:
-    """One opacus RDP history [(sigma, q, steps)] per client; JSON state, so it survives a restart."""
+    """One opacus history [(sigma, q, steps)] per client; JSON state, so it survives a restart."""
 
     def __init__(self) -> None:
         self.history: dict[int, list[tuple[float, float, int]]] = {}
-        self._cache: dict[tuple, float] = {}  # opacus RDP epsilon takes ~0.1-0.5 s per call
 
     def step(self, client_id: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         h = self.history.setdefault(int(client_id), [])
@@ -139,21 +140,19 @@ class RecordAccountants:
         else:
             h.append((noise_multiplier, sample_rate, steps))
 
-    def epsilon(self, client_id: int, delta: float) -> float:
-        h = self.history.get(int(client_id))
-        if not h:
-            return 0.0
-        key = (tuple(h), delta)
-        if key not in self._cache:
-            acc = RDPAccountant()
-            acc.history = [tuple(x) for x in h]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                self._cache[key] = float(acc.get_epsilon(delta=delta))
-        return self._cache[key]
+    def epsilon(self, client_id: int, delta: float, kind: str = "rdp") -> float:
+        """Client `client_id`'s epsilon at `delta` with opacus `kind` ('rdp', or 'prv': its upper bound; where
+        PRV cannot evaluate the history, RDP, also a valid bound). Cached: opacus takes ~0.1-1 s per call."""
+        acc = ReleaseAccountant(list(self.history.get(int(client_id), [])))
+        if kind == "prv":
+            try:
+                return acc.epsilon(delta, "prv")
+            except (ValueError, RuntimeError, OverflowError):
+                pass
+        return acc.epsilon(delta, "rdp")
 
-    def epsilons(self, delta: float) -> dict[int, float]:
-        return {c: self.epsilon(c, delta) for c in sorted(self.history)}
+    def epsilons(self, delta: float, kind: str = "rdp") -> dict[int, float]:
+        return {c: self.epsilon(c, delta, kind) for c in sorted(self.history)}
 
     def state_dict(self) -> dict:
         return {"history": {str(c): [list(x) for x in h] for c, h in self.history.items()}}
@@ -183,11 +182,13 @@ class RecordLevel:
         raise TypeError("record-level accounting of a summed release needs the sites' own accountant reports")
 
     def epsilon_max(self) -> float:
-        eps = self.accountants.epsilons(self.dp.delta)
+        """The largest client epsilon with the calibration's accountant (`RecordDP.accountant`)."""
+        eps = self.accountants.epsilons(self.dp.delta, self.dp.accountant)
         return max(eps.values(), default=0.0)
 
     def ledger(self) -> dict:
-        eps = self.accountants.epsilons(self.dp.delta)
+        both = {kind: self.accountants.epsilons(self.dp.delta, kind) for kind in ("rdp", "prv")}
+        eps = both[self.dp.accountant]
         return {
             "mechanism": {
                 NoiseKind.REGULATED: "regulated DP-SGD (per-sample metric clipping, noise sigma^2 C^2 M^-1)",
@@ -196,6 +197,10 @@ class RecordLevel:
             "sampling": "poisson over the client's actual records (opacus DPDataLoader), q_k = batch_size / s_k, "
             "steps per update local_epochs * floor(1 / q_k), s_k its declared public size",
             "public_sizes": {str(c): int(n) for c, n in enumerate(self.dp.public_sizes)} or None,
+            "sample_rates": {
+                str(c): record_sample_rate(int(n), self.batch_size) for c, n in enumerate(self.dp.public_sizes)
+            }
+            or None,
             "public_size_rule": PUBLIC_SIZE_RULE if self.dp.public_sizes else "exact counts (no declared sizes)",
             "noise_multipliers": {str(c): s for c, s in enumerate(self.dp.noise_multipliers)},
             "calibration": self.dp.calibration,
@@ -205,8 +210,11 @@ class RecordLevel:
             "target_epsilon": self.dp.target_epsilon,
             "steps": {str(c): sum(n for _, _, n in h) for c, h in sorted(self.accountants.history.items())},
             "epsilon_per_client": {str(c): e for c, e in eps.items()},
+            "epsilon_per_client_rdp": {str(c): e for c, e in both["rdp"].items()},
+            "epsilon_per_client_prv": {str(c): e for c, e in both["prv"].items()},
             "epsilon_max": max(eps.values(), default=0.0),
-            "accountant": "opacus RDP, one per client",
+            "accountant": f"opacus {self.dp.accountant.upper()} (calibration, epsilon), one per client; RDP and PRV "
+            "both shown",
             "neighbouring_relation": (
                 "add/remove one record (one patient's image) in one client's data, given the clients' declared "
                 "public sizes s_k (public and fixed: q, steps, sigma and weights depend on them only)"

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_delta
+from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_accountant, check_delta
 from .adapter_state import AdapterLayout, AdapterState
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase, privatized_sum
+from .collusion import adversary_multipliers, share_divisor
 from .local_training import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
@@ -30,6 +31,10 @@ class FederatedServer:
     accountant's amplification assumes), everyone when q = 1. Sampling and noise draw from
     `randomness` (a fresh OS secret unless given; see `randomness.py`). `optimizer` applies each
     release to the global adapter (default: add it, FedAvg); it only post-processes the release.
+    `budget_accountant` ('rdp' or 'prv') is the accountant of the budget stop and of the ledger's `epsilon`:
+    the one sigma was calibrated with (`calibrate_noise_multiplier`). `collusion_threshold` t: with
+    distributed noise the ledger also states epsilon against t colluding sites (`collusion.py`), and
+    `share_divisor(k)` gives the divisor that keeps sigma against them.
     """
 
     method: str
@@ -41,9 +46,14 @@ class FederatedServer:
     randomness: DPRandomness = field(default_factory=DPRandomness.secret)
     record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    budget_accountant: str = "rdp"
+    collusion_threshold: int = 0
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = method_spec(self.method)
+        check_accountant(self.budget_accountant)
+        if self.collusion_threshold < 0:
+            raise ValueError(f"--collusion-threshold {self.collusion_threshold} must be >= 0")
         if self.num_clients < 1:
             raise ValueError(f"--num-clients {self.num_clients} must be >= 1")
         if not 1 <= self.clients_per_phase <= self.num_clients:
@@ -54,6 +64,8 @@ class FederatedServer:
             check_delta(self.dp.delta, self.num_clients)
         self.accountant = ReleaseAccountant()
         self.nominal_accountant = ReleaseAccountant()
+        self.adversary_accountants = {who: ReleaseAccountant() for who in _ADVERSARIES}
+        self.adversary_exposed = {who: False for who in _ADVERSARIES}  # knew every noise share of some release
         self.releases: list[dict] = []
         self.stopped_by_budget = False
 
@@ -88,11 +100,12 @@ class FederatedServer:
         if self.dp is None or self.dp.target_epsilon is None:
             return
         sigma = self.effective_noise_multiplier(phase)
-        eps = self.accountant.epsilon_after(sigma, self.sample_rate, self.dp.delta)
+        eps = self.accountant.epsilon_after(sigma, self.sample_rate, self.dp.delta, self.budget_accountant)
         if eps > self.dp.target_epsilon:
             self.stopped_by_budget = True
             raise PrivacyBudgetExceeded(
-                f"round {phase.round} phase {phase.index}: releasing would reach epsilon={eps:.3f} > "
+                f"round {phase.round} phase {phase.index}: releasing would reach epsilon={eps:.3f} "
+                f"({self.budget_accountant.upper()}) > "
                 f"target {self.dp.target_epsilon}; stopped before it"
             )
 
@@ -101,9 +114,15 @@ class FederatedServer:
     ) -> PhaseRelease:
         """Validate and aggregate `updates`, step the global adapter with the release, account the release.
 
-        On any invalid update nothing is aggregated, applied or accounted. `privatized_shares`: the
-        updates were clipped and noised by their clients, m shares in all (see `aggregate_phase`).
+        On any invalid update nothing is aggregated, applied or accounted. `privatized_shares` k: the
+        updates were clipped and noised by their clients, at least k of them (the noise floor), each share of
+        variance sigma^2 C^2 / `share_divisor(k)` (see `aggregate_phase`). With distributed noise and no k,
+        the simulation adds the shares itself, k = len(updates).
         """
+        shares = None
+        if self.dp is not None and self.dp.placement == "distributed":  # >= k shares of variance sigma^2 C^2 / d
+            k = privatized_shares if privatized_shares is not None else len(updates)
+            shares = (k, self.share_divisor(k))
         release = aggregate_phase(
             updates,
             self.layout,
@@ -115,21 +134,42 @@ class FederatedServer:
             randomness=self.randomness,
             phase_step=phase.step,
             privatized_shares=privatized_shares,
+            share_divisor=None if shares is None else shares[1],
         )
         if self.record is not None:
             self.record.account(updates)
-        return self._apply(phase, release)
+        return self._apply(phase, release, shares=shares)
+
+    def share_divisor(self, noise_floor: int) -> int:
+        """d = k - t: distributed noise shares of variance sigma^2 C^2 / d keep sigma against t =
+        `collusion_threshold` colluding sites (`collusion.py`); every site and simulated client sizes its share
+        so. d = 1 (each share the full sigma^2 C^2) when k <= t: the t colluders may then know every share of
+        the release, and the ledger states no guarantee against them."""
+        if noise_floor <= self.collusion_threshold:
+            return 1
+        return share_divisor(noise_floor, self.collusion_threshold)
 
     def finish_summed_phase(
-        self, phase: Phase, total: AdapterState, participants: list[int], noise_shares: int, facts: dict | None = None
+        self,
+        phase: Phase,
+        total: AdapterState,
+        participants: list[int],
+        noise_shares: int,
+        facts: dict | None = None,
+        noise_floor: int | None = None,
     ) -> PhaseRelease:
         """Release `total`, the sum of the privatized updates of `participants` (secure aggregation: no
         individual update reaches the server), each carrying 1/`noise_shares` of the noise variance; step the
         global adapter and account it as `finish_phase` does. `facts` (e.g. the quantization range) go into
-        the release's record. Under record-level DP `self.record` must take the sites' own reports
+        the release's record. `noise_floor` k (default `noise_shares`): the fewest shares any released sum
+        holds; with `noise_shares` = k - t (`share_divisor`) t colluding sites still face sigma. Under
+        record-level DP `self.record` must take the sites' own reports
         (`account_clients`). ValueError, nothing applied or accounted, if the sum cannot be released."""
         if self.dp is None or self.dp.placement != "distributed":
             raise ValueError("a summed release needs client-level DP with the distributed noise placement")
+        floor = noise_shares if noise_floor is None else noise_floor
+        if len(participants) < floor:
+            raise ValueError(f"{len(participants)} privatized updates are fewer than the noise floor k={floor}")
         release = privatized_sum(
             total,
             participants,
@@ -143,10 +183,13 @@ class FederatedServer:
         )
         if self.record is not None:
             self.record.account_clients(sorted(participants))
-        return self._apply(phase, release, facts)
+        return self._apply(phase, release, facts, shares=(floor, noise_shares))
 
-    def _apply(self, phase: Phase, release: PhaseRelease, facts: dict | None = None) -> PhaseRelease:
-        """Step the global adapter with `release`, account it and log it in `releases`."""
+    def _apply(
+        self, phase: Phase, release: PhaseRelease, facts: dict | None = None, shares: tuple[int, int] | None = None
+    ) -> PhaseRelease:
+        """Step the global adapter with `release`, account it and log it in `releases`. `shares` (k, d): the
+        release is a sum of >= k distributed noise shares of variance sigma^2 C^2 / d each."""
         self.global_state = self.optimizer.step(self.global_state, release.delta, self.trained_keys(phase))
         record = {
             "round": phase.round,
@@ -159,11 +202,38 @@ class FederatedServer:
             self.accountant.step(release.effective_noise_multiplier, self.sample_rate)
             self.nominal_accountant.step(self.dp.noise_multiplier, self.sample_rate)
             record["effective_noise_multiplier"] = release.effective_noise_multiplier
+            if shares is not None:
+                record["noise_shares"], record["share_divisor"] = shares
+                self._account_adversaries(release.effective_noise_multiplier, *shares)
         self.releases.append(record)
         return release
 
+    def _account_adversaries(self, sigma: float, noise_floor: int, divisor: int) -> None:
+        t = self.collusion_threshold
+        for who, multiplier in adversary_multipliers(sigma, noise_floor, divisor, t).items():
+            if multiplier > 0:
+                self.adversary_accountants[who].step(multiplier, self.sample_rate)
+            else:
+                self.adversary_exposed[who] = True
+
+    def adversary_epsilons(self) -> dict[str, dict]:
+        """epsilon (RDP and PRV, at the run's delta) against each adversary of a distributed-noise run:
+        outsiders (public; the server under secure aggregation), one participating site, t colluding sites
+        (inf where they knew every share of a release); {} without distributed noise (`collusion.py`)."""
+        if self.dp is None or self.dp.placement != "distributed":
+            return {}
+        out = {}
+        for who, label in _ADVERSARIES.items():
+            if self.adversary_exposed[who]:
+                out[label] = {"rdp": float("inf"), "prv": float("inf")}
+                continue
+            acc = self.adversary_accountants[who]
+            out[label] = {"rdp": acc.epsilon(self.dp.delta, "rdp"), "prv": _prv_or_none(acc, self.dp.delta)}
+        out[_ADVERSARIES["colluders"]]["t"] = self.collusion_threshold
+        return out
+
     def epsilon(self) -> dict[str, float | None]:
-        """epsilon so far at the run's delta: RDP (the budget's accountant) and PRV; None without DP."""
+        """epsilon so far at the run's delta: RDP and PRV (the budget uses `budget_accountant`); None without DP."""
         if self.dp is None:
             return {"rdp": None, "prv": None}
         return {
@@ -229,14 +299,27 @@ class FederatedServer:
             "sampling": "all clients" if self.sample_rate == 1 else "poisson",
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
-            "epsilon": eps["rdp"],
+            "epsilon": eps[self.budget_accountant],
             "epsilon_rdp": eps["rdp"],
             "epsilon_prv": eps["prv"],
-            "accountant": "opacus RDP (epsilon, budget) and PRV",
+            "accountant": self.budget_accountant,
+            "accountant_description": f"opacus {self.budget_accountant.upper()} (sigma calibration, budget stop, "
+            "'epsilon'); RDP and PRV (PRV: its upper bound, eps_error included) both shown",
             "effective_noise_multipliers": [r["effective_noise_multiplier"] for r in self.releases],
         }
+        if self.dp.placement == "distributed":
+            ledger["collusion_threshold"] = self.collusion_threshold
+            ledger["epsilon_against"] = self.adversary_epsilons()
+            ledger["noise_shares_per_release"] = [
+                [r.get("noise_shares"), r.get("share_divisor")] for r in self.releases
+            ]
+            ledger["distributed_noise_note"] = (
+                "each release sums >= k noise shares of variance sigma^2 C^2 / d ([k, d] per release): outsiders face "
+                "sigma sqrt(k/d), t colluding sites (who subtract their own shares) sigma sqrt((k-t)/d); 'epsilon' "
+                "is accounted at sigma"
+            )
         if self.spec.noise == NoiseKind.REFERENCE:
-            ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, "rdp")
+            ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, self.budget_accountant)
             ledger["epsilon_semantics"] = "running tally"
             ledger["note"] = (
                 "reproduction only: 'epsilon' composes the effective multiplier of each release as it was made "
@@ -252,6 +335,8 @@ class FederatedServer:
             "global_state": {k: v.clone() for k, v in self.global_state.items()},
             "accountant": self.accountant.state_dict(),
             "nominal_accountant": self.nominal_accountant.state_dict(),
+            "adversary_accountants": {w: a.state_dict() for w, a in self.adversary_accountants.items()},
+            "adversary_exposed": dict(self.adversary_exposed),
             "releases": list(self.releases),
             "stopped_by_budget": self.stopped_by_budget,
             "record": None if self.record is None else self.record.state_dict(),
@@ -263,6 +348,9 @@ class FederatedServer:
         self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
         self.accountant.load_state_dict(state["accountant"])
         self.nominal_accountant.load_state_dict(state["nominal_accountant"])
+        for who, acc_state in state.get("adversary_accountants", {}).items():
+            self.adversary_accountants[who].load_state_dict(acc_state)
+        self.adversary_exposed.update(state.get("adversary_exposed", {}))
         self.releases = list(state["releases"])
         self.stopped_by_budget = bool(state["stopped_by_budget"])
         if "randomness" not in state:
@@ -272,6 +360,8 @@ class FederatedServer:
         if self.record is not None:
             self.record.load_state_dict(state["record"])
 
+
+_ADVERSARIES = {"outsiders": "outsiders", "one_site": "one_participating_site", "colluders": "t_colluding_sites"}
 
 TRUST_MODELS = {
     "central": "the server is trusted with each client's raw update; it clips, sums and adds the noise, and the "

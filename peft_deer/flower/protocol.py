@@ -89,9 +89,10 @@ class TrainInstruction:
     round: int
     phase: int
     client_id: int
-    num_shares: int
+    num_shares: int  # d: the site's noise share has variance sigma^2 C^2 / d (d = k - t, `share_divisor`)
     run_key: str = ""
     noise: NoiseTerms | None = None
+    skellam_scale: float | None = None  # SecAgg+ with secagg-noise='skellam': send integers (`skellam.py`)
 
 
 def hello_message(node_id: int) -> Message:

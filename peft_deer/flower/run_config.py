@@ -35,6 +35,12 @@ class DeploymentOptions:
         "carry each phase through Flower's SecAgg+ (peft_deer.flower.secagg): the server sees only the sum; "
         "needs dp with 'client', noise-placement='distributed' and min-clients-per-phase >= 2",
     )
+    secagg_noise: str = setting(
+        "gaussian",
+        "SecAgg+ noise: gaussian (float shares, quantized by the mod: epsilon of the Gaussian sum, an analysis gap) "
+        "or skellam (integer shares that pass the quantization exactly: the Skellam epsilon of the sum is stated)",
+        choices=("gaussian", "skellam"),
+    )
     quantization_range: int = setting(
         2**24,
         "SecAgg+ quantization levels per entry (Q, see peft_deer.federated.quantization); num-clients x Q must "
@@ -83,5 +89,15 @@ def check_secure_aggregation(settings: RunSettings, options: DeploymentOptions) 
         raise ValueError(
             f"secure-aggregation=true needs min-clients-per-phase >= 2 (got {options.min_clients_per_phase}): "
             "a sum of one update is that update; set it to the number of sites you expect to reply"
+        )
+    if options.secagg_noise == "skellam" and settings.federation.method == "deer-reference":
+        raise ValueError(
+            "secagg-noise='skellam' needs a metric-clipped method (not deer-reference, which clips per matrix)"
+        )
+    if privacy.collusion_threshold >= options.min_clients_per_phase:
+        raise ValueError(
+            f"secure-aggregation=true needs collusion-threshold < min-clients-per-phase (got "
+            f"{privacy.collusion_threshold} >= {options.min_clients_per_phase}): that many colluding sites would know "
+            "every noise share of a release; raise min-clients-per-phase or lower collusion-threshold"
         )
     check_quantization_range(options.quantization_range, settings.data.num_clients)

@@ -6,7 +6,8 @@ with `secaggplus_mod` on the ClientApp. `SecAggDeerStrategy` is that legacy stra
 as `DeerStrategy` (whose sampling, noise floor k and drop log it reuses): `configure_fit` sends the
 global adapter, the phase and the mechanism's `NoiseTerms` (sigma, C, lambda, noise kind: the same
 train instruction as a plain phase, in the FitIns config); the sites check those terms against their
-own settings, clip in the metric and add their noise share sigma C / sqrt(k) before the mod quantizes
+own settings, clip in the metric and add their noise share sigma C / sqrt(d), d = k - t (t =
+collusion-threshold: t colluding sites still face sigma, outsiders sigma sqrt(k / d)) before the mod quantizes
 and masks; `aggregate_fit` receives only the unmasked sum of the survivors'
 updates and hands it to `FederatedServer.finish_summed_phase`. Each phase runs the workflow once (what
 `DefaultWorkflow` does per round) inside the phase loop of `peft_deer.run.run_experiment`, where
@@ -16,13 +17,14 @@ and resume.
 Per phase: reconstruction threshold k (the noise floor: fewer than k survivors cannot be unmasked, and
 would carry less noise than sigma), every sampled site a neighbour of every other (num_shares = all),
 weight 1 for everyone (`max_weight` 1, so SecAgg+ does not scale the updates), and the entry range
-`clipping_range` from C, sigma, k and the frozen factor (`peft_deer.federated.quantization`). Masks are
+`clipping_range` from C, sigma, d and the frozen factor (`peft_deer.federated.quantization`). Masks are
 drawn from the whole 32-byte keys on both sides (`peft_deer_clientapp.keyed_masks`): flwr 1.42 seeds
 them with 32 bits only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -39,7 +41,14 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from ..federated import ClientUpdate, Phase, PhaseRelease, build_whiteners
-from ..federated.quantization import DEFAULT_TAIL, clipping_range, sum_error_bound
+from ..federated.quantization import (
+    DEFAULT_TAIL,
+    check_quantization_range,
+    clipping_range,
+    range_clipping_probability,
+    sum_error_bound,
+)
+from ..federated.skellam import SkellamPlan, decode_skellam_sum, plan_skellam, skellam_ledger
 from .protocol import NoiseTerms, RecordReport, TrainInstruction
 from .secagg_protocol import fit_ins, read_fit_res_client, read_fit_res_report, summed_update
 from .strategy import DeerStrategy, TooFewClients
@@ -71,6 +80,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         self.last_summed: tuple[list[int], list[Parameters]] | None = None
         self._phase: tuple[Phase, list[int], int, float] | None = None  # phase, participants, k, rho
         self._release: PhaseRelease | None = None
+        self._plan: SkellamPlan | None = None  # the phase's integer mechanism (secagg-noise='skellam')
 
     # -- the ServerApp's phase loop -------------------------------------------------------------------
     def release_phase(self, grid: Grid, context: Context) -> Callable:
@@ -89,14 +99,19 @@ class SecAggDeerStrategy(LegacyStrategy):
                     f"SecAgg+ and the noise floor k={max(k, 2)} need; nothing released. Resume with resume=true "
                     "once the SuperNodes are back."
                 )
-            rho = self.phase_clipping_range(phase, k)
+            self._plan = self.phase_skellam_plan(phase, k, len(sent))
+            if self._plan is None:
+                rho, levels = self.phase_clipping_range(phase, self.deer.server.share_divisor(k)), None
+            else:  # integers in [-rho, rho] with Q = 2 rho levels: flwr's quantization maps them exactly
+                rho, levels = float(self._plan.bound), 2 * self._plan.bound
+                check_quantization_range(levels, self.deer.server.num_clients)
             self._phase, self._release = (phase, sent, k, rho), None
             workflow = SecAggPlusWorkflow(
                 num_shares=1.0,  # every sampled site holds a share of every other's keys
                 reconstruction_threshold=k,
                 max_weight=1.0,
                 clipping_range=rho,
-                quantization_range=self.deer.options.quantization_range,
+                quantization_range=levels or self.deer.options.quantization_range,
                 timeout=self.deer.options.reply_timeout_s,
             )
             legacy = LegacyContext(context, ServerConfig(len(self.deer.phases)), self, self.clients)
@@ -113,8 +128,19 @@ class SecAggDeerStrategy(LegacyStrategy):
 
         return release
 
+    def phase_skellam_plan(self, phase: Phase, noise_floor: int, sites: int) -> SkellamPlan | None:
+        """With secagg-noise='skellam', the phase's integer mechanism (`plan_skellam`: scale, share variance
+        sigma^2 (sC)^2 / d, entry range); None with Gaussian shares."""
+        if self.deer.options.secagg_noise != "skellam":
+            return None
+        server = self.deer.server
+        dim = sum(server.global_state[key].numel() for key in server.trained_keys(phase))
+        dp = server.dp
+        return plan_skellam(dp.noise_multiplier, dp.clip_norm, dim, server.share_divisor(noise_floor), sites)
+
     def phase_clipping_range(self, phase: Phase, noise_shares: int) -> float:
-        """rho for `phase`: the entry range holding any privatized update but with probability `DEFAULT_TAIL`."""
+        """rho for `phase`: the entry range holding any privatized update (noise share sigma^2 C^2 / d, d =
+        `noise_shares`) but with probability `DEFAULT_TAIL`."""
         server = self.deer.server
         keys = server.trained_keys(phase)
         whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, server.dp.ridge)
@@ -128,12 +154,14 @@ class SecAggDeerStrategy(LegacyStrategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """One `FitIns` per reachable sampled site: the server's global adapter, the phase, k and the noise terms."""
+        """One `FitIns` per reachable sampled site: the server's global adapter, the phase, the share divisor
+        d = k - t (`FederatedServer.share_divisor`) and the noise terms."""
         phase, sent, k, _ = self._current(server_round)
         server = self.deer.server
+        d, scale = server.share_divisor(k), None if self._plan is None else self._plan.scale
         state, run_key, noise = server.global_state, self.deer.run_key, NoiseTerms.of(server.dp, server.spec.noise)
         return [
-            (self.proxies[c], fit_ins(TrainInstruction(state, phase.round, phase.index, c, k, run_key, noise)))
+            (self.proxies[c], fit_ins(TrainInstruction(state, phase.round, phase.index, c, d, run_key, noise, scale)))
             for c in sent
         ]
 
@@ -171,17 +199,24 @@ class SecAggDeerStrategy(LegacyStrategy):
             }
             server.record.expect(reports)
         shapes = {key: server.global_state[key].shape for key in server.trained_keys(phase)}
-        total = summed_update(results[0][1].parameters, len(survivors), shapes)
-        q = self.deer.options.quantization_range
+        plan = self._plan
+        total = summed_update(results[0][1].parameters, len(survivors), shapes, integers=plan is not None)
+        q = self.deer.options.quantization_range if plan is None else 2 * plan.bound
         facts = {
             "secure_aggregation": {
                 "clipping_range": rho,
                 "quantization_range": q,
                 "survivors": len(survivors),
-                "sum_error_bound": sum_error_bound(rho, q, len(survivors)),
+                "sum_error_bound": sum_error_bound(rho, q, len(survivors)) if plan is None else 0.0,
             }
         }
-        self._release = server.finish_summed_phase(phase, total, survivors, k, facts)
+        if plan is not None:  # the exact integer sum: divided by s, coloured back
+            keys = list(shapes)
+            whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, server.dp.ridge)
+            total = decode_skellam_sum(total, whiteners, plan.scale)
+            facts["secure_aggregation"]["skellam"] = dataclasses.asdict(plan)
+        self._release = server.finish_summed_phase(phase, total, survivors, server.share_divisor(k), facts, k)
+        self._plan = None
         logger.info(
             "%s: released the SecAgg+ sum of %d sites (rho %.4g, error <= %.3g per entry of the sum)",
             _name(phase),
@@ -215,25 +250,62 @@ class SecAggDeerStrategy(LegacyStrategy):
         ledger["secure_aggregation"] = True
         ledger["note_distributed"] = (
             "SecAgg+: the server receives only the sum of the surviving sites' privatized updates (each with 1/"
-            f"{k} of the noise variance), never one update; the SuperLink and the server still see metadata: "
-            "which sites take part in each phase, message sizes and timing"
+            f"{server.share_divisor(k)} of the noise variance), never one update; the SuperLink and the server still "
+            "see metadata: which sites take part in each phase, message sizes and timing"
         )
         ledger["secure_aggregation_protocol"] = {
             "protocol": "SecAgg+ (flwr SecAggPlusWorkflow / secaggplus_mod), one run per release",
             "reconstruction_threshold": f"k = {k} (min-clients-per-phase): fewer survivors are neither unmasked "
             "nor released",
             "quantization_range": q,
-            "clipping_range_rule": "C ||L^-1|| (1 + t sigma / sqrt(k)) per release, t the Gaussian quantile for a "
-            f"{DEFAULT_TAIL:g} chance that any entry of an update is clipped",
+            "clipping_range_rule": "C ||L^-1|| (1 + t sigma / sqrt(d)) per release (d = k - collusion-threshold), "
+            f"t the Gaussian quantile for a {DEFAULT_TAIL:g} chance that any entry of an update is clipped",
             "clipping_range_per_release": ranges,
             "sum_error_bound_per_entry": bounds,
             "sum_error_bound_per_entry_max": max(bounds, default=None),
             "adapter_error_bound_per_entry_max": None if not bounds else max(bounds) / denominator,
             "error_note": "stochastic rounding moves each entry of each update by less than one step 2 rho / Q, "
-            "so the sum of n <= num-clients updates is within n * 2 rho / Q per entry; quantization is "
-            "post-processing: epsilon is unchanged",
+            "so the sum of n <= num-clients updates is within n * 2 rho / Q per entry",
+            "analysis_gap": "epsilon accounts the Gaussian sum before quantization; the released sum is sum_i Q(x_i + "
+            "z_i), which is not a post-processing of it, so that epsilon is not a proof for the quantized sum (the "
+            "exact construction, integer Skellam noise on rounded updates, is secagg-noise='skellam')",
+            "range_clipping_probability_per_release": range_clipping_probability(server.num_clients),
+            "delta_with_range_clipping": server.dp.delta + len(ranges) * range_clipping_probability(server.num_clients),
         }
+        skellam = [r for r in server.releases if "skellam" in r.get("secure_aggregation", {})]
+        if skellam and len(skellam) == len(ranges):
+            ledger.update(self._skellam_ledger(skellam, ledger["secure_aggregation_protocol"]))
         return ledger
+
+    def _skellam_ledger(self, releases: list[dict], protocol: dict) -> dict:
+        """What a run with integer (Skellam) shares states instead: the exact sum, and its Skellam epsilon."""
+        server = self.deer.server
+        plans = [r["secure_aggregation"]["skellam"] for r in releases]
+        shares = [(r["noise_shares"], r["share_divisor"]) for r in releases]
+        against = skellam_ledger(plans, server.dp.delta, shares, server.collusion_threshold)
+        for key in ("analysis_gap", "range_clipping_probability_per_release", "delta_with_range_clipping"):
+            protocol.pop(key)
+        protocol.update(
+            noise="skellam: each site sends round(s * its update clipped in the metric to C - sqrt(d)/s) plus integer "
+            "Skellam noise of variance (sigma s C)^2 / d; clipping_range rho and quantization_range 2 rho make flwr's "
+            "quantization the identity on integers, so the sum is exact (error 0); the server divides it by s and "
+            "colours it back",
+            skellam_plans=plans,
+            range_failure_in_delta="the chance that any entry of any message leaves [-rho, rho] (Chernoff) is taken "
+            "out of delta for each release",
+        )
+        return {
+            "epsilon": against["t_colluding_sites"],
+            "epsilon_gaussian_limit": server.epsilon()[server.budget_accountant],
+            "epsilon_skellam": {
+                "outsiders": against["outsiders"],
+                "t_colluding_sites": against["t_colluding_sites"],
+                "t": server.collusion_threshold,
+            },
+            "epsilon_note": "epsilon: Skellam RDP (Agarwal et al. 2021, Cor. 3.6; integer orders, no sampling "
+            "amplification) of the integer sum against t colluding sites (k - t shares); the budget stop used the "
+            "Gaussian limit (epsilon_gaussian_limit)",
+        }
 
     def private_ledger(self) -> dict:
         return self.deer.private_ledger()

@@ -15,6 +15,7 @@ turns it back into their sum.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -35,6 +36,7 @@ from .protocol import (
     train_message,
 )
 
+SKELLAM_SCALE = "skellam-scale"  # FitIns config (secagg-noise='skellam'): the scale s of the integer messages
 KEY_ORDER = "secagg-keys"  # FitIns config: JSON list of the global adapter's keys, in parameter order
 CLIENT_ID = "client-id"  # FitRes metrics
 RECORD_JSON = "record-dp-json"  # FitRes metrics: the site's RecordReport (record-level DP)
@@ -50,6 +52,8 @@ def fit_ins(instruction: TrainInstruction) -> FitIns:
     config = dict(train_message(0, instruction).content.config_records[CONFIG])
     keys = sorted(instruction.global_state)
     config[KEY_ORDER] = json.dumps(keys)
+    if instruction.skellam_scale is not None:
+        config[SKELLAM_SCALE] = float(instruction.skellam_scale)
     arrays = [instruction.global_state[k].detach().cpu().float().numpy() for k in keys]
     return FitIns(ndarrays_to_parameters(arrays), config)
 
@@ -59,11 +63,13 @@ def read_fit_ins(content: RecordDict) -> TrainInstruction:
     ins = compat.recorddict_to_fitins(content, keep_input=True)
     config = dict(ins.config)
     keys = json.loads(str(config.pop(KEY_ORDER)))
+    scale = config.pop(SKELLAM_SCALE, None)
     arrays = parameters_to_ndarrays(ins.parameters)
     if len(keys) != len(arrays):
         raise ValueError(f"FitIns carries {len(arrays)} arrays for {len(keys)} keys")
     state = {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in zip(keys, arrays, strict=True)}
-    return read_train_content(RecordDict({GLOBAL: state_to_record(state), CONFIG: ConfigRecord(config)}))
+    work = read_train_content(RecordDict({GLOBAL: state_to_record(state), CONFIG: ConfigRecord(config)}))
+    return work if scale is None else dataclasses.replace(work, skellam_scale=float(scale))
 
 
 def fit_res_content(update: ClientUpdate, record: RecordReport | None = None) -> RecordDict:
@@ -92,13 +98,18 @@ def read_fit_res_report(res: FitRes, client_id: int) -> RecordReport:
     return record_report_from_config(config, client_id)
 
 
-def summed_update(parameters: Parameters, survivors: int, shapes: dict[str, torch.Size]) -> AdapterState:
-    """The survivors' sum from SecAgg+'s unmasked mean (`parameters`, sorted keys); ValueError on a shape mismatch."""
+def summed_update(
+    parameters: Parameters, survivors: int, shapes: dict[str, torch.Size], integers: bool = False
+) -> AdapterState:
+    """The survivors' sum from SecAgg+'s unmasked mean (`parameters`, sorted keys); ValueError on a shape mismatch.
+    `integers`: a sum of integer messages, rounded and kept in float64 (exact)."""
     arrays = parameters_to_ndarrays(parameters)
     keys = sorted(shapes)
     if len(arrays) != len(keys) or any(a.shape != tuple(shapes[k]) for k, a in zip(keys, arrays, strict=False)):
         raise ValueError(f"the unmasked sum has {len(arrays)} arrays that do not match the phase's {len(keys)} keys")
     pairs = zip(keys, arrays, strict=True)
+    if integers:
+        return {k: torch.from_numpy(np.round(np.asarray(a, dtype=np.float64) * survivors)) for k, a in pairs}
     return {k: torch.from_numpy(np.asarray(a, dtype=np.float64) * survivors).float() for k, a in pairs}
 
 

@@ -69,6 +69,7 @@ from ..federated import (
     train_client,
 )
 from ..federated.record_dp import RecordLevel
+from ..federated.skellam import plan_skellam, skellam_message
 from ..io import write_json_atomic
 from ..run.privacy import local_training
 from ..run.task import RunData, build_model, client_dataset, load_run_backbone, load_run_data, tensor_dataset
@@ -235,7 +236,14 @@ class Site:
             whiteners = build_whiteners(self.layout, work.global_state, list(update.delta), noise.noise, noise.ridge)
             stream = (randomness or DPRandomness.secret()).stream(*phase.step, client_id, "noise")
             dp = noise.client_dp()
-            delta, _ = privatize_update(update.delta, whiteners, noise.noise, dp, work.num_shares, stream)
+            if work.skellam_scale is None:
+                delta, _ = privatize_update(update.delta, whiteners, noise.noise, dp, work.num_shares, stream)
+            else:  # SecAgg+ with integer (Skellam) shares: the plan follows from public terms, s checks it
+                dim = sum(v.numel() for v in update.delta.values())
+                plan = plan_skellam(dp.noise_multiplier, dp.clip_norm, dim, work.num_shares, 1)
+                if plan.scale != work.skellam_scale:
+                    raise ValueError(f"skellam scale {work.skellam_scale} is not this site's {plan.scale}")
+                delta = skellam_message(update.delta, whiteners, dp.clip_norm, plan, stream)
             update = dataclasses.replace(update, delta=delta)
         return update, report
 

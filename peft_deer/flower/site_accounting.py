@@ -62,7 +62,7 @@ class SiteAccountant:
         self.accountants.step(self.client_id, sigma, q, steps)
         write_json_atomic(self.path, self.accountants.state_dict())
         history = tuple(self.accountants.history[self.client_id])
-        eps = self.accountants.epsilon(self.client_id, record.dp.delta)
+        eps = self.accountants.epsilon(self.client_id, record.dp.delta, record.dp.accountant)
         return RecordReport(sigma, q, steps, history, eps, size if record.dp.public_sizes else None)
 
 
@@ -115,7 +115,8 @@ class SiteRecordLevel(RecordLevel):
         ledger["public_sizes"] = {str(c): n for c, n in sorted(self.public_sizes.items())} or None
         ledger["calibration"] = f"by each site on its declared public size ({self.dp.calibration})"
         ledger["accountant"] = (
-            "opacus RDP, one per site, kept by the site across rounds and restarts and reported with every update"
+            f"opacus {self.dp.accountant.upper()} (calibration, epsilon; RDP and PRV both shown), one history per "
+            "site, kept by the site across rounds and restarts and reported with every update"
         )
         return ledger
 

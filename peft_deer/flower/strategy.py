@@ -95,7 +95,7 @@ class DeerStrategy(Strategy):
             self._drop(phase, c, "no SuperNode holds this client")
         sent = [c for c in participants if c in self.nodes]
         self._sent[server_round] = participants
-        state, shares = self.server.global_state, self.noise_shares(len(participants))
+        state, shares = self.server.global_state, self.server.share_divisor(self.noise_shares(len(participants)))
         dp = self.server.dp
         noise = NoiseTerms.of(dp, self.server.spec.noise) if dp and dp.placement == "distributed" else None
         return [
@@ -106,8 +106,9 @@ class DeerStrategy(Strategy):
         ]
 
     def noise_shares(self, sampled: int) -> int:
-        """k: with distributed noise each client adds 1/k of the noise variance. The server accepts no
-        fewer than k updates, so every release carries at least the full noise whoever drops out."""
+        """k, the noise floor: the server accepts no fewer than k updates, and with distributed noise each
+        client adds 1/d of the noise variance, d = k - t (`FederatedServer.share_divisor`: t colluding sites
+        still face sigma), so every release carries at least the full noise whoever drops out."""
         return max(1, min(self.options.min_clients_per_phase, sampled))
 
     def aggregate_train(
@@ -121,6 +122,7 @@ class DeerStrategy(Strategy):
         dp = self.server.dp
         privatized = dp is not None and dp.placement == "distributed"
         needed = self.noise_shares(len(participants))  # the noise floor k and the fewest updates released
+        divisor = self.server.share_divisor(needed)  # each update's noise share: sigma^2 C^2 / d
         whiteners = (
             build_whiteners(
                 self.server.layout, self.server.global_state, list(shapes), self.server.spec.noise, dp.ridge
@@ -138,7 +140,7 @@ class DeerStrategy(Strategy):
             try:
                 update = read_update_reply(reply, client, shapes)
                 if privatized:
-                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, needed)
+                    check_privatized_update(update, whiteners, self.server.spec.noise, dp, divisor)
                 if self.server.record is not None:
                     reports[client] = read_record_report(reply, client)
             except InvalidClientUpdate as err:
@@ -183,8 +185,8 @@ class DeerStrategy(Strategy):
                 "min-clients-per-phase to the number of sites you expect to reply",
                 self.options.min_clients_per_phase,
                 expected,
-                self.noise_shares(expected),
-                expected / self.noise_shares(expected),
+                self.server.share_divisor(self.noise_shares(expected)),
+                expected / self.server.share_divisor(self.noise_shares(expected)),
             )
         logger.info(
             "DeerStrategy: method=%s, %d releases, %d clients on %d SuperNodes, DP=%s",
@@ -221,12 +223,13 @@ class DeerStrategy(Strategy):
         ledger: dict = {"transport": "flower", "dropped_updates_count": len(self.dropped)}
         if dp is not None and dp.placement == "distributed":
             k = self.noise_shares(self.server.clients_per_phase)
+            d = self.server.share_divisor(k)
             ledger["client_noise"] = (
                 "seeded from the run seed: the server can remove it (testing only, no distributed guarantee)"
                 if self.server.randomness.reproducible
-                else f"drawn by each client from OS entropy; each update carries 1/{k} of the noise variance "
-                "(k = min-clients-per-phase), and no release is made from fewer than k updates, so each "
-                "carries at least the accounted noise"
+                else f"drawn by each client from OS entropy; each update carries 1/{d} of the noise variance "
+                f"(d = k - t, k = min-clients-per-phase, t = collusion-threshold {self.server.collusion_threshold}), "
+                "and no release is made from fewer than k updates, so each carries at least the accounted noise"
             )
             ledger["neighbouring_relation"] = (
                 "add/remove one client's entire data, given which clients reply (the roster of replies is "

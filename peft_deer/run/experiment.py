@@ -108,7 +108,7 @@ def build_experiment(
     data = load_run_data(settings)
     backbone = load_run_backbone(settings, data.splits, say)
     record = record_level(settings, [len(p) for p in data.partitions])
-    sigma = client_sigma(settings)
+    sigma = client_sigma(settings)  # calibrated with --accountant, which the budget stop then uses
     base_copy = copy.deepcopy(backbone.model) if settings.model.model == "tiny-vit" else None
     # DINOv2-S is named portably ("dinov2-s": load_backbone rebuilds it and checks its weights' digest on any
     # machine); a random backbone is saved with the run and named by that directory.
@@ -126,6 +126,8 @@ def build_experiment(
         share(run_randomness(settings)),
         record,
         ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum),
+        budget_accountant=settings.privacy.accountant,
+        collusion_threshold=settings.privacy.collusion_threshold,
     )
     engine = select_engine(fed.engine, SequentialEngine(local_training(settings, record)), model, layout, say)
     blocks = adapted_blocks(settings, model)

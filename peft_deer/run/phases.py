@@ -101,8 +101,8 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     settings, server = exp.settings, exp.server
     load_adapter_state(exp.model, server.global_state)
     val = validation_metrics(exp)
-    # RDP only (the budget's accountant): server.epsilon() also runs PRV, seconds per call.
-    eps = server.accountant.epsilon(server.dp.delta, "rdp") if server.dp else None
+    # The budget's accountant only (--accountant): server.epsilon() runs both.
+    eps = server.accountant.epsilon(server.dp.delta, server.budget_accountant) if server.dp else None
     norms = [n for n in acc["update_norms"] if not math.isnan(n)]
     # Public: the server's own validation split, the guarantee spent, wall time.
     row = {

@@ -33,18 +33,20 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
     )
 
 
-def client_sigma(settings: RunSettings) -> float:
+def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     """The client-level noise multiplier per release: --noise-multiplier, else calibrated for --epsilon over
-    the planned run (0.0 without client-level DP). A ValueError names an impossible target."""
+    the planned run with `accountant` (default --accountant; pass the same one to
+    `FederatedServer(budget_accountant=)`) (0.0 without client-level DP). A ValueError names an impossible target."""
     privacy, data = settings.privacy, settings.data
     if not privacy.client_level:
         return 0.0
     if privacy.noise_multiplier is not None:
         return privacy.noise_multiplier
+    accountant = accountant or privacy.accountant
     releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
     sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
     try:
-        return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases)
+        return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases, accountant)
     except ValueError as err:
         raise ValueError(
             f"cannot calibrate a noise multiplier for --epsilon {privacy.epsilon:g} at --delta {privacy.delta:g} "
@@ -106,9 +108,18 @@ def record_level(
         calibration = "fixed (--record-noise-multiplier)"
     else:
         sigmas = calibrate_record_sigmas(
-            record.record_epsilon, record.record_delta, declared, local.batch_size, local.local_epochs, updates
+            record.record_epsilon,
+            record.record_delta,
+            declared,
+            local.batch_size,
+            local.local_epochs,
+            updates,
+            settings.privacy.accountant,
         )
-        calibration = f"per client: epsilon {record.record_epsilon:g} after {updates} updates (all phases)"
+        calibration = (
+            f"per client: epsilon {record.record_epsilon:g} ({settings.privacy.accountant.upper()}) after {updates} "
+            "updates (all phases)"
+        )
     rdp = RecordDP(
         sigmas,
         record.record_clip_norm,
@@ -118,7 +129,8 @@ def record_level(
         record.max_physical_batch_size,
         record.record_epsilon,
         calibration,
-        tuple(declared),
+        public_sizes=tuple(declared),
+        accountant=settings.privacy.accountant,
     )
     return RecordLevel(rdp, local.batch_size, local.local_epochs)
 

@@ -23,6 +23,7 @@ SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
 MAX_SEED = 2**32 - 1  # numpy / flwr-datasets seeds
 DP_LEVELS = ("none", "client", "record", "client,record")
 NOISE_PLACEMENTS = ("central", "distributed")
+ACCOUNTANTS = ("prv", "rdp")  # peft_deer.federated.accountant.ACCOUNTANTS (the default first)
 
 DEFAULT_DELTA, DEFAULT_CLIP_NORM, DEFAULT_RIDGE = DELTA, CLIP_NORM, RIDGE  # their home: peft_deer/defaults.py
 
@@ -209,10 +210,21 @@ class PrivacySettings:
     )
     noise_multiplier: float | None = setting(None, "sigma per release (instead of calibrating it from --epsilon)")
     delta: float = setting(DEFAULT_DELTA, "must be < 1/num_clients")
+    accountant: str = setting(
+        "prv",
+        "accountant of the sigma calibration, the budget stop and the ledger's epsilon (client and record level): "
+        "prv (opacus PRV, tight; its upper bound) or rdp (opacus RDP, looser); privacy.json shows both",
+        choices=ACCOUNTANTS,
+    )
     clip_norm: float = setting(DEFAULT_CLIP_NORM, "C: bound on a client update's (metric) norm")
     regulator_ridge: float = setting(DEFAULT_RIDGE, "lambda in M = s^2 Y^T Y + lambda I")
     noise_placement: str = setting(
         "central", "who adds the noise: the server, or each client its share", choices=NOISE_PLACEMENTS
+    )
+    collusion_threshold: int = setting(
+        1,
+        "t: with distributed noise each client's share has variance sigma^2 C^2 / (k - t) (k the noise floor), so "
+        "t colluding participating sites still face sigma and outsiders more; 0: shares sized for outsiders only",
     )
     reproducible_noise: bool = setting(
         False,
@@ -231,6 +243,8 @@ class PrivacySettings:
     def __post_init__(self) -> None:
         if self.regulator_ridge < 0:
             raise ValueError(f"--regulator-ridge {self.regulator_ridge:g} must be >= 0")
+        if self.collusion_threshold < 0:
+            raise ValueError(f"--collusion-threshold {self.collusion_threshold} must be >= 0")
         if self.client_level:
             if self.epsilon is None and self.noise_multiplier is None:
                 raise ValueError(

@@ -1,0 +1,137 @@
+"""Distributed noise against participants: shares calibrated for t colluders, and the ledger's epsilon per adversary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from peft_deer.federated import ClientDP, ClientUpdate, DPRandomness, FederatedServer, iter_phases
+from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
+from peft_deer.federated.collusion import adversary_multipliers, residual_multiplier, share_divisor
+
+
+@pytest.mark.parametrize("k,t", [(2, 1), (5, 2), (6, 0)])
+def test_summed_and_residual_noise_variance_match_theory(k, t):
+    sigma, n = 1.3, 200_000
+    d = share_divisor(k, t)
+    g = torch.Generator().manual_seed(k * 10 + t)
+    shares = torch.randn(n, k, 2, generator=g, dtype=torch.float64) * sigma / math.sqrt(d)  # 2 coordinates
+    total = shares.sum(1)
+    residual = total - shares[:, :t].sum(1)  # what t colluders face after subtracting their own shares
+    for noise, known in ((total, 0), (residual, t)):
+        cov = torch.cov(noise.T)
+        theory = residual_multiplier(sigma, k, d, known) ** 2
+        assert torch.allclose(torch.diag(cov), torch.full((2,), theory, dtype=torch.float64), rtol=0.02)
+        assert abs(float(cov[0, 1])) < 0.02 * theory  # isotropic: independent coordinates
+    assert residual_multiplier(sigma, k, d, t) == pytest.approx(sigma)  # d = k - t keeps sigma against t
+    assert residual_multiplier(sigma, k, k, 1) == pytest.approx(sigma * math.sqrt((k - 1) / k))
+
+
+def test_share_divisor_refuses_colluders_who_would_know_every_share():
+    assert share_divisor(3, 1) == 2 and share_divisor(3, 0) == 3
+    with pytest.raises(ValueError, match="collusion-threshold 2 must be in"):
+        share_divisor(2, 2)
+    assert adversary_multipliers(1.0, 2, 2, 2)["colluders"] == 0.0
+
+
+def _server(t: int, k: int = 2) -> FederatedServer:
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    dp = ClientDP(0.8, 1.0, placement="distributed", delta=1e-3)
+    return FederatedServer("lora", layout, state, k, k, dp, DPRandomness.from_seed(0), collusion_threshold=t)
+
+
+def _rdp(sigma: float, releases: int) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, 1.0, releases)]
+    return acc.get_epsilon(1e-3)
+
+
+def _release_four(server: FederatedServer, divisor: int) -> None:
+    for phase in iter_phases("lora", 4):
+        zero = {key: torch.zeros(server.global_state[key].shape) for key in server.trained_keys(phase)}
+        server.finish_summed_phase(phase, zero, [0, 1], divisor, noise_floor=2)
+
+
+def test_ledger_states_the_weaker_epsilon_against_a_participant_of_the_outsiders_mechanism():
+    server = _server(t=1)
+    _release_four(server, divisor=2)  # shares sigma^2 / k: the README's example (k = 2, sigma 0.8, 4 releases)
+    ledger = server.ledger()
+    against = ledger["epsilon_against"]
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8, 4)) == pytest.approx(ledger["epsilon"])
+    assert against["one_participating_site"]["rdp"] == pytest.approx(_rdp(0.8 / math.sqrt(2), 4))
+    assert against["one_participating_site"]["rdp"] > 1.5 * ledger["epsilon"]  # 18.02 vs 11.27
+    assert against["t_colluding_sites"]["t"] == 1 and ledger["noise_shares_per_release"] == [[2, 2]] * 4
+
+
+def test_shares_calibrated_for_a_participant_keep_sigma_against_it_and_give_outsiders_more():
+    server = _server(t=1)
+    _release_four(server, divisor=server.share_divisor(2))  # d = k - t = 1: each site adds the full sigma^2
+    against = server.ledger()["epsilon_against"]
+    assert against["one_participating_site"]["rdp"] == pytest.approx(_rdp(0.8, 4))
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(2), 4))
+    assert against["outsiders"]["prv"] < against["outsiders"]["rdp"]
+    again = _server(t=1)
+    again.load_state_dict(server.state_dict())  # the per-adversary accountants survive a restart
+    assert again.adversary_epsilons() == server.adversary_epsilons()
+
+
+def test_colluders_who_know_every_share_get_no_guarantee_and_too_few_shares_are_refused():
+    server = _server(t=2)
+    _release_four(server, divisor=2)
+    assert server.ledger()["epsilon_against"]["t_colluding_sites"]["rdp"] == math.inf
+    phase = next(iter(iter_phases("lora", 1)))
+    zero = {key: torch.zeros(server.global_state[key].shape) for key in server.trained_keys(phase)}
+    with pytest.raises(ValueError, match="fewer than the noise floor k=3"):
+        _server(t=1, k=3).finish_summed_phase(phase, zero, [0, 1], 2, noise_floor=3)
+
+
+def _simulated(t: int, clients: int = 3) -> FederatedServer:
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    dp = ClientDP(0.8, 1.0, placement="distributed", delta=1e-3)
+    return FederatedServer(
+        "lora", layout, state, clients, clients, dp, DPRandomness.from_seed(0), collusion_threshold=t
+    )
+
+
+def _zero_updates(server: FederatedServer, phase) -> list[ClientUpdate]:
+    keys = server.trained_keys(phase)
+    return [ClientUpdate(c, {k: torch.zeros(server.global_state[k].shape) for k in keys}, 10) for c in range(3)]
+
+
+@pytest.mark.parametrize("t,divisor", [(0, 3), (1, 2), (2, 1)])
+def test_the_simulated_distributed_run_sizes_shares_for_t_colluders_and_its_ledger_states_both(t, divisor):
+    """Each simulated client adds sigma^2 C^2 / (k - t): the release's noise variance is k / (k - t) sigma^2 C^2,
+    and the ledger states sigma sqrt(k / d) against outsiders and sigma against t colluding sites."""
+    phase = next(iter(iter_phases("lora", 1)))
+    sums = []
+    for seed in range(150):
+        server = _simulated(t)
+        server.randomness = DPRandomness.from_seed(seed)
+        release = server.finish_phase(phase, _zero_updates(server, phase))
+        sums.append(torch.cat([v.flatten() * 3 for v in release.delta.values()]))  # times the denominator k = 3
+    variance = float(torch.stack(sums).double().var())
+    assert variance == pytest.approx(0.8**2 * 3 / divisor, rel=0.1)
+    server = _simulated(t)
+    for phase in iter_phases("lora", 4):
+        server.finish_phase(phase, _zero_updates(server, phase))
+    ledger = server.ledger()
+    against = ledger["epsilon_against"]
+    assert ledger["collusion_threshold"] == t and ledger["noise_shares_per_release"] == [[3, divisor]] * 4
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3 / divisor), 4))
+    assert against["t_colluding_sites"]["rdp"] == pytest.approx(_rdp(0.8, 4))
+    assert ledger["epsilon"] == pytest.approx(_rdp(0.8, 4))  # accounted at sigma, whatever d
+
+
+def test_with_more_colluders_than_shares_each_share_is_full_and_the_ledger_gives_no_guarantee_against_them():
+    server = _simulated(t=3)
+    assert server.share_divisor(3) == 1 and server.share_divisor(5) == 2
+    for phase in iter_phases("lora", 2):
+        server.finish_phase(phase, _zero_updates(server, phase))
+    against = server.ledger()["epsilon_against"]
+    assert against["t_colluding_sites"]["rdp"] == math.inf
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3), 2))
