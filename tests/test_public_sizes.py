@@ -140,3 +140,25 @@ def test_one_record_more_changes_nothing_published(tmp_path, medmnist_dir, monke
     assert "given the clients' declared public sizes" in a["privacy"]["neighbouring_relation"]
     table = a["privacy"]["trust_model_table"]
     assert table["deployment"] == "simulation" and table["against"]["public"]["record_level_epsilon"] > 0
+
+
+def test_trust_table_reads_the_per_adversary_epsilons_of_distributed_noise():
+    """Under distributed noise a participating site knows its share: its row is the ledger's one-site epsilon,
+    higher than the public's (outsiders), and t colluders get theirs; a table that gave every party the
+    run's epsilon fails here."""
+    against = {
+        "outsiders": {"rdp": 6.5, "prv": 6.0},
+        "one_participating_site": {"rdp": 10.2, "prv": 9.9},
+        "t_colluding_sites": {"rdp": 10.2, "prv": 9.9, "t": 1},
+    }
+    ledger = {
+        "level": "client", "trust_model": "distributed", "epsilon": 9.9, "accountant": "prv", "transport": "flower",
+        "secure_aggregation": True, "epsilon_against": against,
+    }  # fmt: skip
+    rows = trust_model_of(ledger)["against"]
+    assert rows["public"]["client_level_epsilon"] == 6.0 and rows["server"]["client_level_epsilon"] == 6.0
+    assert rows["another site"]["client_level_epsilon"] == 9.9 and "own noise share" in rows["another site"]["why"]
+    assert rows["t colluding sites"]["client_level_epsilon"] == 9.9
+    assert trust_model_of(ledger)["colluding_sites"] == 1
+    no_table = trust_model_of({k: v for k, v in ledger.items() if k != "epsilon_against"})["against"]
+    assert no_table["another site"]["client_level_epsilon"] is None and no_table["public"]["client_level_epsilon"] == 9.9

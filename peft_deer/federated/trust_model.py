@@ -23,18 +23,25 @@ def _client_level(
     epsilon: float | None,
     epsilon_vs_server: float | None,
     epsilon_vs_colluding: float | None,
+    epsilon_vs_outsiders: float | None = None,
+    epsilon_vs_one_site: float | None = None,
 ) -> tuple[float | None, str]:
+    distributed = placement == "distributed"
+    outsiders = epsilon_vs_outsiders if distributed and epsilon_vs_outsiders is not None else epsilon
     if adversary == "public":
-        return epsilon, "every published file is post-processing of the noised releases"
+        return outsiders, "every published file is post-processing of the noised releases"
     if not deployed:
         return None, "simulation: one process plays the server and every site, so its operator holds all the data"
     if adversary == "another site":
+        if distributed:
+            why = "distributed noise: a participating site knows its own noise share, so the rest carries less"
+            return epsilon_vs_one_site, why if epsilon_vs_one_site is not None else f"{why}; {NOT_COMPUTED}"
         return epsilon, "a site receives only global adapters, post-processing of the noised releases"
     if adversary == "server":
         if placement == "central":
             return None, "central noise: the server receives each site's clipped, un-noised update and adds the noise"
         if secure_aggregation:
-            return epsilon, "SecAgg+: the server sees only the sum of the privatized updates, carrying the full noise"
+            return outsiders, "SecAgg+: the server sees only the sum of the privatized updates, carrying the full noise"
         why = "distributed noise without secure aggregation: the server sees each update with its own noise share"
         return epsilon_vs_server, why if epsilon_vs_server is not None else f"{why}; {NOT_COMPUTED}"
     if placement == "central":
@@ -54,6 +61,8 @@ def trust_model(
     epsilon_vs_colluding: float | None = None,
     colluding: int | None = None,
     reproducible: bool = False,
+    epsilon_vs_outsiders: float | None = None,
+    epsilon_vs_one_site: float | None = None,
 ) -> dict:
     """The trust-model table of one run mode (see the module docstring).
 
@@ -61,7 +70,9 @@ def trust_model(
     else a simulation; `placement`: the client-level noise placement ('central' or 'distributed');
     `client_epsilon` / `record_epsilon`: the run's epsilon at each level (record: the largest over sites);
     `epsilon_vs_server` / `epsilon_vs_colluding`: client-level epsilon under distributed noise against the
-    server without secure aggregation / against `colluding` sites (None: not computed).
+    server without secure aggregation / against `colluding` sites (None: not computed);
+    `epsilon_vs_outsiders` / `epsilon_vs_one_site`: under distributed noise, against those who know no share (the
+    public; the server under SecAgg+) / one participating site (its own share known).
     """
     if level not in ("none", "client", "record", "client+record"):
         raise ValueError(f"privacy level {level!r} is not none, client, record or client+record")
@@ -83,7 +94,7 @@ def trust_model(
         if client:
             eps, why = _client_level(
                 adversary, deployed, placement, secure_aggregation, client_epsilon, epsilon_vs_server,
-                epsilon_vs_colluding,
+                epsilon_vs_colluding, epsilon_vs_outsiders, epsilon_vs_one_site,
             )  # fmt: skip
             row["client_level_epsilon"] = None if reproducible else eps
             whys.append(f"client level: {why}")
@@ -110,10 +121,18 @@ def trust_model(
 
 def trust_model_of(ledger: dict) -> dict:
     """`trust_model` with its inputs read from a privacy ledger (`FederatedServer.ledger()` plus a deployment's
-    keys: transport, secure_aggregation and, when a mechanism computes them, epsilon_against_server,
-    epsilon_against_colluding_sites and colluding_sites)."""
+    keys: transport, secure_aggregation and, when a mechanism computes them, epsilon_against_server and the
+    distributed-noise table `epsilon_against` of `FederatedServer.adversary_epsilons`, read with the ledger's
+    accountant)."""
     level = ledger["level"]
     record = ledger.get("record") or {}
+    kind = ledger.get("accountant") if ledger.get("accountant") in ("rdp", "prv") else "rdp"
+    against = ledger.get("epsilon_against") or {}
+
+    def vs(label: str) -> float | None:
+        entry = against.get(label) or {}
+        return entry.get(kind) if entry.get(kind) is not None else entry.get("rdp")
+
     return trust_model(
         level,
         deployed=ledger.get("transport") == "flower",
@@ -122,9 +141,11 @@ def trust_model_of(ledger: dict) -> dict:
         client_epsilon=ledger.get("epsilon") if level in ("client", "client+record") else None,
         record_epsilon=record.get("epsilon_max"),
         epsilon_vs_server=ledger.get("epsilon_against_server"),
-        epsilon_vs_colluding=ledger.get("epsilon_against_colluding_sites"),
-        colluding=ledger.get("colluding_sites"),
+        epsilon_vs_colluding=vs("t_colluding_sites") if against else ledger.get("epsilon_against_colluding_sites"),
+        colluding=(against.get("t_colluding_sites") or {}).get("t", ledger.get("colluding_sites")),
         reproducible=bool(ledger.get("reproducible_noise")),
+        epsilon_vs_outsiders=vs("outsiders") if against else None,
+        epsilon_vs_one_site=vs("one_participating_site") if against else None,
     )
 
 
