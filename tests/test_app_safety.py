@@ -111,6 +111,47 @@ def test_sizes_refused_from_the_header_before_decoding(monkeypatch: pytest.Monke
     assert "\n" not in str(exc.value)
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n%%EndComments\nnewpath 0 0 moveto 28 28 lineto stroke\n"
+
+
+def _psd(width: int = 8, height: int = 8) -> bytes:
+    """A minimal 8-bit grayscale Photoshop file (Pillow reads it, the demo must not)."""
+    import struct
+
+    head = b"8BPS" + struct.pack(">H6xHIIHH", 1, 1, height, width, 8, 1)  # version 1, 1 channel, grayscale
+    return head + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0) + bytes(range(width * height))
+
+
+@pytest.mark.parametrize("kind", ["eps", "psd", "fits"])
+@pytest.mark.parametrize("name", ["scan.png", "scan.eps"])
+def test_only_the_readme_formats_are_decoded_and_nothing_runs(monkeypatch, kind: str, name: str) -> None:
+    """Issue 27 attack item 1: an EPS (Pillow would run Ghostscript on it, via a temp file), a PSD or a FITS
+    upload, whatever its name, is refused with one line; no subprocess starts and no temp file is made."""
+    import subprocess as sp
+    import tempfile
+
+    from PIL import EpsImagePlugin
+
+    started: list = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise OSError("a subprocess was started")
+
+    for fn in ("Popen", "check_call", "run"):
+        monkeypatch.setattr(sp, fn, record)
+    monkeypatch.setattr(tempfile, "mkstemp", record)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as if Ghostscript were installed
+    fits = b"".join(c.ljust(80).encode() for c in ("SIMPLE  = T", "BITPIX  = 8", "NAXIS   = 2", "NAXIS1  = 8",
+                                                  "NAXIS2  = 8", "END")).ljust(2880) + bytes(2880)  # fmt: skip
+    data = {"eps": EPS, "psd": _psd(), "fits": fits}[kind]
+    with pytest.raises(UnreadableFile) as exc:
+        decode(data, name)
+    assert "\n" not in str(exc.value) and "PNG, JPEG, BMP, TIFF, WebP or DICOM" in str(exc.value), exc.value
+    assert started == []
+    assert decode(_png(np.full((8, 8), 7, np.uint8)), name).shape == (8, 8)  # the README's formats still decode
+
+
 # ------------------------------------------------------------------------------------------------ items 10 and 11
 
 
