@@ -152,6 +152,30 @@ def test_only_the_readme_formats_are_decoded_and_nothing_runs(monkeypatch, kind:
     assert decode(_png(np.full((8, 8), 7, np.uint8)), name).shape == (8, 8)  # the README's formats still decode
 
 
+def test_an_upload_with_an_examples_bytes_is_deleted_by_age_and_the_example_stays(monkeypatch, tmp_path) -> None:
+    """Attack item 6a: public is the app's own copy of an example (by path), not any file with its bytes."""
+    from gradio.processing_utils import save_file_to_cache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(uploads, "_DIR", cache.resolve())
+    monkeypatch.setattr(uploads, "_PUBLIC", set())
+    monkeypatch.setattr(uploads, "_start_sweeper", lambda: None)
+    example = tmp_path / "run" / "examples" / "0_0.png"
+    example.parent.mkdir(parents=True)
+    example.write_bytes(_png(np.full((8, 8), 3, np.uint8)))
+    uploads.set_public([example, None], upload_ttl_s=5)
+    kept = Path(save_file_to_cache(example, str(cache)))  # what Gradio serves the example from
+    assert kept == uploads.cached_path(example)
+    upload = kept.parent / "Jane Doe 1970-01-01.png"  # the same bytes uploaded under a patient's name
+    upload.write_bytes(example.read_bytes())
+    other = cache / "ff" / "scan.png"
+    other.parent.mkdir()
+    other.write_bytes(b"x")
+    uploads.sweep(now=time.time() + 10)
+    assert kept.is_file() and not upload.exists() and not other.exists()
+
+
 # ------------------------------------------------------------------------------------------------ items 10 and 11
 
 
