@@ -117,7 +117,93 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in CHECKPOINT_KEYS if k not in payload]
     if missing:
         raise DamagedFileError(f"{path} is not a complete peft_deer checkpoint (missing {missing}); {fix}")
+    problem = checkpoint_problem(payload)
+    if problem:
+        raise DamagedFileError(f"{path} is damaged ({problem}); {fix}")
+    payload["next_phase"] = tuple(payload["next_phase"])
     return payload
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _plain(x: Any, depth: int = 0) -> bool:
+    """JSON-like data only (what metrics rows hold): no tensors, no bytes, bounded nesting."""
+    if x is None or isinstance(x, bool | int | float | str):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(x, list | tuple):
+        return all(_plain(v, depth + 1) for v in x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in x.items())
+    return False
+
+
+def _tensors_problem(x: Any, where: str, depth: int = 0) -> str | None:
+    """The first floating-point tensor in `x` (nested dicts and lists) with a NaN or inf entry, named."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return f"{where} has NaN/inf entries"
+        return None
+    if depth > 12:
+        return f"{where} is nested too deeply"
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list | tuple) else ()
+    for key, value in items:
+        problem = _tensors_problem(value, f"{where}.{key}", depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _state_problem(state: Any, where: str) -> str | None:
+    if not isinstance(state, dict) or not state:
+        return f"{where} is not a non-empty {{name: tensor}} dict"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return f"{where} holds something other than named tensors"
+    return _tensors_problem(state, where)
+
+
+def checkpoint_problem(payload: Mapping[str, Any]) -> str | None:
+    """What is wrong with the values of a checkpoint that has every key (a type, a range, a NaN), or None.
+
+    The phase loop restores these as they are, so a crafted or damaged value must be caught here, in one line.
+    """
+    step = payload["next_phase"]
+    if not (isinstance(step, list | tuple) and len(step) == 2 and all(_is_int(v) and 0 <= v < 2**31 for v in step)):
+        return f"next_phase {str(step)[:40]!r} is not a (round, phase) pair of non-negative integers"
+    server = payload["server"]
+    if not isinstance(server, dict) or "global_state" not in server:
+        return "server is not a server state (no global_state)"
+    problem = _state_problem(server["global_state"], "server.global_state") or _tensors_problem(server, "server")
+    if problem:
+        return problem
+    for key in ("rows", "private_rows"):
+        rows = payload[key]
+        if not (isinstance(rows, list) and all(isinstance(r, dict) and _plain(r) for r in rows)):
+            return f"{key} is not a list of plain rows (dicts of numbers and text)"
+    best = payload["best"]
+    if best is not None:
+        if not (isinstance(best, dict) and _is_number(best.get("score")) and _is_int(best.get("round"))):
+            return "best is not a {score, round, state} record"
+        problem = _state_problem(best.get("state"), "best.state")
+        if problem:
+            return problem
+    digests = payload.get("data_sha256")
+    if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        return "data_sha256 is not a {split: sha256} record"
+    acc = payload["round_acc"]
+    ok = (
+        isinstance(acc, dict)
+        and all(_is_number(acc.get(k)) for k in ("loss", "images", "seconds"))
+        and all(isinstance(acc.get(k), list) and all(map(_is_number, acc[k])) for k in ("update_norms", "participants"))
+    )
+    return None if ok else "round_acc is not a {loss, images, seconds, update_norms, participants} record"
 
 
 def check_adapter(adapter_dir: str | Path) -> None:

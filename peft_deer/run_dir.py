@@ -2,13 +2,19 @@
 
 A new run is built in a hidden sibling, `.<name>.partial`, and renamed to `--output-dir` once its first
 checkpoint is written (or, for a run that ends before one, once its outputs are). So an output dir that
-exists holds either a resumable run (`checkpoint.pt`) or a finished one (`summary.json`): a run killed or
+exists holds either a resumable run (`server-private/checkpoint.pt`) or a finished one (`summary.json`): a run killed or
 failing before its first checkpoint leaves only the hidden staging dir, which the next start removes.
 `--overwrite` keeps the old run until the new one is published in its place.
 
 One run at a time per output dir: `lock_output_dir` holds an exclusive `flock` on `.<name>.lock` next to it
 for the life of the process (the kernel drops it when the process dies, so a killed run's lock is taken
-over, with a note). The lock file names its holder (pid, host, start time) for the refusal's one line.
+over, with a note). The lock file names its holder (pid, host, start time) for the refusal's one line. The
+lock is keyed on the resolved path (`os.path.realpath`): a symbolic link aliasing the output dir shares its lock.
+
+Files of other users are never trusted: a run dir that another user owns, or a `server-private/` that another
+user owns or that is a symbolic link, is refused. A run creates nothing group- or world-writable whatever the
+umask (the process's umask gains 022), and `server-private/` (0700, its files 0600) holds the checkpoint with
+the run's DP secret, so a run dir published without `server-private/` never carries the key.
 
 Only the standard library: the drivers check the output dir before loading torch.
 """
@@ -17,17 +23,21 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
-CHECKPOINT = "checkpoint.pt"
+PRIVATE_DIR = "server-private"  # owner-only: un-noised per-client diagnostics and the checkpoint (the DP secret)
+CHECKPOINT = f"{PRIVATE_DIR}/checkpoint.pt"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # where older versions kept it (with a 63-bit noise key): never resumed
 SUMMARY = "summary.json"
 # What marks a directory as a peft_deer run (metrics.jsonl: runs of older versions, stopped before a checkpoint).
-RUN_FILES = (CHECKPOINT, SUMMARY, "metrics.jsonl")
+RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, SUMMARY, "metrics.jsonl")
 
 
 class OutputDirError(ValueError):
@@ -41,8 +51,9 @@ def staging_dir(out: Path) -> Path:
 
 
 def lock_path(out: Path) -> Path:
-    """The lock file of `out`: `.<name>.lock` next to it (the output dir itself is renamed into place)."""
-    out = Path(os.path.abspath(out))
+    """The lock file of `out`: `.<name>.lock` next to it (the output dir itself is renamed into place), keyed on
+    the resolved path: any alias of the dir (a symbolic link to it or to a folder above it) has the same lock."""
+    out = Path(os.path.realpath(out))
     return out.parent / f".{out.name}.lock"
 
 
@@ -50,8 +61,11 @@ _HELD: dict[Path, int] = {}  # lock file -> open descriptor holding its flock, f
 
 
 def _holder_text(info: dict) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
-    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {started}"
+    """'pid P on HOST, started TIME' from a checked lock record; '?' / 'at an unknown time' for what it lacks."""
+    started = "at an unknown time"
+    if info.get("started") is not None:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+    return f"pid {info.get('pid') or '?'} on {info.get('host') or '?'}, started {started}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,7 +73,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):
         return True
     return True
 
@@ -76,12 +90,16 @@ def lock_output_dir(out: Path, launch: str | None = None, say=None) -> None:
         return
     if path.is_symlink():
         raise OutputDirError(f"{path} is a symbolic link; remove it (a run's lock file is a plain file)")
+    _check_plain_lock(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as err:
         raise OutputDirError(f"cannot create the lock file {path} ({err.strerror or err}); choose a writable "
                              "--output-dir") from None  # fmt: skip
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in after the check above
+        os.close(fd)
+        raise OutputDirError(f"{path} is not a plain file (a run's lock file is one); remove it and start again")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -92,7 +110,7 @@ def lock_output_dir(out: Path, launch: str | None = None, say=None) -> None:
             "another --output-dir"
         ) from None
     old = _read_lock(fd)
-    if old.get("pid") and old.get("host") == socket.gethostname() and not _pid_alive(int(old["pid"])):
+    if old.get("pid") and old.get("host") == socket.gethostname() and not _pid_alive(old["pid"]):
         (say or (lambda m: print(m, file=sys.stderr)))(
             f"note: took over the lock of {out} from a run that is gone ({_holder_text(old)})"
         )
@@ -107,7 +125,10 @@ def check_output_lock(out: Path, launch: str) -> None:
     path = lock_path(out)
     if not path.is_file() or path.is_symlink():
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # gone or swapped since the check: rank 0's own lock attempt names the problem
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -129,26 +150,90 @@ def release_output_lock(out: Path) -> None:
         os.close(fd)
 
 
-def _read_lock(fd: int) -> dict:
+def _check_plain_lock(path: Path) -> None:
+    """OutputDirError if something other than a plain file (a FIFO, a directory, a device) sits at `path`."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except ValueError:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise OutputDirError(f"{path} is not a plain file (a run's lock file is one); remove it and start again")
+
+
+def _read_lock(fd: int) -> dict:
+    """The lock record at `fd` with only well-formed fields: pid (a positive int), host (str), started (a time
+    `time.localtime` can show), launch (str); a field that is missing or malformed (a tampered file) is dropped."""
+    try:
+        raw = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (ValueError, OSError):
         return {}
-    return info if isinstance(info, dict) else {}
+    if not isinstance(raw, dict):
+        return {}
+    info: dict = {}
+    pid, started = raw.get("pid"), raw.get("started")
+    if type(pid) is int and 0 < pid < 2**31:
+        info["pid"] = pid
+    for key in ("host", "launch"):
+        if isinstance(raw.get(key), str):
+            info[key] = raw[key][:200]
+    if type(started) in (int, float) and math.isfinite(started) and 0 < started < 2**40:
+        info["started"] = float(started)
+    return info
+
+
+def no_group_world_write() -> None:
+    """Add 022 to this process's umask: nothing a run creates from now on is group- or world-writable."""
+    os.umask(os.umask(0o022) | 0o022)
+
+
+def check_owned(path: Path, what: str, follow: bool = False) -> None:
+    """OutputDirError (one line) if `path` is another user's or (unless `follow`: then its target is checked) a
+    symbolic link: a run never writes through it."""
+    try:
+        info = os.stat(path) if follow else os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise OutputDirError(f"{path} is a symbolic link; refusing to write {what} through it")
+    if info.st_uid != os.geteuid():
+        raise OutputDirError(f"{path} belongs to another user (uid {info.st_uid}); refusing to write {what} into "
+                             "it: remove it or choose another --output-dir")  # fmt: skip
 
 
 def make_private_dir(path: Path) -> Path:
-    """`path` as an owner-only (0700) directory, created so (never readable by others), whatever the umask."""
+    """`path` as an owner-only (0700) directory of this user, its files 0600, whatever the umask.
+
+    OutputDirError if it is a symbolic link or belongs to another user (swapped in through a writable parent).
+    """
     path = Path(path)
-    if path.is_symlink():
-        raise OutputDirError(f"{path} is a symbolic link; refusing to write server-private files through it")
+    check_owned(path, "server-private files")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
         pass
-    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask (only ever narrower); an existing dir is narrowed
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise OutputDirError(f"{path} cannot be used as the server-private dir ({err.strerror or err})") from None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():  # swapped between the check and the open
+            check_owned(path, "server-private files")
+            raise OutputDirError(f"{path} changed while it was checked; remove it and start again")
+        os.fchmod(fd, 0o700)  # mkdir's mode is masked by the umask (only ever narrower); an existing dir is narrowed
+        for entry in os.scandir(fd):
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.name, 0o600, dir_fd=fd)  # a plain file in a dir only this user can change
+    finally:
+        os.close(fd)
     return path
+
+
+def _narrow(path: Path) -> None:
+    """Drop group and world write from a directory of this user (a run dir made under umask 000)."""
+    mode = os.lstat(path).st_mode
+    if mode & 0o022:
+        os.chmod(path, stat.S_IMODE(mode) & ~0o022)
 
 
 def live_dir(out: Path) -> Path:
@@ -164,7 +249,7 @@ def run_state(out: Path) -> str:
         return "absent"
     if (out / SUMMARY).is_file():
         return "finished"
-    if (out / CHECKPOINT).is_file():
+    if (out / CHECKPOINT).is_file() or (out / LEGACY_CHECKPOINT).is_file():
         return "unfinished"
     return "unstarted" if any((out / f).exists() for f in RUN_FILES) else "foreign"
 
@@ -177,13 +262,17 @@ def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) ->
     the beginning (nothing of it was kept): then the returned resume is False.
     """
     out = Path(output_dir)
+    no_group_world_write()
     if run_state(out) == "finished":
         # killed between writing summary.json and deleting the checkpoint: that file holds the DP secret
         (out / CHECKPOINT).unlink(missing_ok=True)
+        (out / LEGACY_CHECKPOINT).unlink(missing_ok=True)
     resume = check_output_state(out, resume, overwrite)
     staging = staging_dir(out)
     if staging.is_dir():
         shutil.rmtree(staging)
+    if resume:
+        _narrow(out)  # made by an older version under umask 000
     return out, resume
 
 
@@ -193,6 +282,7 @@ def check_output_state(output_dir: str | Path, resume: bool, overwrite: bool) ->
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--output-dir {out} is a file, not a directory; choose a directory path")
+    check_owned(out, "a run", follow=True)  # an alias (symbolic link) of one's own dir is fine: the lock resolves it
     state, staging = run_state(out), staging_dir(out)
     check_not_symlink(staging)
     hint = {
@@ -205,6 +295,9 @@ def check_output_state(output_dir: str | Path, resume: bool, overwrite: bool) ->
     if state == "foreign":
         raise OutputDirError(hint[state])
     if resume:
+        if state == "unfinished" and not (out / CHECKPOINT).is_file():
+            raise OutputDirError(f"{out / LEGACY_CHECKPOINT} was written by an older version (its noise key has 63 "
+                                 "bits); start again with --overwrite")  # fmt: skip
         if state == "finished":
             raise OutputDirError(f"{out} holds a finished run: nothing to resume; pass --overwrite to replace it")
         if state == "unstarted":
@@ -230,10 +323,12 @@ def create_staging(out: Path) -> Path:
     """An empty staging dir for a new run of `out` (parents created); OutputDirError if that fails."""
     staging = staging_dir(out)
     check_not_symlink(staging)
+    no_group_world_write()
     try:
         if staging.exists():
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        staging.mkdir(parents=True, mode=0o755)
+        _narrow(staging)
     except OSError as err:
         raise OutputDirError(
             f"--output-dir {out} cannot be created ({err.strerror or err}); choose a writable directory"

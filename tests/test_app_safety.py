@@ -111,6 +111,71 @@ def test_sizes_refused_from_the_header_before_decoding(monkeypatch: pytest.Monke
     assert "\n" not in str(exc.value)
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n%%EndComments\nnewpath 0 0 moveto 28 28 lineto stroke\n"
+
+
+def _psd(width: int = 8, height: int = 8) -> bytes:
+    """A minimal 8-bit grayscale Photoshop file (Pillow reads it, the demo must not)."""
+    import struct
+
+    head = b"8BPS" + struct.pack(">H6xHIIHH", 1, 1, height, width, 8, 1)  # version 1, 1 channel, grayscale
+    return head + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0) + bytes(range(width * height))
+
+
+@pytest.mark.parametrize("kind", ["eps", "psd", "fits"])
+@pytest.mark.parametrize("name", ["scan.png", "scan.eps"])
+def test_only_the_readme_formats_are_decoded_and_nothing_runs(monkeypatch, kind: str, name: str) -> None:
+    """Issue 27 attack item 1: an EPS (Pillow would run Ghostscript on it, via a temp file), a PSD or a FITS
+    upload, whatever its name, is refused with one line; no subprocess starts and no temp file is made."""
+    import subprocess as sp
+    import tempfile
+
+    from PIL import EpsImagePlugin
+
+    started: list = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise OSError("a subprocess was started")
+
+    for fn in ("Popen", "check_call", "run"):
+        monkeypatch.setattr(sp, fn, record)
+    monkeypatch.setattr(tempfile, "mkstemp", record)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as if Ghostscript were installed
+    fits = b"".join(c.ljust(80).encode() for c in ("SIMPLE  = T", "BITPIX  = 8", "NAXIS   = 2", "NAXIS1  = 8",
+                                                  "NAXIS2  = 8", "END")).ljust(2880) + bytes(2880)  # fmt: skip
+    data = {"eps": EPS, "psd": _psd(), "fits": fits}[kind]
+    with pytest.raises(UnreadableFile) as exc:
+        decode(data, name)
+    assert "\n" not in str(exc.value) and "PNG, JPEG, BMP, TIFF, WebP or DICOM" in str(exc.value), exc.value
+    assert started == []
+    assert decode(_png(np.full((8, 8), 7, np.uint8)), name).shape == (8, 8)  # the README's formats still decode
+
+
+def test_an_upload_with_an_examples_bytes_is_deleted_by_age_and_the_example_stays(monkeypatch, tmp_path) -> None:
+    """Attack item 6a: public is the app's own copy of an example (by path), not any file with its bytes."""
+    from gradio.processing_utils import save_file_to_cache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(uploads, "_DIR", cache.resolve())
+    monkeypatch.setattr(uploads, "_PUBLIC", set())
+    monkeypatch.setattr(uploads, "_start_sweeper", lambda: None)
+    example = tmp_path / "run" / "examples" / "0_0.png"
+    example.parent.mkdir(parents=True)
+    example.write_bytes(_png(np.full((8, 8), 3, np.uint8)))
+    uploads.set_public([example, None], upload_ttl_s=5)
+    kept = Path(save_file_to_cache(example, str(cache)))  # what Gradio serves the example from
+    assert kept == uploads.cached_path(example)
+    upload = kept.parent / "Jane Doe 1970-01-01.png"  # the same bytes uploaded under a patient's name
+    upload.write_bytes(example.read_bytes())
+    other = cache / "ff" / "scan.png"
+    other.parent.mkdir()
+    other.write_bytes(b"x")
+    uploads.sweep(now=time.time() + 10)
+    assert kept.is_file() and not upload.exists() and not other.exists()
+
+
 # ------------------------------------------------------------------------------------------------ items 10 and 11
 
 

@@ -244,7 +244,15 @@ def _damage(path: Path, how: str) -> None:
 
 def test_damaged_checkpoint_on_resume(tmp_path, medmnist_dir, capsys):
     base = tmp_path / "base"
-    assert run_main(tiny_argv(base, "--rounds", "2", "--max-phases", "1"), capsys)[0] == 0
+    old_umask = os.umask(0)  # attack 27.3: nothing group/world-writable; the DP key only in server-private/ (0600)
+    try:
+        assert run_main(tiny_argv(base, "--rounds", "2", "--max-phases", "1"), capsys)[0] == 0
+    finally:
+        os.umask(old_umask)
+    assert Path(CHECKPOINT).parent.name == "server-private" and not (base / "checkpoint.pt").exists()
+    assert os.stat((base / CHECKPOINT).parent).st_mode & 0o777 == 0o700
+    assert {os.stat(p).st_mode & 0o777 for p in (base / CHECKPOINT).parent.iterdir()} == {0o600}
+    assert [p for p in (base, *base.rglob("*")) if os.stat(p).st_mode & 0o022] == []
     for how, reason in (
         ("truncated", "is damaged"),
         ("random-bytes", "is damaged"),

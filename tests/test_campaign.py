@@ -139,7 +139,10 @@ def test_launch_flags_resume_restart_or_new(tmp_path):
     assert campaign.launch_flags(run_dir) == []
     (run_dir / "metrics.jsonl").write_text("")
     assert campaign.launch_flags(run_dir) == ["--overwrite"]  # started, no checkpoint yet
-    (run_dir / "checkpoint.pt").write_bytes(b"")
+    (run_dir / "checkpoint.pt").write_bytes(b"")  # an older version's checkpoint: not resumable (63-bit key)
+    assert campaign.launch_flags(run_dir) == ["--overwrite"]
+    (run_dir / "server-private").mkdir()
+    (run_dir / "server-private" / "checkpoint.pt").write_bytes(b"")
     assert campaign.launch_flags(run_dir) == ["--resume"]  # interrupted after a phase
     (run_dir / "summary.json").write_text("{}")
     assert campaign.launch_flags(run_dir) == ["--overwrite"]  # finished: its line was deleted, run it again

@@ -42,6 +42,7 @@ from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
 from peft_deer.flower.protocol import read_train_message, update_reply  # noqa: E402
 from peft_deer.flower.run_config import OPTION_KEYS, DeploymentOptions, parse_run_config  # noqa: E402
 from peft_deer.methods import NoiseKind  # noqa: E402
+from peft_deer.run_dir import CHECKPOINT  # noqa: E402
 
 
 def _stream(seed: int):
@@ -286,7 +287,7 @@ def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_p
         # The same run interrupted after 2 of its 4 phases, then resumed from its checkpoint.
         resumed_config = run_config.replace(f'output-dir="{flower_out}"', f'output-dir="{resumed_out}"')
         interrupted = d.run(resumed_config + " max-phases=2", timeout_s=900)
-        assert (resumed_out / "checkpoint.pt").is_file() and not (resumed_out / "summary.json").exists()
+        assert (resumed_out / CHECKPOINT).is_file() and not (resumed_out / "summary.json").exists()
         workers = [p for p in map(_process, d.pids()) if "site_worker" in _cmdline(p)]
         assert len(workers) == 2, "one long-lived worker per SuperNode"
         for w in workers:  # the sites restart: their accountants must come back from the state directory

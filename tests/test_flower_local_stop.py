@@ -44,11 +44,11 @@ def test_sigterm_stops_the_whole_local_deployment(tmp_path):
     deadline, family = time.monotonic() + 240, set()
     while time.monotonic() < deadline and proc.poll() is None:  # until the ServerApp has checkpointed
         family |= _family(root)
-        if (out / "checkpoint.pt").is_file():
+        if (out / "server-private" / "checkpoint.pt").is_file():
             break
         time.sleep(0.5)
     family |= _family(root)
-    assert proc.poll() is None and (out / "checkpoint.pt").is_file(), "the run never checkpointed"
+    assert proc.poll() is None and (out / "server-private" / "checkpoint.pt").is_file(), "the run never checkpointed"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 143, err[-2000:]

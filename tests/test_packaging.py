@@ -122,6 +122,25 @@ def test_a_command_without_its_extra_says_which_extra_in_one_line(command, extra
     assert missing in lines[0] and f"pip install '{PACKAGE}[{extra}]'" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("module", "prog", "extra", "missing"),
+    [
+        ("peft_deer.audit", "deer-audit", "train", "opacus"),
+        ("peft_deer.audit", "deer-audit", "train", "scipy"),
+        ("peft_deer.flower.local", "deer-flower", "flower", "flwr"),
+        ("peft_deer.flower.local", "deer-flower", "flower", "opacus"),
+    ],
+)
+def test_python_m_entry_points_check_their_extra_in_one_line(module, prog, extra, missing):
+    """Attack item 6b: `python -m peft_deer.audit --help` / `python -m peft_deer.flower.local --help` with a module
+    of the extra blocked: one line naming it (as the console scripts), not a ModuleNotFoundError traceback."""
+    command = f"import runpy; sys.argv = ['{module}', '--help']; runpy.run_module('{module}', run_name='__main__')"
+    proc = _python(_blocker({missing}) + command, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == f"{prog}: error: {missing} not installed; pip install '{PACKAGE}[{extra}]'"
+
+
 def test_every_console_script_checks_an_extra_that_pyproject_defines():
     import peft_deer.extras as extras
 

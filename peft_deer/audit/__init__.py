@@ -57,20 +57,28 @@ same claimed mechanism, tight); epsilon_nominal (sigma alone, the published mech
 `deer-reference`); detected, with the delta where the verdict is most decisive.
 """
 
-from .bounds import (
-    CONFIDENCE,
-    AuditResult,
-    Bound,
-    clopper_pearson_upper,
-    epsilon_from_rates,
-    epsilon_lower_bound,
-    gaussian_epsilon,
-)
-from .cli import build_parser, main
-from .client_level import canary_update, run_client_audit
-from .record_level import run_record_audit
-from .setting import build_audit_adapter
-from .verdict import Verdict, profile_test, tight_epsilons
+from importlib import import_module
+from typing import Any
+
+# name -> the submodule that defines it; loaded on first use, so `python -m peft_deer.audit` can check the
+# `train` extra (one line when missing, `peft_deer.extras`) before anything needs it.
+_EXPORTS = {
+    **dict.fromkeys(
+        ("CONFIDENCE", "AuditResult", "Bound", "clopper_pearson_upper", "epsilon_from_rates", "epsilon_lower_bound",
+         "gaussian_epsilon"), "bounds"),
+    **dict.fromkeys(("build_parser", "main"), "cli"),
+    **dict.fromkeys(("canary_update", "run_client_audit"), "client_level"),
+    "run_record_audit": "record_level",
+    "build_audit_adapter": "setting",
+    **dict.fromkeys(("Verdict", "profile_test", "tight_epsilons"), "verdict"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CONFIDENCE",

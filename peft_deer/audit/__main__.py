@@ -1,7 +1,7 @@
-"""`python -m peft_deer.audit`: the same as `deer-audit`."""
+"""`python -m peft_deer.audit`: the same as `deer-audit` (its extra checked first: one line when missing)."""
 
 import sys
 
-from .cli import main
+from ..extras import deer_audit
 
-sys.exit(main())
+sys.exit(deer_audit())

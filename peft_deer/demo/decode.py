@@ -5,7 +5,9 @@ Every path ends in `peft_deer.intensity.to_uint8`, the bit-depth rule training a
 modality LUT (rescale slope/intercept), then the VOI LUT or the first window (LINEAR,
 LINEAR_EXACT or SIGMOID, DICOM PS3.3 C.11.2.1.2) mapped to 0..255, MONOCHROME1 inverted, colour
 (RGB, YBR, palette) to RGB, the first frame of a multi-frame file. Without a VOI LUT or window a
-DICOM is scaled like a PNG of the same pixels. Zip members are read from memory, never extracted.
+DICOM is scaled like a PNG of the same pixels. Zip members are read from memory, never extracted. Only
+the README's raster formats are decoded (`RASTER_FORMATS`, from memory, never via a temp file): an EPS
+(Ghostscript), PSD, FITS, ... is refused whatever its name.
 Sizes are checked from the header before decoding (`peft_deer.demo.limits`); any failure of a file, a
 malformed DICOM header included, is an `UnreadableFile` with one line.
 """
@@ -32,6 +34,8 @@ MAX_SIDE = 2048  # larger images are first shrunk (bounded memory); the model se
 MAX_ZIP_MEMBERS = MAX_REQUEST_FILES
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 ACCEPTED = "PNG, JPEG, BMP, TIFF, WebP or DICOM"
+# The only raster decoders Pillow may pick (by content): no EPS (runs Ghostscript), PSD, FITS, ... ever.
+RASTER_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 
 
 class UnreadableFile(ValueError):
@@ -61,15 +65,18 @@ def _shrink(pixels: np.ndarray) -> np.ndarray:
 
 
 def _read_raster(data: bytes) -> np.ndarray:
+    """Pixels of a PNG, JPEG, BMP, TIFF or WebP, decoded from memory; any other format or failure: UnreadableFile."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=RASTER_FORMATS) as img:
             check_raster_header(img)  # the size is in the header: refuse before decoding
             img.load()
             return pil_to_array(img)
     except OverBudget as exc:
         raise UnreadableFile(str(exc)) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableFile(f"not a readable image or DICOM file ({exc.__class__.__name__}); use {ACCEPTED}") from exc
+    except Image.UnidentifiedImageError:
+        raise UnreadableFile(f"not a PNG, JPEG, BMP, TIFF, WebP or DICOM file; use {ACCEPTED}") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder's failure on hostile bytes, of whatever type, is one line
+        raise UnreadableFile(f"not a readable image or DICOM file ({exc.__class__.__name__}); use {ACCEPTED}") from None
 
 
 def _first(value: Any) -> float:

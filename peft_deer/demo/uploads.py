@@ -7,7 +7,9 @@ requests share one path: a request must never delete "its" upload. Instead each 
 uploads' bytes into memory when it starts (`read`), and a janitor thread (`sweep`, every second)
 deletes every file in the cache whose last upload (its mtime: Gradio moves each upload into place
 anew) is older than `upload_ttl_s` (default `UPLOAD_TTL_S`), classified or not, and every file the demo
-returned (`new_output`) after its own TTL. The run's public files (examples, curves; `set_public`) stay.
+returned (`new_output`) after its own TTL. The run's public files (examples, curves; `set_public`) stay:
+exactly the paths Gradio copies them to (`<cache>/<content hash>/<name>`), so an upload with an example's bytes
+under another name is deleted like any other (only its path, not its bytes, would make it public).
 The whole directory goes when the server closes or the process exits (`remove`). Gradio's own sweep
 (``delete_cache``) is not used: an upload with an example's bytes lands on the example's path, and it
 would delete the example for everyone.
@@ -26,13 +28,23 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["UPLOAD_TTL_S", "UploadGone", "cache_dir", "digest", "new_output", "read", "remove", "set_public", "sweep"]
+__all__ = [
+    "UPLOAD_TTL_S",
+    "UploadGone",
+    "cache_dir",
+    "cached_path",
+    "digest",
+    "new_output",
+    "read",
+    "remove",
+    "set_public",
+    "sweep",
+]
 
 UPLOAD_TTL_S = 120.0  # every upload is deleted this long after it arrived (plus at most 1 s), classified or not
 _DIR: Path | None = None
 _OUTPUTS: list[tuple[float, Path]] = []  # (deadline, path) of files the demo returned
-_PUBLIC: set[str] = set()  # SHA-256 of the run's public files
-_DIGESTS: dict[tuple[Path, int, int], str] = {}  # (path, mtime_ns, size) -> SHA-256, for the public check
+_PUBLIC: set[Path] = set()  # where Gradio keeps its copies of the run's public files, in the private cache
 _LOCK = threading.Lock()
 _SWEEPER: threading.Thread | None = None
 _TTL = {"upload": UPLOAD_TTL_S}
@@ -60,10 +72,18 @@ def digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def cached_path(path: str | Path) -> Path:
+    """Where Gradio keeps its copy of the file at `path` in the private cache (its `save_file_to_cache` rule)."""
+    from gradio.processing_utils import hash_file
+    from gradio_client.utils import strip_invalid_filename_characters
+
+    return cache_dir() / hash_file(path) / strip_invalid_filename_characters(Path(path).name)
+
+
 def set_public(paths: Iterable[str | Path | None], upload_ttl_s: float = UPLOAD_TTL_S) -> None:
-    """Keep files with the bytes of `paths` (the run's examples and curves), start the janitor with this TTL."""
+    """Keep Gradio's copies of `paths` (the run's examples and curves), start the janitor with this TTL."""
     with _LOCK:
-        _PUBLIC.update(digest(p) for p in paths if p)
+        _PUBLIC.update(cached_path(p) for p in paths if p)
         _TTL["upload"] = float(upload_ttl_s)
     _start_sweeper()
 
@@ -103,15 +123,6 @@ def new_output(name: str, ttl_s: float) -> Path:
     return path
 
 
-def _is_public(path: Path, stat: os.stat_result) -> bool:
-    if not _PUBLIC:
-        return False
-    key = (path, stat.st_mtime_ns, stat.st_size)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = digest(path)
-    return _DIGESTS[key] in _PUBLIC
-
-
 def sweep(now: float | None = None) -> None:
     """Delete returned files past their deadline and every other file (uploads, finished or aborted) whose
     mtime is more than the upload TTL ago, except the run's public files."""
@@ -128,7 +139,7 @@ def sweep(now: float | None = None) -> None:
         try:
             stat = path.stat()
             if path.is_file() and path not in owned and now - stat.st_mtime > _TTL["upload"]:
-                if not _is_public(path, stat):
+                if path not in _PUBLIC:
                     _delete(path)
         except OSError:
             continue

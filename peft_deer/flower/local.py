@@ -13,6 +13,7 @@ telemetry is off in every process started (`FLWR_TELEMETRY_ENABLED=0`). Used by 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -26,7 +27,16 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+if __name__ == "__main__":  # `python -m peft_deer.flower.local`: a missing extra is one line, not a traceback
+    from peft_deer.extras import require_extra
+
+    require_extra("deer-flower", "flower")
+    try:
+        importlib.import_module("psutil")
+    except ImportError:
+        raise SystemExit("deer-flower: error: psutil not installed; pip install psutil") from None
+
+import psutil  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ privacy.json, metrics.jsonl, summary.json, curves.png, examples/, base-model/ (r
 -- all of it publishable: nothing in it is computed from a client's data without noise.
 Each adapter's temperature (probabilities = softmax(logits / T), fitted on the server's validation split)
 is in its `peft_deer_run.json` and in `summary.json` under `calibration`.
-`server-private/` holds what is (training losses, update norms, participants, per-client label counts,
-dropped updates); `checkpoint.pt` (while unfinished) also holds the run's DP secret. Never publish either.
+`server-private/` (owner-only) holds what is (training losses, update norms, participants, per-client label
+counts, dropped updates) and, while the run is unfinished, `checkpoint.pt` with the run's DP secret. Never publish it.
 """
 
 from __future__ import annotations

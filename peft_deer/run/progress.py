@@ -7,6 +7,7 @@ outputs: example images, and, server-private, the per-client label counts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import SettingsMismatch, check_resume, load_checkpoint
+from ..checkpoint import DamagedFileError, SettingsMismatch, check_resume, load_checkpoint
 from ..data import format_label_table, label_count_table, plot_label_counts
 from ..io import dumps_strict, write_json_atomic
-from ..run_dir import CHECKPOINT, create_staging, live_dir, make_private_dir
+from ..run_dir import CHECKPOINT, PRIVATE_DIR, create_staging, live_dir, make_private_dir
 from .experiment import Experiment
 
-PRIVATE_DIR = "server-private"  # un-noised per-client diagnostics: never published with the adapter
+__all__ = [
+    "PRIVATE_DIR",
+    "RunProgress",
+    "SettingsMismatch",
+    "append_jsonl",
+    "new_round_acc",
+    "save_example_images",
+    "start_or_resume",
+    "write_jsonl",
+]
 
 
 def save_example_images(split, out_dir: Path, per_class: int = 2) -> list[dict[str, Any]]:
@@ -55,13 +65,23 @@ def new_round_acc() -> dict:
     return {"loss": 0.0, "images": 0, "seconds": 0.0, "update_norms": [], "participants": []}
 
 
+def _open_rows(path: Path, flags: int):
+    """`path` opened for writing: 0600 in `server-private/`, else 0644, whatever the umask or its old mode."""
+    mode = 0o600 if path.parent.name == PRIVATE_DIR else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, mode)
+    os.fchmod(fd, mode)
+    return os.fdopen(fd, "w")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
+    """Write `rows` as strict JSON lines to `path` (replacing it)."""
+    with _open_rows(path, os.O_TRUNC) as f:
         f.writelines(dumps_strict(r) + "\n" for r in rows)
 
 
 def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
+    """Append one strict JSON line to `path`."""
+    with _open_rows(path, os.O_APPEND) as f:
         f.write(dumps_strict(row) + "\n")
 
 
@@ -83,9 +103,14 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
                 f"{out / CHECKPOINT} does not fit this run ({type(err).__name__}: {str(err)[:100]}); pass --overwrite "
                 "to start again"
             ) from None
-        progress = RunProgress(
-            tuple(ckpt["next_phase"]), ckpt["rows"], ckpt["best"], ckpt["round_acc"], ckpt["private_rows"]
-        )
+        rounds, per_round = settings.federation.rounds, exp.server.spec.releases_per_round
+        step = ckpt["next_phase"]
+        if not (step == (rounds, 0) or (step[0] < rounds and step[1] < per_round)):
+            raise DamagedFileError(
+                f"{out / CHECKPOINT} is damaged (next_phase {step} is outside this run's {rounds} rounds of "
+                f"{per_round} phases); the run cannot continue from it: pass --overwrite to start the run again"
+            )
+        progress = RunProgress(step, ckpt["rows"], ckpt["best"], ckpt["round_acc"], ckpt["private_rows"])
     else:
         progress = RunProgress()
         if main_proc:
