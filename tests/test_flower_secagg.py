@@ -522,7 +522,7 @@ def test_skellam_shares_pass_secagg_exactly_and_the_ledger_states_their_skellam_
         dataclasses.replace(u, delta=skellam_message(u.delta, whiteners, DP.clip_norm, plan, _stream(300 + i)))
         for i, u in enumerate(updates)
     ]
-    server = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    server = FederatedServer("deer", layout, dict(state), 3, 3, DP, collusion_threshold=0)  # d = k = 2
     nodes = {c: 500 + c for c in range(3)}
     deer = DeerStrategy(server, nodes, 1, DeploymentOptions(2, reply_timeout_s=5, secagg_noise="skellam"))
     grid = LoopbackGrid({nodes[c]: messages[c] for c in range(3)})

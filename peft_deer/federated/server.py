@@ -46,8 +46,8 @@ class FederatedServer:
     randomness: DPRandomness = field(default_factory=DPRandomness.secret)
     record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
-    budget_accountant: str = "rdp"
-    collusion_threshold: int = 0
+    budget_accountant: str = "prv"  # the settings' defaults (--accountant prv, --collusion-threshold 1)
+    collusion_threshold: int = 1
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = method_spec(self.method)
