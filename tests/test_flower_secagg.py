@@ -625,3 +625,53 @@ def test_a_site_sends_its_skellam_message_from_public_terms_and_refuses_another_
         assert torch.equal(value, expected[key]) and torch.equal(value, value.round())
     with pytest.raises(ValueError, match="is not this site's"):
         site.train_update(dataclasses.replace(work, skellam_scale=plan.scale * 2))
+
+
+def test_skellam_is_the_default_gaussian_shares_warn_and_a_resume_with_another_secagg_noise_is_refused():
+    from types import SimpleNamespace
+
+    from test_flower import flower_config
+
+    from peft_deer.checkpoint import SettingsMismatch, check_resume
+    from peft_deer.flower.server_app import FlowerTransport
+    from peft_deer.run.experiment import Experiment
+
+    good = {**flower_config(), "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed"}
+    good.update({"min-clients-per-phase": 2, "secure-aggregation": True})
+    settings, options = parse_run_config(good)
+    assert options.secagg_noise == "skellam"
+    with pytest.warns(UserWarning, match="NO proof: quantization after noise"):
+        _, gaussian = parse_run_config({**good, "secagg-noise": "gaussian"})
+    fingerprints = []
+    for opts in (options, gaussian):
+        exp = SimpleNamespace(settings=settings, server=SimpleNamespace(record=None), deployment_fingerprint={})
+        FlowerTransport(None, opts, context=object()).before_start(exp, None)
+        fingerprints.append(Experiment.fingerprint(exp))
+    assert fingerprints[0]["secagg-noise"] == "skellam" and fingerprints[1]["secagg-noise"] == "gaussian"
+    check_resume(None, {"fingerprint": fingerprints[0]}, fingerprints[0], {})
+    with pytest.raises(SettingsMismatch, match="secagg-noise: 'skellam' -> 'gaussian'"):
+        check_resume(None, {"fingerprint": fingerprints[0]}, fingerprints[1], {})
+
+
+def test_the_budget_stop_of_a_skellam_run_uses_the_skellam_epsilon(flower_task_identity):
+    """With Skellam shares the budget stop asks the Skellam accountant (what the ledger states), not the Gaussian
+    limit: a target between the two stops a release the Gaussian accountant would have allowed."""
+    from peft_deer.federated import PrivacyBudgetExceeded
+    from peft_deer.federated.skellam import plan_skellam, skellam_ledger
+
+    layout, state, phase, _ = phase_b_setup(2)
+    dim = sum(state[k].numel() for k in layout.trained_keys(phase.factors))
+    plan = dataclasses.asdict(plan_skellam(DP.noise_multiplier, DP.clip_norm, dim, 1, 2))  # k = 2, t = 1: d = 1
+    skellam = skellam_ledger([plan], DP.delta, [(2, 1)], 1)["t_colluding_sites"]
+    gaussian = ReleaseAccountant()
+    gaussian.step(DP.noise_multiplier, 1.0)
+    target = (skellam + gaussian.epsilon(DP.delta, "prv")) / 2
+    assert gaussian.epsilon(DP.delta, "prv") < target < skellam
+    server = FederatedServer("deer", layout, dict(state), 2, 2, dataclasses.replace(DP, target_epsilon=target))
+    deer = DeerStrategy(server, {0: 500, 1: 501}, 1, DeploymentOptions(2))
+    SecAggDeerStrategy(deer, LoopbackGrid({}), run_id=1)
+    assert server.budget_probe(phase) == (pytest.approx(skellam), "Skellam")
+    with pytest.raises(PrivacyBudgetExceeded, match=r"\(Skellam\)"):
+        server.check_budget(phase)
+    server.budget_probe = None  # the Gaussian accountant alone would have released it
+    server.check_budget(phase)
