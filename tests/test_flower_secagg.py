@@ -293,8 +293,11 @@ def secagg_setup(
     server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP, collusion_threshold=t)
     nodes = {c: 500 + c for c in range(num_clients)}
     deer = DeerStrategy(
-        server, nodes, 1, DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range)
-    )
+        server,
+        nodes,
+        1,
+        DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range, secagg_noise="gaussian"),
+    )  # these protocol tests send precomputed float (Gaussian-share) updates
     grid = LoopbackGrid(
         {nodes[c]: private[c] for c in range(num_clients)}, {nodes[c]: s for c, s in (dead or {}).items()}
     )
