@@ -59,8 +59,15 @@ def test_ledger_is_the_servers_own_epsilon():
     for method in ("deer", "deer-reference"):
         result = run_client_audit(method, noise_multiplier=2.0, trials=40, delta=1e-5, num_clients=4, noise_seed=0)
         _, layout, state = build_audit_adapter(method, 2, 4, 3.0)
-        server = FederatedServer(
-            method, layout, state, 4, 4, dp=ClientDP(2.0, 1.0, delta=1e-5), randomness=DPRandomness.from_seed(0)
+        server = FederatedServer(  # RDP: the audit's ledger epsilon is opacus RDP
+            method,
+            layout,
+            state,
+            4,
+            4,
+            dp=ClientDP(2.0, 1.0, delta=1e-5),
+            randomness=DPRandomness.from_seed(0),
+            budget_accountant="rdp",
         )
         phase = next(iter_phases(method, 1))
         keys = server.trained_keys(phase)

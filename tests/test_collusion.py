@@ -61,9 +61,10 @@ def test_ledger_states_the_weaker_epsilon_against_a_participant_of_the_outsiders
     _release_four(server, divisor=2)  # shares sigma^2 / k: the README's example (k = 2, sigma 0.8, 4 releases)
     ledger = server.ledger()
     against = ledger["epsilon_against"]
-    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8, 4)) == pytest.approx(ledger["epsilon"])
+    assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8, 4)) == pytest.approx(ledger["epsilon_rdp"])
     assert against["one_participating_site"]["rdp"] == pytest.approx(_rdp(0.8 / math.sqrt(2), 4))
-    assert against["one_participating_site"]["rdp"] > 1.5 * ledger["epsilon"]  # 18.02 vs 11.27
+    assert against["one_participating_site"]["rdp"] > 1.5 * ledger["epsilon_rdp"]  # 18.02 vs 11.27
+    assert ledger["accountant"] == "prv" and ledger["epsilon"] == ledger["epsilon_prv"] < ledger["epsilon_rdp"]
     assert against["t_colluding_sites"]["t"] == 1 and ledger["noise_shares_per_release"] == [[2, 2]] * 4
 
 
@@ -124,7 +125,7 @@ def test_the_simulated_distributed_run_sizes_shares_for_t_colluders_and_its_ledg
     assert ledger["collusion_threshold"] == t and ledger["noise_shares_per_release"] == [[3, divisor]] * 4
     assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3 / divisor), 4))
     assert against["t_colluding_sites"]["rdp"] == pytest.approx(_rdp(0.8, 4))
-    assert ledger["epsilon"] == pytest.approx(_rdp(0.8, 4))  # accounted at sigma, whatever d
+    assert ledger["epsilon_rdp"] == pytest.approx(_rdp(0.8, 4))  # accounted at sigma, whatever d
 
 
 def test_with_more_colluders_than_shares_each_share_is_full_and_the_ledger_gives_no_guarantee_against_them():

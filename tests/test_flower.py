@@ -122,13 +122,14 @@ def flwr_warnings(caplog):
     logger.removeHandler(caplog.handler)
 
 
-def phase_setup(num_clients: int, dp: ClientDP | None = None, min_clients: int = 2):
-    """A deer server over `num_clients` clients, a strategy with one fake SuperNode each, phase B trained."""
+def phase_setup(num_clients: int, dp: ClientDP | None = None, min_clients: int = 2, t: int = 1):
+    """A deer server over `num_clients` clients (collusion threshold `t`), a strategy with one fake SuperNode each,
+    phase B trained."""
     model = tiny_deer_model("deer")
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
-    server = FederatedServer("deer", layout, state, num_clients, num_clients, dp)
-    reference = FederatedServer("deer", layout, dict(state), num_clients, num_clients, dp)
+    server = FederatedServer("deer", layout, state, num_clients, num_clients, dp, collusion_threshold=t)
+    reference = FederatedServer("deer", layout, dict(state), num_clients, num_clients, dp, collusion_threshold=t)
     strategy = DeerStrategy(server, {c: 1000 + c for c in range(num_clients)}, 1, DeploymentOptions(min_clients))
     phase = next(iter_phases("deer", 1))
     tasks = random_client_tasks((8,) * num_clients, torch.Generator().manual_seed(0))
@@ -187,7 +188,7 @@ def test_distributed_noise_drops_an_unclipped_update_and_keeps_the_noise_floor(f
     """min-clients-per-phase = 2 of 3 sampled: each client is asked for 1/2 of the noise variance, so the two
     valid updates left after a drop still carry the full noise, and the release is accounted at sigma."""
     dp = ClientDP(noise_multiplier=1.0, clip_norm=0.01, delta=1e-3, placement="distributed")
-    server, _, strategy, phase, updates, messages = phase_setup(3, dp, min_clients=2)
+    server, _, strategy, phase, updates, messages = phase_setup(3, dp, min_clients=2, t=0)  # d = k = 2
     assert {read_train_message(m).num_shares for m in messages} == {2}
     keys = server.trained_keys(phase)
     whiteners = build_whiteners(server.layout, server.global_state, keys, "regulated", dp.ridge)

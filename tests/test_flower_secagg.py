@@ -293,8 +293,11 @@ def secagg_setup(
     server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP, collusion_threshold=t)
     nodes = {c: 500 + c for c in range(num_clients)}
     deer = DeerStrategy(
-        server, nodes, 1, DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range)
-    )
+        server,
+        nodes,
+        1,
+        DeploymentOptions(k, reply_timeout_s=5, quantization_range=quantization_range, secagg_noise="gaussian"),
+    )  # these protocol tests send precomputed float (Gaussian-share) updates
     grid = LoopbackGrid(
         {nodes[c]: private[c] for c in range(num_clients)}, {nodes[c]: s for c, s in (dead or {}).items()}
     )
@@ -457,7 +460,7 @@ def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(t
     with LocalDeployment(2, tmp_path / "logs", node_config, {"OMP_NUM_THREADS": "1"}) as d:
         runs = [
             d.run(f'{base} output-dir="{plain_out}"', timeout_s=600),
-            d.run(f'{base} output-dir="{secure_out}" secure-aggregation=true', timeout_s=600),
+            d.run(f'{base} output-dir="{secure_out}" secure-aggregation=true secagg-noise="gaussian"', timeout_s=600),
         ]
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
     for r in runs:
@@ -483,6 +486,41 @@ def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(t
     assert ledger["epsilon_rdp"] == pytest.approx(accountant.epsilon(1e-3, "rdp"))
     assert ledger["epsilon_rdp"] > ledger["epsilon"]
     assert "testing only" in ledger["client_noise"]
+    assert details["analysis_gap"].startswith("NO proof: quantization after noise")  # the opt-in says so
+
+
+def test_loopback_skellam_run_releases_the_decoded_integer_sum_and_states_its_skellam_epsilon(tmp_path, one_thread):
+    """SuperLink + 2 SuperNodes, one lora release through SecAgg+ with the default Skellam shares: the final B
+    factors (zero before it) times the denominator 2 and the scale s are integers (the released sum is the decoded
+    exact integer sum, no quantization error), and privacy.json's epsilon is the Skellam epsilon of the plan that
+    follows from public terms."""
+    if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
+        pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
+    from safetensors.torch import load_file
+
+    from peft_deer.federated.skellam import plan_skellam, skellam_ledger
+    from peft_deer.flower.local import LocalDeployment, server_app_error
+
+    out = tmp_path / "skellam"
+    run = 'model="tiny-vit" image-size=28 train-subset=60 rounds=1 method="lora" dp="client" noise-multiplier=0.8 '
+    run += 'clip-norm=0.5 noise-placement="distributed" delta=1e-3 min-clients-per-phase=2 collusion-threshold=1 '
+    run += f'secure-aggregation=true data-dir="{MEDMNIST_DIR}" output-dir="{out}"'
+    node_config = {"data-dir": f'"{MEDMNIST_DIR}"', "state-dir": f'"{tmp_path / "state"}"'}
+    with LocalDeployment(2, tmp_path / "logs", node_config, {"OMP_NUM_THREADS": "1"}) as d:
+        result = d.run(run, timeout_s=600)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert server_app_error(result.stdout + result.stderr) is None and (out / "summary.json").is_file(), logs
+    ledger = json.loads((out / "privacy.json").read_text())
+    (plan,) = ledger["secure_aggregation_protocol"]["skellam_plans"]
+    assert plan == dataclasses.asdict(plan_skellam(0.8, 0.5, plan["dim"], 1, 2))  # d = k - t = 1, 2 sites
+    expected = skellam_ledger([plan], 1e-3, [(2, 1)], 1)
+    assert ledger["epsilon"] == pytest.approx(expected["t_colluding_sites"])
+    assert ledger["epsilon"] > ledger["epsilon_gaussian_limit"] and "analysis_gap" not in ledger
+    assert ledger["epsilon_skellam"]["outsiders"] == pytest.approx(expected["outsiders"])
+    assert ledger["epsilon_skellam"]["outsiders"] < ledger["epsilon"]
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    units = torch.cat([v.double().flatten() * 2 * plan["scale"] for k, v in adapter.items() if "lora_B" in k])
+    assert units.abs().max() > 100 and (units - units.round()).abs().max() < 0.05  # integers: the exact sum
 
 
 def test_shares_sized_for_a_colluding_site_travel_to_the_sites_and_the_release_is_accounted_against_both(
@@ -522,7 +560,7 @@ def test_skellam_shares_pass_secagg_exactly_and_the_ledger_states_their_skellam_
         dataclasses.replace(u, delta=skellam_message(u.delta, whiteners, DP.clip_norm, plan, _stream(300 + i)))
         for i, u in enumerate(updates)
     ]
-    server = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    server = FederatedServer("deer", layout, dict(state), 3, 3, DP, collusion_threshold=0)  # d = k = 2
     nodes = {c: 500 + c for c in range(3)}
     deer = DeerStrategy(server, nodes, 1, DeploymentOptions(2, reply_timeout_s=5, secagg_noise="skellam"))
     grid = LoopbackGrid({nodes[c]: messages[c] for c in range(3)})
@@ -555,3 +593,90 @@ def test_skellam_shares_pass_secagg_exactly_and_the_ledger_states_their_skellam_
                 "method": "deer-reference",
             }
         )
+
+
+def test_a_site_sends_its_skellam_message_from_public_terms_and_refuses_another_scale(tmp_path):
+    """The site's Skellam branch (`Site.train_update` with a skellam scale): the plan from sigma, C, the update's
+    size and d, the message `skellam_message` of its own update with its noise stream (reproducible here), integers;
+    a scale that is not the plan's is refused."""
+    if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
+        pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
+    from test_flower_sites import tiny_run_config
+
+    from peft_deer.federated import ClientTask, derive_seed, train_client
+    from peft_deer.federated.skellam import plan_skellam, skellam_message
+    from peft_deer.flower.protocol import TrainInstruction
+    from peft_deer.flower.site import Site
+    from peft_deer.run.privacy import local_training
+
+    config = tiny_run_config(method="lora", dp="client", **{"noise-multiplier": 0.8, "clip-norm": 0.5})
+    config.update({"noise-placement": "distributed", "reproducible-noise": True, "train-subset": 40, "rounds": 1})
+    site = Site.build(config, {"partition-id": 1, "state-dir": str(tmp_path)})
+    state = get_adapter_state(site.model, site.layout)
+    phase = next(iter_phases("lora", 1))
+    dp = dataclasses.replace(DP, noise_multiplier=0.8, clip_norm=0.5)
+    dim = sum(state[k].numel() for k in site.layout.trained_keys(phase.factors))
+    plan = plan_skellam(0.8, 0.5, dim, 2, 1)
+    work = TrainInstruction(state, 0, 0, 1, 2, "k", NoiseTerms.of(dp, NoiseKind.PLAIN), plan.scale)
+    update, _ = site.train_update(work)
+    seed = site.settings.federation.seed
+    task = ClientTask(1, site.train_data, derive_seed(seed, *phase.step, 1, "train"))
+    raw = train_client(site.model, site.layout, state, phase, task, local_training(site.settings))
+    whiteners = build_whiteners(site.layout, state, list(raw.delta), NoiseKind.PLAIN, dp.ridge)
+    stream = DPRandomness.from_seed(seed).stream(*phase.step, 1, "noise")
+    expected = skellam_message(raw.delta, whiteners, 0.5, plan, stream)
+    assert update.delta.keys() == expected.keys()
+    for key, value in update.delta.items():
+        assert torch.equal(value, expected[key]) and torch.equal(value, value.round())
+    with pytest.raises(ValueError, match="is not this site's"):
+        site.train_update(dataclasses.replace(work, skellam_scale=plan.scale * 2))
+
+
+def test_skellam_is_the_default_gaussian_shares_warn_and_a_resume_with_another_secagg_noise_is_refused():
+    from types import SimpleNamespace
+
+    from test_flower import flower_config
+
+    from peft_deer.checkpoint import SettingsMismatch, check_resume
+    from peft_deer.flower.server_app import FlowerTransport
+    from peft_deer.run.experiment import Experiment
+
+    good = {**flower_config(), "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed"}
+    good.update({"min-clients-per-phase": 2, "secure-aggregation": True})
+    settings, options = parse_run_config(good)
+    assert options.secagg_noise == "skellam"
+    with pytest.warns(UserWarning, match="NO proof: quantization after noise"):
+        _, gaussian = parse_run_config({**good, "secagg-noise": "gaussian"})
+    fingerprints = []
+    for opts in (options, gaussian):
+        exp = SimpleNamespace(settings=settings, server=SimpleNamespace(record=None), deployment_fingerprint={})
+        FlowerTransport(None, opts, context=object()).before_start(exp, None)
+        fingerprints.append(Experiment.fingerprint(exp))
+    assert fingerprints[0]["secagg-noise"] == "skellam" and fingerprints[1]["secagg-noise"] == "gaussian"
+    check_resume(None, {"fingerprint": fingerprints[0]}, fingerprints[0], {})
+    with pytest.raises(SettingsMismatch, match="secagg-noise: 'skellam' -> 'gaussian'"):
+        check_resume(None, {"fingerprint": fingerprints[0]}, fingerprints[1], {})
+
+
+def test_the_budget_stop_of_a_skellam_run_uses_the_skellam_epsilon(flower_task_identity):
+    """With Skellam shares the budget stop asks the Skellam accountant (what the ledger states), not the Gaussian
+    limit: a target between the two stops a release the Gaussian accountant would have allowed."""
+    from peft_deer.federated import PrivacyBudgetExceeded
+    from peft_deer.federated.skellam import plan_skellam, skellam_ledger
+
+    layout, state, phase, _ = phase_b_setup(2)
+    dim = sum(state[k].numel() for k in layout.trained_keys(phase.factors))
+    plan = dataclasses.asdict(plan_skellam(DP.noise_multiplier, DP.clip_norm, dim, 1, 2))  # k = 2, t = 1: d = 1
+    skellam = skellam_ledger([plan], DP.delta, [(2, 1)], 1)["t_colluding_sites"]
+    gaussian = ReleaseAccountant()
+    gaussian.step(DP.noise_multiplier, 1.0)
+    target = (skellam + gaussian.epsilon(DP.delta, "prv")) / 2
+    assert gaussian.epsilon(DP.delta, "prv") < target < skellam
+    server = FederatedServer("deer", layout, dict(state), 2, 2, dataclasses.replace(DP, target_epsilon=target))
+    deer = DeerStrategy(server, {0: 500, 1: 501}, 1, DeploymentOptions(2))
+    SecAggDeerStrategy(deer, LoopbackGrid({}), run_id=1)
+    assert server.budget_probe(phase) == (pytest.approx(skellam), "Skellam")
+    with pytest.raises(PrivacyBudgetExceeded, match=r"\(Skellam\)"):
+        server.check_budget(phase)
+    server.budget_probe = None  # the Gaussian accountant alone would have released it
+    server.check_budget(phase)

@@ -7,15 +7,17 @@ clipped part plus a noise share, and in the parameter's own (un-whitened) coordi
 - clipped part: in whitened coordinates w (w = dB L, or L^T dA) the whole update has ||w|| <= C. A row
   of dB is a row of w times L^-1 (a column of dA is L^-T times a column of w), so every entry is at
   most C ||L^-1||_2 = C / sqrt(lambda_min(M)). (`reference` clips each matrix in factor space: C.)
-- noise share: an entry is Gaussian with std (sigma C / sqrt(k)) sqrt((M^-1)_jj) <= sigma C ||L^-1||_2 / sqrt(k).
-Hence rho = C ||L^-1|| (1 + t sigma / sqrt(k)), where t is the Gaussian quantile that makes any of the
-update's d entries pass rho with probability below `tail` (union bound over d entries): nothing is
+- noise share: an entry is Gaussian with std (sigma C / sqrt(d)) sqrt((M^-1)_jj) <= sigma C ||L^-1||_2 / sqrt(d),
+  d the share divisor (d = k - t: k the noise floor, t the collusion threshold; `collusion.share_divisor`).
+Hence rho = C ||L^-1|| (1 + z sigma / sqrt(d)), where z is the Gaussian quantile that makes any of the
+update's entries pass rho with probability below `tail` (union bound over its entries): nothing is
 clipped silently except with that probability. Stochastic rounding moves each entry by less than one
 step, so the sum of n dequantized updates is within n * 2 rho / Q of the exact sum in every entry.
 Not proven private as such: the released sum is sum_i Q(x_i + z_i), not a post-processing of the Gaussian
 sum that the ledger's epsilon accounts, and the range-clipping tail is a failure probability (n * tail per
 release, `range_clipping_probability`) to add to delta. The exact construction is the Skellam mechanism
-(`skellam.py`: quantize first, then add integer noise), SecAgg+ with `secagg-noise = "skellam"`.
+(`skellam.py`: quantize first, then add integer noise), SecAgg+ with `secagg-noise = "skellam"` (the
+default; these Gaussian shares are an explicit opt-in whose ledger says "NO proof").
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def clipping_range(
     num_shares: int,
     tail: float = DEFAULT_TAIL,
 ) -> float:
-    """rho: the entry range that holds a privatized update (clip C, noise share sigma C / sqrt(k)) but with
-    probability `tail` (module docstring). `whiteners` are the phase's, `shapes` its trained parameters'."""
+    """rho: the entry range that holds a privatized update (clip C, noise share sigma C / sqrt(d), d =
+    `num_shares`, the share divisor k - t) but with probability `tail` (module docstring). `whiteners` are the
+    phase's, `shapes` its trained parameters'."""
     t = tail_quantile(sum(math.prod(s) for s in shapes.values()), tail)
     share = t * dp.noise_multiplier / math.sqrt(num_shares)
     rho = 0.0

@@ -6,6 +6,7 @@ history, release log); `state_dict()` / `load_state_dict()` round-trip it exactl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,8 +47,8 @@ class FederatedServer:
     randomness: DPRandomness = field(default_factory=DPRandomness.secret)
     record: RecordLevel | None = None  # record-level DP-SGD inside clients (DESIGN 2.6)
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
-    budget_accountant: str = "rdp"
-    collusion_threshold: int = 0
+    budget_accountant: str = "prv"  # the settings' defaults (--accountant prv, --collusion-threshold 1)
+    collusion_threshold: int = 1
 
     def __post_init__(self) -> None:
         self.spec: MethodSpec = method_spec(self.method)
@@ -68,6 +69,9 @@ class FederatedServer:
         self.adversary_exposed = {who: False for who in _ADVERSARIES}  # knew every noise share of some release
         self.releases: list[dict] = []
         self.stopped_by_budget = False
+        # Another mechanism's accountant for the budget stop: phase -> (epsilon if it were released, its name);
+        # set by a transport whose release is not the Gaussian sum (SecAgg+ with Skellam shares). Not state.
+        self.budget_probe: Callable[[Phase], tuple[float, str]] | None = None
 
     @property
     def sample_rate(self) -> float:
@@ -96,16 +100,20 @@ class FederatedServer:
         return reference_effective_multiplier(self.dp.noise_multiplier, whiteners)
 
     def check_budget(self, phase: Phase) -> None:
-        """Raise `PrivacyBudgetExceeded` if releasing `phase` would pass the target epsilon."""
+        """Raise `PrivacyBudgetExceeded` if releasing `phase` would pass the target epsilon (`budget_accountant`,
+        or `budget_probe` where a transport set one)."""
         if self.dp is None or self.dp.target_epsilon is None:
             return
-        sigma = self.effective_noise_multiplier(phase)
-        eps = self.accountant.epsilon_after(sigma, self.sample_rate, self.dp.delta, self.budget_accountant)
+        if self.budget_probe is not None:
+            eps, name = self.budget_probe(phase)
+        else:
+            sigma = self.effective_noise_multiplier(phase)
+            eps = self.accountant.epsilon_after(sigma, self.sample_rate, self.dp.delta, self.budget_accountant)
+            name = self.budget_accountant.upper()
         if eps > self.dp.target_epsilon:
             self.stopped_by_budget = True
             raise PrivacyBudgetExceeded(
-                f"round {phase.round} phase {phase.index}: releasing would reach epsilon={eps:.3f} "
-                f"({self.budget_accountant.upper()}) > "
+                f"round {phase.round} phase {phase.index}: releasing would reach epsilon={eps:.3f} ({name}) > "
                 f"target {self.dp.target_epsilon}; stopped before it"
             )
 

@@ -4,6 +4,7 @@ that only a deployment has. Both come from `[tool.flwr.app.config]` and `flwr ru
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +37,10 @@ class DeploymentOptions:
         "needs dp with 'client', noise-placement='distributed' and min-clients-per-phase >= 2",
     )
     secagg_noise: str = setting(
-        "gaussian",
-        "SecAgg+ noise: gaussian (float shares, quantized by the mod: epsilon of the Gaussian sum, an analysis gap) "
-        "or skellam (integer shares that pass the quantization exactly: the Skellam epsilon of the sum is stated)",
+        "skellam",
+        "SecAgg+ noise: skellam (integer shares that pass the quantization exactly: the Skellam epsilon of the sum is "
+        "stated and drives the budget stop) or gaussian (opt-in, NO proof: float shares quantized after the noise; "
+        "warns, and the ledger says so); in the resume fingerprint",
         choices=("gaussian", "skellam"),
     )
     quantization_range: int = setting(
@@ -59,6 +61,11 @@ class DeploymentOptions:
         if self.secure_aggregation:
             check_secure_aggregation(settings, self)
 
+
+GAUSSIAN_SECAGG_WARNING = (
+    "secagg-noise='gaussian': NO proof: quantization after noise (each site sends Q(x + z), and the sum of those is "
+    "not a post-processing of the Gaussian sum the ledger's epsilon accounts); use secagg-noise='skellam'"
+)
 
 # The run-config keys of the deployment options (a site's loaded data does not depend on them).
 OPTION_KEYS = {name.replace("_", "-") for name in DeploymentOptions.__dataclass_fields__}
@@ -92,8 +99,11 @@ def check_secure_aggregation(settings: RunSettings, options: DeploymentOptions) 
         )
     if options.secagg_noise == "skellam" and settings.federation.method == "deer-reference":
         raise ValueError(
-            "secagg-noise='skellam' needs a metric-clipped method (not deer-reference, which clips per matrix)"
+            "secagg-noise='skellam' needs a metric-clipped method (not deer-reference, which clips per matrix); "
+            "secagg-noise='gaussian' runs it without a proof"
         )
+    if options.secagg_noise == "gaussian":
+        warnings.warn(GAUSSIAN_SECAGG_WARNING, UserWarning, stacklevel=2)
     if privacy.collusion_threshold >= options.min_clients_per_phase:
         raise ValueError(
             f"secure-aggregation=true needs collusion-threshold < min-clients-per-phase (got "

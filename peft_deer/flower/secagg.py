@@ -81,6 +81,8 @@ class SecAggDeerStrategy(LegacyStrategy):
         self._phase: tuple[Phase, list[int], int, float] | None = None  # phase, participants, k, rho
         self._release: PhaseRelease | None = None
         self._plan: SkellamPlan | None = None  # the phase's integer mechanism (secagg-noise='skellam')
+        if deer.options.secagg_noise == "skellam":  # the budget stop accounts what is released: the integer sum
+            server.budget_probe = self.skellam_epsilon_after
 
     # -- the ServerApp's phase loop -------------------------------------------------------------------
     def release_phase(self, grid: Grid, context: Context) -> Callable:
@@ -137,6 +139,21 @@ class SecAggDeerStrategy(LegacyStrategy):
         dim = sum(server.global_state[key].numel() for key in server.trained_keys(phase))
         dp = server.dp
         return plan_skellam(dp.noise_multiplier, dp.clip_norm, dim, server.share_divisor(noise_floor), sites)
+
+    def skellam_epsilon_after(self, phase: Phase) -> tuple[float, str]:
+        """The Skellam epsilon (the ledger's: against t colluding sites, range failures out of delta) if `phase`
+        were released too: its plan for k = the noise floor of clients-per-phase and a range sized for all
+        num-clients sites (against t colluders the summed variance (sigma s C)^2 does not depend on k)."""
+        server = self.deer.server
+        releases = [r for r in server.releases if "skellam" in r.get("secure_aggregation", {})]
+        plans = [r["secure_aggregation"]["skellam"] for r in releases]
+        shares = [(r["noise_shares"], r["share_divisor"]) for r in releases]
+        k = self.deer.noise_shares(server.clients_per_phase)
+        plan = self.phase_skellam_plan(phase, k, server.num_clients)
+        plans.append(dataclasses.asdict(plan))
+        shares.append((k, server.share_divisor(k)))
+        against = skellam_ledger(plans, server.dp.delta, shares, server.collusion_threshold)
+        return against["t_colluding_sites"], "Skellam"
 
     def phase_clipping_range(self, phase: Phase, noise_shares: int) -> float:
         """rho for `phase`: the entry range holding any privatized update (noise share sigma^2 C^2 / d, d =
@@ -266,9 +283,11 @@ class SecAggDeerStrategy(LegacyStrategy):
             "adapter_error_bound_per_entry_max": None if not bounds else max(bounds) / denominator,
             "error_note": "stochastic rounding moves each entry of each update by less than one step 2 rho / Q, "
             "so the sum of n <= num-clients updates is within n * 2 rho / Q per entry",
-            "analysis_gap": "epsilon accounts the Gaussian sum before quantization; the released sum is sum_i Q(x_i + "
-            "z_i), which is not a post-processing of it, so that epsilon is not a proof for the quantized sum (the "
-            "exact construction, integer Skellam noise on rounded updates, is secagg-noise='skellam')",
+            "noise": "gaussian (secagg-noise='gaussian', opt-in): float shares, quantized by the mod after the noise",
+            "analysis_gap": "NO proof: quantization after noise. epsilon accounts the Gaussian sum before "
+            "quantization; the released sum is sum_i Q(x_i + z_i), which is not a post-processing of it, so that "
+            "epsilon is not a proof for the quantized sum (the exact construction, integer Skellam noise on rounded "
+            "updates, is secagg-noise='skellam', the default)",
             "range_clipping_probability_per_release": range_clipping_probability(server.num_clients),
             "delta_with_range_clipping": server.dp.delta + len(ranges) * range_clipping_probability(server.num_clients),
         }
@@ -304,7 +323,7 @@ class SecAggDeerStrategy(LegacyStrategy):
             },
             "epsilon_note": "epsilon: Skellam RDP (Agarwal et al. 2021, Cor. 3.6; integer orders, no sampling "
             "amplification) of the integer sum against t colluding sites (k - t shares); the budget stop used the "
-            "Gaussian limit (epsilon_gaussian_limit)",
+            "Skellam epsilon too (epsilon_gaussian_limit: the Gaussian sum's, for comparison)",
         }
 
     def private_ledger(self) -> dict:

@@ -113,6 +113,8 @@ class FlowerTransport(Transport):
 
     def before_start(self, exp: Experiment, out: Path) -> None:
         logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
+        if self.options.secure_aggregation:  # the mechanism: a resume with another secagg-noise is refused
+            exp.deployment_fingerprint["secagg-noise"] = self.options.secagg_noise
         if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
             exp.server.record = SiteRecordLevel(exp.server.record)
 

@@ -64,6 +64,12 @@ class Experiment:
     base_copy: torch.nn.Module | None = None  # a random backbone, saved with the run
     prefix_end: int | None = None  # datasets hold the output of blocks [0, prefix_end) (frozen-prefix cache)
     data_sha256: dict[str, str] = field(default_factory=dict)  # per split; a resume on changed data is refused
+    deployment_fingerprint: dict[str, Any] = field(default_factory=dict)  # a transport's mechanism settings
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues: the settings' fingerprint plus the
+        transport's mechanism settings (e.g. Flower's secagg-noise)."""
+        return {**self.settings.fingerprint(), **self.deployment_fingerprint}
 
     def model_inputs(self) -> contextlib.AbstractContextManager:
         """Context in which `model` takes the run's datasets: cached prefix features, or images."""

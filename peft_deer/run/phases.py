@@ -81,7 +81,7 @@ def run_phases(
             save_checkpoint(
                 live_dir(out) / CHECKPOINT,
                 {
-                    "fingerprint": settings.fingerprint(),
+                    "fingerprint": exp.fingerprint(),
                     "data_sha256": exp.data_sha256,
                     "server": server.state_dict(),
                     "next_phase": progress.next_phase,

@@ -95,7 +95,7 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
     settings = exp.settings
     if settings.output.resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
-        check_resume(out / CHECKPOINT, ckpt, settings.fingerprint(), exp.data_sha256)
+        check_resume(out / CHECKPOINT, ckpt, exp.fingerprint(), exp.data_sha256)
         try:
             exp.server.load_state_dict(ckpt["server"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
