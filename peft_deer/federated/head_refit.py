@@ -78,7 +78,7 @@ class Projection:
 
 
 def pca_projection(features: np.ndarray, dims: int, norm_quantile: float = 0.9) -> Projection:
-    """PCA of `features` (n, D) to `dims` dimensions; the scale puts `norm_quantile` of the rows inside the unit ball."""
+    """PCA of `features` (n, D) to `dims` dimensions; the scale puts `norm_quantile` of the rows in the unit ball."""
     x = np.asarray(features, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"the projection needs at least 2 feature rows of shape (n, D), got {x.shape}")
