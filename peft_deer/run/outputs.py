@@ -144,6 +144,11 @@ def finalize(
         "reproducible_noise": settings.privacy.reproducible_noise,
         **reproducible_noise_label(settings.privacy.reproducible_noise),
         "stopped": stopped,
+        "head_refit": None
+        if server.refit is None
+        else {  # validation only: the test split chose nothing
+            k: server.refit.get(k) for k in ("applied", "dims", "shrinkage", "val_auc_before", "val_auc_after")
+        },
         "best_round": None if progress.best is None else progress.best["round"],
         "total_seconds": sum(r["seconds"] for r in progress.rows),
         "args": settings.flat(),
