@@ -15,6 +15,7 @@ from peft_deer.federated.head_refit import (
     CLIENT_SENSITIVITY,
     RECORD_SENSITIVITY,
     ClassStats,
+    accountant_epsilon,
     calibrate_with_refit,
     class_statistics,
     fit_lda,
@@ -131,5 +132,9 @@ def test_calibration_leaves_room_for_the_refit():
     assert with_refit > plain
     assert gaussian_epsilon([(with_refit, q, steps), (2.0, 1.0, 1)], delta) <= target
     assert gaussian_epsilon([(with_refit / 1.02, q, steps), (2.0, 1.0, 1)], delta) > target
+    prv = calibrate_with_refit(target, delta, q, steps, 2.0, "prv")  # tighter: a smaller sigma, still within target
+    assert prv < with_refit
+    assert accountant_epsilon([(prv, q, steps), (2.0, 1.0, 1)], delta, "prv") <= target
+    assert accountant_epsilon([(prv / 1.02, q, steps), (2.0, 1.0, 1)], delta, "prv") > target
     with pytest.raises(ValueError, match="refit alone"):
         calibrate_with_refit(0.5, delta, q, steps, 1.0)

@@ -56,15 +56,15 @@ def test_refit_changes_the_head_and_is_in_the_ledger(level, tmp_path, medmnist_d
     assert 0 <= summary["head_refit"]["val_auc_before"] <= 1
     if level == "client":  # 2 training releases (phases B, A at q = 1) and the refit at (2.0, q = 1)
         assert refit["client"]["noise_std_on_sum"] == pytest.approx(2.0 * 3**0.5)
-        assert ledger["epsilon"] == pytest.approx(_rdp([(1.0, 1.0, 2), (2.0, 1.0, 1)], 1e-3))
-        assert ledger["epsilon"] > _rdp([(1.0, 1.0, 2)], 1e-3)
+        assert ledger["epsilon_rdp"] == pytest.approx(_rdp([(1.0, 1.0, 2), (2.0, 1.0, 1)], 1e-3))
+        assert ledger["epsilon_rdp"] > _rdp([(1.0, 1.0, 2)], 1e-3)
     if level == "record":  # each hospital: its DP-SGD steps, then one Gaussian step (2.0, q = 1)
         rec = ledger["record"]
         for c, size in rec["public_sizes"].items():
             q, steps = record_sample_rate(size, 32), 2 * record_steps(size, 32, 1)
             assert rec["steps"][c] == steps + 1
             expected = _rdp([(1.0, q, steps), (2.0, 1.0, 1)], 1e-4)
-            assert rec["epsilon_per_client"][c] == pytest.approx(expected)
+            assert rec["epsilon_per_client_rdp"][c] == pytest.approx(expected)
             assert expected > _rdp([(1.0, q, steps)], 1e-4)
     if level == "none":
         assert refit["noise"].startswith("none")
@@ -97,4 +97,4 @@ def test_a_resumed_run_never_releases_twice(tmp_path, medmnist_dir, monkeypatch)
     assert code == 0
     ledger = _json(out / "privacy.json")
     assert ledger["head_refit"] == saved
-    assert ledger["epsilon"] == pytest.approx(_rdp([(1.0, 1.0, 2), (2.0, 1.0, 1)], 1e-3))  # one refit, not two
+    assert ledger["epsilon_rdp"] == pytest.approx(_rdp([(1.0, 1.0, 2), (2.0, 1.0, 1)], 1e-3))  # one refit, not two

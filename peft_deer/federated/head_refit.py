@@ -40,6 +40,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from sklearn.metrics import roc_auc_score
 
+from .accountant import ReleaseAccountant
 from .randomness import SecureStream
 
 RECORD_SENSITIVITY = math.sqrt(3.0)
@@ -174,29 +175,43 @@ def gaussian_epsilon(history: Sequence[tuple[float, float, int]], delta: float) 
         return float(acc.get_epsilon(delta=delta))
 
 
+def accountant_epsilon(history: Sequence[tuple[float, float, int]], delta: float, kind: str) -> float:
+    """epsilon of the history under `kind` ('rdp' or 'prv', as `accountant.ReleaseAccountant` computes it)."""
+    return gaussian_epsilon(history, delta) if kind == "rdp" else ReleaseAccountant(list(history)).epsilon(delta, kind)
+
+
 def calibrate_with_refit(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, refit_multiplier: float | None
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    refit_multiplier: float | None,
+    accountant: str = "rdp",
 ) -> float:
     """Smallest sigma (to 1 %) such that `steps` subsampled Gaussian steps at (sigma, q) composed with one refit
-    release (refit_multiplier, q = 1) stay within `target_epsilon` (RDP). None: no refit (opacus's calibration)."""
+    release (refit_multiplier, q = 1) stay within `target_epsilon` under `accountant` ('rdp', or 'prv': opacus
+    PRV's upper bound, searched below the RDP answer, which bounds it). None: no refit release."""
     extra = [] if refit_multiplier is None else [(float(refit_multiplier), 1.0, 1)]
-    if extra and gaussian_epsilon(extra, delta) >= target_epsilon:
-        share = gaussian_epsilon(extra, delta)
+
+    def eps(sigma: float, kind: str) -> float:
+        return accountant_epsilon([(sigma, sample_rate, steps), *extra], delta, kind)
+
+    if extra and accountant_epsilon(extra, delta, accountant) >= target_epsilon:
+        share = accountant_epsilon(extra, delta, accountant)
         raise ValueError(
             f"the head refit alone spends epsilon {share:.3g} >= the target {target_epsilon:g}; raise "
             "--refit-noise-multiplier"
         )
     lo, hi = 1e-2, 1.0
-    while gaussian_epsilon([(hi, sample_rate, steps), *extra], delta) > target_epsilon:
+    while eps(hi, "rdp") > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise ValueError(f"cannot reach epsilon {target_epsilon:g} over {steps} steps at q {sample_rate:g}")
-    while hi / lo > 1.01:
-        mid = math.sqrt(lo * hi)
-        if gaussian_epsilon([(mid, sample_rate, steps), *extra], delta) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
+    for kind in ("rdp", accountant) if accountant != "rdp" else ("rdp",):
+        lo = lo if kind == "rdp" else hi / 2
+        while hi / lo > 1.01:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if eps(mid, kind) > target_epsilon else (lo, mid)
     return hi
 
 
@@ -284,6 +299,7 @@ __all__ = [
     "ClassStats",
     "LinearHead",
     "Projection",
+    "accountant_epsilon",
     "calibrate_with_refit",
     "choose_shrinkage",
     "class_statistics",

@@ -50,7 +50,7 @@ def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     """The client-level noise multiplier per release: --noise-multiplier, else calibrated for --epsilon over
     the planned run with `accountant` (default --accountant; pass the same one to
     `FederatedServer(budget_accountant=)`) (0.0 without client-level DP). With --head-refit stats the refit's
-    release is part of the plan (calibrated with RDP, an upper bound on either accountant's epsilon).
+    release is part of the plan.
     A ValueError names an impossible target."""
     privacy, data = settings.privacy, settings.data
     if not privacy.client_level:
@@ -63,7 +63,7 @@ def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     try:
         if refit_multiplier(settings) is not None:
             return calibrate_with_refit(
-                privacy.epsilon, privacy.delta, sample_rate, releases, refit_multiplier(settings)
+                privacy.epsilon, privacy.delta, sample_rate, releases, refit_multiplier(settings), accountant
             )
         return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases, accountant)
     except ValueError as err:
@@ -128,7 +128,8 @@ def record_level(
     elif refit_multiplier(settings) is not None:
         sigmas = _record_sigmas_with_refit(settings, declared, updates)
         calibration = (
-            f"per client: epsilon {record.record_epsilon:g} after {updates} updates (all phases) and the head "
+            f"per client: epsilon {record.record_epsilon:g} ({settings.privacy.accountant.upper()}) after {updates} "
+            "updates (all phases) and the head "
             f"refit's release (noise multiplier {refit_multiplier(settings):g}, q = 1, 1 step)"
         )
     else:

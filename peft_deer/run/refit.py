@@ -8,7 +8,8 @@ releases them at the run's level:
 - record (DP-SGD inside hospitals): the hospital adds N(0, (m sqrt(3))^2) itself; one more Gaussian step
   (m, q = 1, 1 step) in its record-level accountant.
 - client: the hospital's proportions-weighted statistics (norm <= sqrt(3)); noise N(0, (m sqrt(3))^2) on the sum
-  (drawn by the server with central placement, as per-hospital shares with distributed placement); one more
+  (drawn by the server with central placement, as per-hospital shares of variance 1 / (k - t) of it with
+  distributed placement, as `FederatedServer.share_divisor` sizes them); one more
   release at q = 1 in the client-level ledger (a release that would pass --epsilon is skipped, and says so).
 - client,record: weights 1 / declared public size, each hospital's vector clipped to sqrt(3); both noises.
 - none: exact statistics (no noise).
@@ -111,7 +112,7 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
         "hospitals": len(hospitals),
     }
     if privacy.client_level and server.dp is not None and server.dp.target_epsilon is not None:
-        eps = server.accountant.epsilon_after(m, 1.0, server.dp.delta)
+        eps = server.accountant.epsilon_after(m, 1.0, server.dp.delta, server.budget_accountant)
         if eps > server.dp.target_epsilon:
             entry.update(applied=False, note=f"skipped: the release would reach epsilon {eps:.3f} > target")
             say(f"head refit skipped: client-level epsilon would reach {eps:.3f} > {server.dp.target_epsilon}")
@@ -162,7 +163,7 @@ def _released_statistics(exp: Experiment, hospitals, projection, num_classes: in
             )
             server.record.accountants.step(c, m, 1.0, 1)
         if distributed:
-            std = m * CLIENT_SENSITIVITY / math.sqrt(len(hospitals))
+            std = m * CLIENT_SENSITIVITY / math.sqrt(server.share_divisor(len(hospitals)))  # keeps sigma vs t colluders
             part = gaussian_release(part, std, server.randomness.stream("refit", "share", c))
         total = part if total is None else total + part
     if client:
