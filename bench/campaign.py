@@ -523,7 +523,11 @@ def _run_outcome(run_dir: Path) -> dict[str, Any]:
     privacy = json.loads((run_dir / "privacy.json").read_text())
     level = summary["privacy_level"]
     val_aucs = validation_aucs(run_dir)
+    refit = summary.get("head_refit") or {}
+    if refit.get("applied"):  # the final adapter is the refitted one: its validation AUC replaces the last row's
+        val_aucs = [*val_aucs, refit["val_auc_after"]]
     return {
+        "head_refit": summary.get("head_refit"),
         "val_auc_final": val_aucs[-1] if val_aucs else None,
         "val_auc_best": max(val_aucs) if val_aucs else None,
         "test_final": summary["test"]["final"],

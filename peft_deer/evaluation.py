@@ -86,8 +86,57 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
+def offset_decisions(probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Decided classes (N,): argmax over classes of log p + offsets (the demo's `Classifier.decide` rule)."""
+    return np.argmax(np.log(np.maximum(probs, 1e-300)) + np.asarray(offsets, np.float64), axis=1)
+
+
+def _balanced_accuracy(labels: np.ndarray, decisions: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Mean recall over `classes` of each row of `decisions` (M, N) against labels (N,): (M,)."""
+    return np.mean([(decisions[:, labels == c] == c).mean(axis=1) for c in classes], axis=0)
+
+
+def choose_class_offsets(labels: np.ndarray, probs: np.ndarray, sweeps: int = 3, candidates: int = 256) -> list[float]:
+    """Per-class offsets o (o_0 = 0) of the rule argmax_c log p_c + o_c that maximise balanced accuracy on
+    (labels, probs): the multi-class analogue of Youden's J, against the drift of argmax to the majority class.
+
+    Coordinate descent from o = 0 (argmax): for each class in turn, the offset at which each image would switch
+    to or from it is a breakpoint; up to `candidates` of them (quantiles, plus the current value) are scored and
+    a move is taken only if it improves balanced accuracy, so the result is never worse than argmax on these
+    images. Choose them on the validation split, never on the test split.
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    scores = np.log(np.maximum(np.asarray(probs, np.float64), 1e-300))
+    n, num_classes = scores.shape
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels but {n} probability rows")
+    classes = np.unique(labels)
+    offsets = np.zeros(num_classes)
+    best = _balanced_accuracy(labels, offset_decisions(probs, offsets)[None], classes)[0]
+    for _ in range(sweeps):
+        moved = False
+        for c in range(1, num_classes):
+            others = np.delete(scores + offsets, c, axis=1).max(axis=1)
+            switch = np.unique(others - scores[:, c])  # image i is decided c iff o_c > switch_i
+            switch = switch[np.isfinite(switch)]
+            if not len(switch):
+                continue
+            picks = np.unique(np.quantile(switch, np.linspace(0, 1, min(candidates, len(switch)))))
+            trial = np.concatenate([picks + 1e-9, [picks[0] - 1.0]])
+            grid = np.repeat(offsets[None], len(trial), axis=0)
+            grid[:, c] = trial
+            decisions = np.argmax(scores[None] + grid[:, None, :], axis=2)
+            values = _balanced_accuracy(labels, decisions, classes)
+            if values.max() > best + 1e-12:
+                best, offsets = float(values.max()), grid[int(values.argmax())]
+                moved = True
+        if not moved:
+            break
+    return [float(o) for o in offsets]
+
+
 def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, threshold: float | None = None
+    labels: np.ndarray, probs: np.ndarray, threshold: float | None = None, offsets: np.ndarray | None = None
 ) -> dict[str, float | None]:
     """Metrics of class probabilities `probs` (N, num_classes) against integer `labels` (N,).
 
@@ -97,8 +146,9 @@ def classification_metrics(
       predictor) and, for 2 classes, `sensitivity` (recall of class 1) and `specificity` (recall of
       class 0), None when `labels` lack that class or for > 2 classes. They use the decision rule
       `threshold`: class 1 iff P(class 1) >= threshold (binary only; choose it with `choose_threshold`
-      on the validation split), or argmax when None.
-    - `threshold`: the rule used (None: argmax).
+      on the validation split), or argmax when None; with `offsets` (more classes, `choose_class_offsets`)
+      argmax of log p + offsets.
+    - `threshold`: the rule used (None: argmax or offsets).
     """
     labels = np.asarray(labels)
     num_classes = probs.shape[1]
@@ -115,6 +165,8 @@ def classification_metrics(
         auc = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(num_classes))))
     if threshold is not None:
         decisions = (positive_scores(probs) >= threshold).astype(np.int64)
+    elif offsets is not None:
+        decisions = offset_decisions(probs, offsets)
     else:
         decisions = preds
     recalls = {int(c): float(np.mean(decisions[labels == c] == c)) for c in np.unique(labels)}

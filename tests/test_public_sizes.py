@@ -161,4 +161,5 @@ def test_trust_table_reads_the_per_adversary_epsilons_of_distributed_noise():
     assert rows["t colluding sites"]["client_level_epsilon"] == 9.9
     assert trust_model_of(ledger)["colluding_sites"] == 1
     no_table = trust_model_of({k: v for k, v in ledger.items() if k != "epsilon_against"})["against"]
-    assert no_table["another site"]["client_level_epsilon"] is None and no_table["public"]["client_level_epsilon"] == 9.9
+    assert no_table["another site"]["client_level_epsilon"] is None
+    assert no_table["public"]["client_level_epsilon"] == 9.9

@@ -72,6 +72,7 @@ class FederatedServer:
         # Another mechanism's accountant for the budget stop: phase -> (epsilon if it were released, its name);
         # set by a transport whose release is not the Gaussian sum (SecAgg+ with Skellam shares). Not state.
         self.budget_probe: Callable[[Phase], tuple[float, str]] | None = None
+        self.refit: dict | None = None  # the head refit's ledger entry, once made (`peft_deer.run.refit`)
 
     @property
     def sample_rate(self) -> float:
@@ -257,6 +258,8 @@ class FederatedServer:
         """
         ledger = self._client_ledger()
         ledger = ledger if self.record is None else merge_ledgers(ledger, self.record)
+        if self.refit is not None:
+            ledger["head_refit"] = self.refit
         if ledger["level"] != "none":
             ledger["noise_randomness"] = self.randomness.guarantee_note
             ledger["reproducible_noise"] = self.randomness.reproducible
@@ -350,6 +353,7 @@ class FederatedServer:
             "record": None if self.record is None else self.record.state_dict(),
             "randomness": self.randomness.state_dict(),  # the run's DP secret: the checkpoint only
             "optimizer": self.optimizer.state_dict(),
+            "refit": self.refit,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -365,6 +369,7 @@ class FederatedServer:
             raise ValueError("the checkpoint holds no DP randomness (written by an older version); start again")
         self.randomness = DPRandomness.from_state_dict(state["randomness"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.refit = state.get("refit")
         if self.record is not None:
             self.record.load_state_dict(state["record"])
 

@@ -2,8 +2,9 @@
 
 - Every round (`validation_metrics`): the validation split at T = 1, at the threshold chosen on it.
 - At the end (`final_evaluation`): a temperature T fitted on the validation split (`peft_deer.calibration`),
-  the decision threshold chosen on the calibrated validation probabilities, and the test split scored with
-  that T at that threshold (the test split never chooses anything).
+  the decision threshold (binary) or per-class offsets (more classes: `choose_class_offsets`, maximising
+  balanced accuracy) chosen on the calibrated validation probabilities, and the test split scored with that T
+  and that rule (the test split never chooses anything).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..calibration import calibration_report, fit_temperature, softmax_t
-from ..evaluation import choose_threshold, classification_metrics, predict_logits
+from ..evaluation import choose_class_offsets, choose_threshold, classification_metrics, predict_logits
 from .experiment import Experiment
 
 
@@ -49,6 +50,7 @@ class FinalEvaluation:
     val: dict[str, float | None]
     test: dict[str, float | None]
     calibration: dict[str, Any]
+    class_offsets: list[float] | None = None  # more than 2 classes: decide argmax(log p + offsets)
 
     @property
     def temperature(self) -> float:
@@ -61,7 +63,14 @@ def final_evaluation(exp: Experiment) -> FinalEvaluation:
     splits = exp.data.splits
     val_logits, test_logits = _logits(exp, "val"), _logits(exp, "test")
     fit = fit_temperature(val_logits, splits.val.labels)
-    val = _scored(splits.val.labels, softmax_t(val_logits, fit.temperature))
-    test = classification_metrics(splits.test.labels, softmax_t(test_logits, fit.temperature), val["threshold"])
+    val_probs, test_probs = softmax_t(val_logits, fit.temperature), softmax_t(test_logits, fit.temperature)
     report = calibration_report(fit, val_logits, splits.val.labels, test_logits, splits.test.labels)
+    if val_probs.shape[1] > 2:
+        offsets = choose_class_offsets(splits.val.labels, val_probs)
+        val = classification_metrics(splits.val.labels, val_probs, None, offsets)
+        return FinalEvaluation(
+            val, classification_metrics(splits.test.labels, test_probs, None, offsets), report, offsets
+        )
+    val = _scored(splits.val.labels, val_probs)
+    test = classification_metrics(splits.test.labels, test_probs, val["threshold"])
     return FinalEvaluation(val, test, report)

@@ -22,8 +22,9 @@ from ..run_dir import check_output_state, lock_output_dir, prepare_output_dir, r
 from ..settings import RunSettings
 from .experiment import Experiment, build_experiment
 from .outputs import final_line, finalize
-from .phases import ReleasePhase, run_phases
+from .phases import ReleasePhase, run_phases, save_run_checkpoint
 from .progress import RunProgress, start_or_resume
+from .refit import refit_head
 
 T = TypeVar("T")
 
@@ -109,6 +110,11 @@ def _run(exp: Experiment, progress: RunProgress, out: Path, transport: Transport
     stopped = run_phases(exp, out, progress, release, host.is_main, host.barrier, host.say)
     if stopped == "max-phases":
         return RunOutcome(out, stopped)
+    if exp.settings.refit.head_refit != "none" and exp.server.refit is None:
+        refit_head(exp, host.say)  # every process: same data, same DP streams
+        if host.is_main:
+            save_run_checkpoint(exp, out, progress)  # a resumed run never releases the statistics twice
+        host.barrier()
     summary = None
     if host.is_main:
         extra_privacy, private_extra = transport.ledgers()
@@ -124,6 +130,8 @@ def _set_up(settings: RunSettings, transport: Transport, host: Host) -> tuple[Ex
     exp = host.together(
         lambda: build_experiment(settings, host.device, transport.with_client_data, host.say, host.broadcast)
     )
+    if settings.refit.head_refit != "none" and not transport.with_client_data:
+        raise ValueError("--head-refit stats runs in the simulation (deer-fed) only, not yet under Flower")
     exp.data_sha256 = data_digest(exp.data.splits)  # in the checkpoint: a resume on changed data is refused
     output = settings.output
     checked = host.together(

@@ -35,6 +35,10 @@ DECISION_RULE = (
     "class 1 when P(class 1) >= decision_threshold, P = softmax(logits / temperature) "
     "(threshold: Youden's J on the calibrated validation probabilities)"
 )
+OFFSET_RULE = (
+    "argmax over classes of log P(class) + class_offsets, P = softmax(logits / temperature) "
+    "(offsets: maximise balanced accuracy on the calibrated validation probabilities)"
+)
 
 
 def finalize(
@@ -83,7 +87,10 @@ def finalize(
                 "method": settings.federation.method,
                 "dataset": settings.data.dataset,
                 "decision_threshold": val["threshold"],
-                "decision_rule": DECISION_RULE if val["threshold"] is not None else "argmax",
+                "decision_rule": DECISION_RULE
+                if val["threshold"] is not None
+                else (OFFSET_RULE if evaluation.class_offsets else "argmax"),
+                **({"class_offsets": evaluation.class_offsets} if evaluation.class_offsets else {}),
                 "val_sensitivity": val["sensitivity"],
                 "val_specificity": val["specificity"],
                 "temperature": evaluation.temperature,  # the demo divides the logits by it before the softmax
@@ -144,6 +151,11 @@ def finalize(
         "reproducible_noise": settings.privacy.reproducible_noise,
         **reproducible_noise_label(settings.privacy.reproducible_noise),
         "stopped": stopped,
+        "head_refit": None
+        if server.refit is None
+        else {  # validation only: the test split chose nothing
+            k: server.refit.get(k) for k in ("applied", "dims", "shrinkage", "val_auc_before", "val_auc_after")
+        },
         "best_round": None if progress.best is None else progress.best["round"],
         "total_seconds": sum(r["seconds"] for r in progress.rows),
         "args": settings.flat(),

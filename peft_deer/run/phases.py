@@ -78,23 +78,28 @@ def run_phases(
             acc = progress.round_acc = new_round_acc()
         progress.next_phase = _next_step(phase, spec.releases_per_round)
         if main_proc:
-            save_checkpoint(
-                live_dir(out) / CHECKPOINT,
-                {
-                    "fingerprint": exp.fingerprint(),
-                    "data_sha256": exp.data_sha256,
-                    "server": server.state_dict(),
-                    "next_phase": progress.next_phase,
-                    "rows": progress.rows,
-                    "best": progress.best,
-                    "round_acc": acc,
-                    "private_rows": progress.private_rows,
-                },
-            )
-            publish(out)  # a new run's directory appears now, with a checkpoint to resume from
+            save_run_checkpoint(exp, out, progress)
         barrier()
     bar.close()
     return stopped
+
+
+def save_run_checkpoint(exp: Experiment, out: Path, progress: RunProgress) -> None:
+    """Checkpoint the run (server state, progress) and publish its directory (a new run's appears now)."""
+    save_checkpoint(
+        live_dir(out) / CHECKPOINT,
+        {
+            "fingerprint": exp.fingerprint(),
+            "data_sha256": exp.data_sha256,
+            "server": exp.server.state_dict(),
+            "next_phase": progress.next_phase,
+            "rows": progress.rows,
+            "best": progress.best,
+            "round_acc": progress.round_acc,
+            "private_rows": progress.private_rows,
+        },
+    )
+    publish(out)
 
 
 def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Phase, acc: dict, say) -> None:

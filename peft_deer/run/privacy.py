@@ -13,7 +13,15 @@ import warnings
 from ..config import DeerLoraConfig
 from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
 from ..federated.accountant import WeakDeltaWarning
-from ..federated.record_dp import RecordDP, RecordLevel, calibrate_record_sigmas, public_size
+from ..federated.head_refit import calibrate_with_refit
+from ..federated.record_dp import (
+    RecordDP,
+    RecordLevel,
+    calibrate_record_sigmas,
+    public_size,
+    record_sample_rate,
+    record_steps,
+)
 from ..settings import RunSettings
 
 
@@ -33,10 +41,17 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
     )
 
 
+def refit_multiplier(settings: RunSettings) -> float | None:
+    """The head refit's noise multiplier when the run ends with one (--head-refit stats), else None."""
+    return settings.refit.refit_noise_multiplier if settings.refit.head_refit == "stats" else None
+
+
 def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     """The client-level noise multiplier per release: --noise-multiplier, else calibrated for --epsilon over
     the planned run with `accountant` (default --accountant; pass the same one to
-    `FederatedServer(budget_accountant=)`) (0.0 without client-level DP). A ValueError names an impossible target."""
+    `FederatedServer(budget_accountant=)`) (0.0 without client-level DP). With --head-refit stats the refit's
+    release is part of the plan.
+    A ValueError names an impossible target."""
     privacy, data = settings.privacy, settings.data
     if not privacy.client_level:
         return 0.0
@@ -46,6 +61,10 @@ def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
     sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
     try:
+        if refit_multiplier(settings) is not None:
+            return calibrate_with_refit(
+                privacy.epsilon, privacy.delta, sample_rate, releases, refit_multiplier(settings), accountant
+            )
         return calibrate_noise_multiplier(privacy.epsilon, privacy.delta, sample_rate, releases, accountant)
     except ValueError as err:
         raise ValueError(
@@ -106,6 +125,13 @@ def record_level(
     if record.record_noise_multiplier is not None:
         sigmas = (record.record_noise_multiplier,) * len(client_sizes)
         calibration = "fixed (--record-noise-multiplier)"
+    elif refit_multiplier(settings) is not None:
+        sigmas = _record_sigmas_with_refit(settings, declared, updates)
+        calibration = (
+            f"per client: epsilon {record.record_epsilon:g} ({settings.privacy.accountant.upper()}) after {updates} "
+            "updates (all phases) and the head "
+            f"refit's release (noise multiplier {refit_multiplier(settings):g}, q = 1, 1 step)"
+        )
     else:
         sigmas = calibrate_record_sigmas(
             record.record_epsilon,
@@ -133,6 +159,21 @@ def record_level(
         accountant=settings.privacy.accountant,
     )
     return RecordLevel(rdp, local.batch_size, local.local_epochs)
+
+
+def _record_sigmas_with_refit(settings: RunSettings, declared: list[int], updates: int) -> tuple[float, ...]:
+    """Per-client DP-SGD sigma so that the planned steps and the refit's release together meet --record-epsilon."""
+    record, local = settings.record, settings.local
+    cache: dict[tuple[float, int], float] = {}
+    out = []
+    for n in declared:
+        key = (record_sample_rate(n, local.batch_size), updates * record_steps(n, local.batch_size, local.local_epochs))
+        if key not in cache:
+            cache[key] = calibrate_with_refit(
+                record.record_epsilon, record.record_delta, *key, refit_multiplier(settings)
+            )
+        out.append(cache[key])
+    return tuple(out)
 
 
 def run_randomness(settings: RunSettings) -> DPRandomness:

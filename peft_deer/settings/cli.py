@@ -28,6 +28,7 @@ GROUP_TITLES = {
     "local": "local training",
     "privacy": "differential privacy",
     "record": "record-level differential privacy (--dp record: DP-SGD inside each client)",
+    "refit": "head refit from DP class statistics (after training)",
     "output": "run",
 }
 

@@ -302,3 +302,28 @@ class OutputSettings:
         _at_least_one(self, "max_phases", "eval_batch_size")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+
+
+@dataclass(frozen=True)
+class HeadRefitSettings:
+    """The head refit after training (issue 25): a closed-form LDA head from the hospitals' DP class statistics."""
+
+    head_refit: str = setting(
+        "none",
+        "after the last round, refit the classifier head from per-class counts, sums and second moments of the "
+        "hospitals' projected, clipped head-input features, released with Gaussian noise at the run's DP level "
+        "(each level's epsilon includes it) and fitted as LDA on the server",
+        choices=("none", "stats"),
+    )
+    refit_dims: int = setting(
+        32, "k: features are projected to k dims (PCA of the server's validation split) before release"
+    )
+    refit_noise_multiplier: float = setting(
+        2.0,
+        "noise multiplier of the refit's single Gaussian release (std = this * sqrt(3) * sensitivity scale); "
+        "with --epsilon / --record-epsilon, training's sigma is calibrated so that both together meet the target",
+    )
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "refit_dims")
+        _positive(self, "refit_noise_multiplier")

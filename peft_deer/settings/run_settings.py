@@ -15,6 +15,7 @@ from typing import Any
 from .groups import (
     DataSettings,
     FederationSettings,
+    HeadRefitSettings,
     LocalTrainingSettings,
     ModelSettings,
     OutputSettings,
@@ -46,6 +47,7 @@ class RunSettings:
     local: LocalTrainingSettings = field(default_factory=LocalTrainingSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     record: RecordDPSettings = field(default_factory=RecordDPSettings)
+    refit: HeadRefitSettings = field(default_factory=HeadRefitSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
 
     def __post_init__(self) -> None:
@@ -106,5 +108,6 @@ _GROUPS = {
     "local": LocalTrainingSettings,
     "privacy": PrivacySettings,
     "record": RecordDPSettings,
+    "refit": HeadRefitSettings,
     "output": OutputSettings,
 }
