@@ -284,3 +284,37 @@ def test_run_dir_errors(tmp_path, capsys, ledger, message):
     assert main(["--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deer-audit: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("level", ["client", "record"])
+def test_a_clipping_bug_is_detected(level, monkeypatch):
+    """The canary's update is 10 C: a mechanism that clips to 2C (the ledger keeps C) shifts the release by
+    2C (true mu 2 against a claimed 1, like halved noise) and is `detected`; honest clipping is not."""
+    import peft_deer.federated.aggregate as aggregate
+    import peft_deer.federated.dp_sgd as dp_sgd
+
+    audit = run_client_audit if level == "client" else run_record_audit
+    trials = 2000 if level == "client" else 1500
+    clip_norm = 1.0 if level == "client" else 2000.0  # record: 2C > the unscaled canary gradient (~2500)
+
+    def run() -> object:
+        return audit("deer", noise_multiplier=1.0, clip_norm=clip_norm, trials=trials, delta=1e-5, noise_seed=7)
+
+    honest = run()
+    if level == "client":
+        clip = aggregate.clip_client_update
+        monkeypatch.setattr(aggregate, "clip_client_update", lambda d, w, kind, c: clip(d, w, kind, 2 * c))
+    else:
+        accumulate = dp_sgd.WhitenedDPOptimizer.clip_and_accumulate
+
+        def clip_at_2c(self) -> None:  # clip to 2C; the noise (add_noise) keeps C
+            self.max_grad_norm *= 2
+            try:
+                accumulate(self)
+            finally:
+                self.max_grad_norm /= 2
+
+        monkeypatch.setattr(dp_sgd.WhitenedDPOptimizer, "clip_and_accumulate", clip_at_2c)
+    buggy = run()
+    assert not honest.detected and buggy.detected
+    assert buggy.epsilon_tight == pytest.approx(honest.epsilon_tight)  # the claim is the same

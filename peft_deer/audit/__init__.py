@@ -14,12 +14,13 @@ adversary's success into a statistical **lower bound** on the epsilon the mechan
    (the adversary knows them). A trial picks "in" or "out" (balanced, from `--seed`), then runs
    `--releases` releases through a fresh `FederatedServer` -- the project's own client sampling,
    clipping, noise and accounting, not a re-implementation -- following `iter_phases(method, ...)`.
-   In the "out" world client 0 is dropped from every phase. The canary sends the worst-case clipped
-   update for the mechanism: for 'regulated' and 'plain' noise `whitener.color(u)` with u a fixed
-   whitened vector of norm C (metric norm exactly C: clipping leaves it); for 'reference' (the authors'
-   mechanism) per matrix a rank-one update of Frobenius norm C along the top eigenvector of that
-   matrix's metric M_j, whose whitened norm is C sqrt(sum_j lambda_max(M_j)) -- more than C once the
-   frozen factor's largest singular value passes 1.
+   In the "out" world client 0 is dropped from every phase. The canary sends 10x (`CANARY_SCALE`) the
+   worst-case clipped update for the mechanism, so that the release shifts by the clipped size only if
+   clipping works (a clip at 2C, or none, is `detected`): for 'regulated' and 'plain' noise
+   `whitener.color(u)` with u a fixed whitened vector of norm 10 C (clipped to metric norm C); for
+   'reference' (the authors' mechanism) per matrix a rank-one update of Frobenius norm 10 C along the top
+   eigenvector of that matrix's metric M_j (clipped to C per matrix), whose whitened norm is then
+   C sqrt(sum_j lambda_max(M_j)) -- more than C once the frozen factor's largest singular value passes 1.
 3. *Test statistic* (the likelihood-ratio test for the Gaussian). Per release the adversary takes the
    released sum (delta times the public denominator q N), whitens it with the whiteners the mechanism
    used (`build_whiteners` on the public global state), projects it on the canary's whitened direction
@@ -46,7 +47,7 @@ adversary's success into a statistical **lower bound** on the epsilon the mechan
 7. *Record level* (`--level record`): one client's DP-SGD (`train_client` with `RecordDP`, opacus
    Poisson batches, per-sample clipping and noise; whitened for `deer`). Its dataset has zero-input
    records (zero LoRA gradient) and, in the "in" world, one canary record with a large input whose
-   per-sample gradient is clipped; the "out" world replaces it by another zero record. Statistic: the
+   per-sample gradient has whitened norm >= 10 C (clipped to C only if clipping works); the "out" world replaces it by another zero record. Statistic: the
    client's delta projected on the canary's first-step clipped gradient (whitened), in units of sigma C.
 8. *A finished run* (`--run RUN_DIR`, `from_run`): its privacy.json's level, method, sigma, C, delta,
    sample rate and releases (or the most exposed client's DP-SGD q and steps) on the audit's adapter.

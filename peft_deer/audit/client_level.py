@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .. import defaults
 from ..federated.accountant import check_delta
 from ..federated.adapter_state import AdapterLayout, AdapterState
-from ..federated.aggregate import ClientDP, clip_client_update
+from ..federated.aggregate import ClientDP
 from ..federated.local_training import ClientUpdate
 from ..federated.mechanism import Whitener, build_whiteners
 from ..federated.randomness import DPRandomness
@@ -26,6 +26,10 @@ from .bounds import AuditResult
 from .game import audit_context, balanced_worlds, check_common, dot, whitened
 from .setting import build_audit_adapter
 from .verdict import check_plant, judge, rdp_epsilon
+
+# The canary's raw update is this many times C: clipping brings it down to C, so the release's shift is C
+# only if clipping works (a server that clips to 2C, or not at all, shows a larger shift: `detected`).
+CANARY_SCALE = 10.0
 
 
 def _fixed_direction(keys: Sequence[str], shapes: dict[str, torch.Size], norm_: float, seed: int) -> AdapterState:
@@ -44,8 +48,12 @@ def canary_update(
     clip_norm: float,
     seed: int,
 ) -> AdapterState:
-    """The worst-case clipped update of one client for the mechanism `noise_kind` (module doc, 2)."""
+    """The canary client's raw update: CANARY_SCALE x C along the worst-case direction for `noise_kind`.
+
+    Clipped to C it is the worst-case clipped update (module doc, 2); unclipped it is 10 times larger.
+    """
     shapes = {k: state[k].shape for k in keys}
+    clip_norm = CANARY_SCALE * clip_norm  # the raw size; the mechanism's clipping must bring it to C
     if noise_kind != NoiseKind.REFERENCE:
         u = _fixed_direction(keys, shapes, clip_norm, seed)
         return {k: whiteners[k].color(u[k]) for k in keys}
@@ -53,7 +61,7 @@ def canary_update(
     for k in keys:
         w = whiteners[k]
         rows, cols = shapes[k]
-        if w.chol is None:  # identity metric (head): any direction of norm C
+        if w.chol is None:  # identity metric (head): any direction
             out[k] = torch.zeros(shapes[k])
             out[k][0, 0] = clip_norm
             continue
@@ -86,7 +94,7 @@ class _ClientSetup:
 class _Release:
     released_sum: AdapterState  # release.delta * denominator: the noisy sum of clipped updates
     whiteners: dict[str, Whitener]
-    canary_white: AdapterState  # whitened clipped canary update
+    canary_white: AdapterState  # whitened canary update (its direction)
     effective_noise_multiplier: float
 
 
@@ -114,12 +122,11 @@ def _run_releases(setup: _ClientSetup, canary_in: bool, randomness: DPRandomness
             if canary_in or c != 0
         ]
         release = server.finish_phase(phase, updates)
-        clipped, _ = clip_client_update(canary, whiteners, server.spec.noise, setup.dp.clip_norm)
         out.append(
             _Release(
                 {k: v * denominator for k, v in release.delta.items()},
                 whiteners,
-                whitened(clipped, whiteners),
+                whitened(canary, whiteners),  # the direction (clipping only rescales it): not the audit's clip
                 float(release.effective_noise_multiplier),
             )
         )

@@ -103,12 +103,18 @@ def run_record_audit(
         # model's prediction; two classes keep its per-sample gradient's direction fixed while it trains.
         a = state[layout.lora[0].a_key]
         x = 50.0 * torch.linalg.svd(a.double()).Vh[0].float()
-        with torch.no_grad():
-            load_adapter_state(model, state)
-            y = model(pixel_values=x[None]).logits[0].argmin()
-        grad = _canary_gradient(model, layout, state, phase, x, y)
-        white = whitened(grad, whiteners)
-        white_norm = math.sqrt(dot(white, white))
+        for _ in range(60):  # the canary's gradient must be >= 10 C, so a clipping bug shows (module doc, 7)
+            with torch.no_grad():
+                load_adapter_state(model, state)
+                y = model(pixel_values=x[None]).logits[0].argmin()
+            grad = _canary_gradient(model, layout, state, phase, x, y)
+            white = whitened(grad, whiteners)
+            white_norm = math.sqrt(dot(white, white))
+            if white_norm >= 10 * clip_norm:
+                break
+            x = 2 * x
+        else:
+            raise ValueError(f"--clip-norm {clip_norm}: the canary record's gradient cannot reach 10 x the clip norm")
         direction = {k: v / white_norm for k, v in white.items()}  # unit, whitened
         worlds = balanced_worlds(trials, seed)
         labels = torch.zeros(num_examples, dtype=torch.long)
