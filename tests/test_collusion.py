@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -65,7 +66,8 @@ def test_ledger_states_the_weaker_epsilon_against_a_participant_of_the_outsiders
     assert against["one_participating_site"]["rdp"] == pytest.approx(_rdp(0.8 / math.sqrt(2), 4))
     assert against["one_participating_site"]["rdp"] > 1.5 * ledger["epsilon_rdp"]  # 18.02 vs 11.27
     assert ledger["accountant"] == "prv" and ledger["epsilon"] == ledger["epsilon_prv"] < ledger["epsilon_rdp"]
-    assert against["t_colluding_sites"]["t"] == 1 and ledger["noise_shares_per_release"] == [[2, 2]] * 4
+    assert against["t_colluding_sites"]["t"] == 1 and "noise_shares_per_release" not in ledger
+    assert [[r["noise_shares"], r["share_divisor"]] for r in server.releases] == [[2, 2]] * 4  # server-private
 
 
 def test_shares_calibrated_for_a_participant_keep_sigma_against_it_and_give_outsiders_more():
@@ -122,7 +124,8 @@ def test_the_simulated_distributed_run_sizes_shares_for_t_colluders_and_its_ledg
         server.finish_phase(phase, _zero_updates(server, phase))
     ledger = server.ledger()
     against = ledger["epsilon_against"]
-    assert ledger["collusion_threshold"] == t and ledger["noise_shares_per_release"] == [[3, divisor]] * 4
+    assert ledger["collusion_threshold"] == t and "noise_shares_per_release" not in ledger
+    assert [[r["noise_shares"], r["share_divisor"]] for r in server.releases] == [[3, divisor]] * 4
     assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3 / divisor), 4))
     assert against["t_colluding_sites"]["rdp"] == pytest.approx(_rdp(0.8, 4))
     assert ledger["epsilon_rdp"] == pytest.approx(_rdp(0.8, 4))  # accounted at sigma, whatever d
@@ -136,3 +139,55 @@ def test_with_more_colluders_than_shares_each_share_is_full_and_the_ledger_gives
     against = server.ledger()["epsilon_against"]
     assert against["t_colluding_sites"]["rdp"] == math.inf
     assert against["outsiders"]["rdp"] == pytest.approx(_rdp(0.8 * math.sqrt(3), 2))
+
+
+def test_poisson_sampled_distributed_noise_with_colluders_is_accounted_without_amplification():
+    """N = 6, q = 0.5, t = 1 (/tmp/attack24/collusion_poisson.py): shares of sigma^2 C^2 / (k - 1) make the
+    release's noise k/(k-1) sigma^2 C^2, which reveals k; so every epsilon is opacus at q = 1 (not 0.5), sigma is
+    calibrated at q = 1, and the ledger publishes no per-release k."""
+    from peft_deer.federated.collusion import accounting_sample_rate
+
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    dp = ClientDP(0.9, 1.0, placement="distributed", delta=1e-4)
+    server = FederatedServer("lora", layout, state, 6, 3, dp, DPRandomness.from_seed(1), collusion_threshold=1)
+    assert server.sample_rate == 0.5 and server.accounting_rate == 1.0
+    ks = []
+    for phase in iter_phases("lora", 12):
+        parts = server.participants(phase)
+        if len(parts) < 2:
+            continue
+        keys = server.trained_keys(phase)
+        zero = [ClientUpdate(c, {k: torch.zeros(server.global_state[k].shape) for k in keys}, 10) for c in parts]
+        server.finish_phase(phase, zero)
+        ks.append(len(parts))
+    assert len(set(ks)) > 1  # k varies: it would be visible
+    ledger = server.ledger()
+    assert "noise_shares_per_release" not in ledger and str(ks) not in json.dumps(ledger)
+    assert ledger["accounting_sample_rate"] == 1.0 and "no amplification" in ledger["amplification_note"]
+
+    def opacus(history: list[tuple[float, float, int]]) -> float:
+        acc = RDPAccountant()
+        acc.history = history
+        return acc.get_epsilon(1e-4)
+
+    assert ledger["epsilon_rdp"] == pytest.approx(opacus([(0.9, 1.0, len(ks))]))
+    assert ledger["epsilon_rdp"] > opacus([(0.9, 0.5, len(ks))])  # what amplification would have claimed
+    against = ledger["epsilon_against"]
+    assert against["outsiders"]["rdp"] == pytest.approx(opacus([(0.9 * math.sqrt(k / (k - 1)), 1.0, 1) for k in ks]))
+    assert against["t_colluding_sites"]["rdp"] == pytest.approx(opacus([(0.9, 1.0, len(ks))]))
+    # the rule keeps amplification where the noise does not depend on k (t = 0, or central noise)
+    assert accounting_sample_rate(0.5, True, 0) == accounting_sample_rate(0.5, False, 1) == 0.5
+
+
+def test_sigma_is_calibrated_at_the_q_the_server_accounts_with():
+    from peft_deer.federated import calibrate_noise_multiplier
+    from peft_deer.run.privacy import client_sigma
+    from peft_deer.settings import parse_args
+
+    base = ["--num-clients", "6", "--clients-per-round", "3", "--rounds", "2", "--method", "lora", "--dp", "client",
+            "--epsilon", "8", "--delta", "1e-4", "--noise-placement", "distributed", "--accountant", "rdp"]
+    sigma = client_sigma(parse_args([*base, "--collusion-threshold", "1"]))
+    assert sigma == pytest.approx(calibrate_noise_multiplier(8, 1e-4, 1.0, 2, "rdp"))
+    sigma0 = client_sigma(parse_args([*base, "--collusion-threshold", "0"]))
+    assert sigma0 == pytest.approx(calibrate_noise_multiplier(8, 1e-4, 0.5, 2, "rdp")) and sigma0 < sigma

@@ -10,7 +10,10 @@ sigma^2 C^2 / d (d the share divisor) and at least k shares (the noise floor) ar
 d = k (the shares of the outsiders' mechanism) leaves sigma sqrt((k - 1) / k) against a participant;
 d = k - t (`share_divisor`) keeps sigma against any t colluders, and gives outsiders the larger
 sigma sqrt(k / (k - t)) (more noise in the release: the price of the stronger trust model).
-Poisson sampling of clients still amplifies against colluders: the target's participation stays secret.
+With d = k - t and t >= 1 the release's total noise, variance k sigma^2 C^2 / (k - t), depends on the number
+of participants k, which an observer can estimate from the release: under Poisson client sampling (q < 1) the
+target's participation is then not secret, and every adversary is accounted WITHOUT amplification by subsampling
+(q = 1 in the accountant steps and in the calibration: `accounting_sample_rate`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ def share_divisor(noise_floor: int, colluders: int) -> int:
             f"{colluders} colluders would know every noise share; raise min-clients-per-phase"
         )
     return noise_floor - colluders
+
+
+def accounting_sample_rate(sample_rate: float, distributed: bool, colluders: int) -> float:
+    """The client sampling rate the accountants (and the sigma calibration) use: 1.0 -- no amplification by
+    subsampling -- when clients are Poisson-sampled (q < 1) with distributed noise sized for t >= 1 colluders
+    (the total noise then reveals the number of participants, module docstring); else `sample_rate`."""
+    return 1.0 if distributed and colluders >= 1 and sample_rate < 1 else sample_rate
 
 
 def residual_multiplier(sigma: float, noise_floor: int, divisor: int, known_shares: int) -> float:
@@ -48,4 +58,4 @@ def adversary_multipliers(sigma: float, noise_floor: int, divisor: int, colluder
     }
 
 
-__all__ = ["adversary_multipliers", "residual_multiplier", "share_divisor"]
+__all__ = ["accounting_sample_rate", "adversary_multipliers", "residual_multiplier", "share_divisor"]

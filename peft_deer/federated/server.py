@@ -14,7 +14,7 @@ import torch
 from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_accountant, check_delta
 from .adapter_state import AdapterLayout, AdapterState
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase, privatized_sum
-from .collusion import adversary_multipliers, share_divisor
+from .collusion import accounting_sample_rate, adversary_multipliers, share_divisor
 from .local_training import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
@@ -78,6 +78,13 @@ class FederatedServer:
     def sample_rate(self) -> float:
         return self.clients_per_phase / self.num_clients
 
+    @property
+    def accounting_rate(self) -> float:
+        """q of every accountant step: `sample_rate`, or 1.0 (no amplification) with Poisson client sampling,
+        distributed noise and t >= 1 (`collusion.accounting_sample_rate`: the total noise reveals k)."""
+        distributed = self.dp is not None and self.dp.placement == "distributed"
+        return accounting_sample_rate(self.sample_rate, distributed, self.collusion_threshold)
+
     def participants(self, phase: Phase) -> list[int]:
         """Client ids taking part in `phase` (sorted), drawn from the run's randomness for (round, phase)."""
         if self.clients_per_phase == self.num_clients:
@@ -109,7 +116,7 @@ class FederatedServer:
             eps, name = self.budget_probe(phase)
         else:
             sigma = self.effective_noise_multiplier(phase)
-            eps = self.accountant.epsilon_after(sigma, self.sample_rate, self.dp.delta, self.budget_accountant)
+            eps = self.accountant.epsilon_after(sigma, self.accounting_rate, self.dp.delta, self.budget_accountant)
             name = self.budget_accountant.upper()
         if eps > self.dp.target_epsilon:
             self.stopped_by_budget = True
@@ -208,8 +215,8 @@ class FederatedServer:
             **(facts or {}),
         }
         if self.dp is not None:
-            self.accountant.step(release.effective_noise_multiplier, self.sample_rate)
-            self.nominal_accountant.step(self.dp.noise_multiplier, self.sample_rate)
+            self.accountant.step(release.effective_noise_multiplier, self.accounting_rate)
+            self.nominal_accountant.step(self.dp.noise_multiplier, self.accounting_rate)
             record["effective_noise_multiplier"] = release.effective_noise_multiplier
             if shares is not None:
                 record["noise_shares"], record["share_divisor"] = shares
@@ -221,7 +228,7 @@ class FederatedServer:
         t = self.collusion_threshold
         for who, multiplier in adversary_multipliers(sigma, noise_floor, divisor, t).items():
             if multiplier > 0:
-                self.adversary_accountants[who].step(multiplier, self.sample_rate)
+                self.adversary_accountants[who].step(multiplier, self.accounting_rate)
             else:
                 self.adversary_exposed[who] = True
 
@@ -301,13 +308,15 @@ class FederatedServer:
             "trust_model_description": TRUST_MODELS[self.dp.placement],
             "neighbouring_relation": (
                 "add/remove one client's entire data (client-level); Poisson sampling of clients at rate q "
-                "(q = 1: every client in every release); the total noise does not depend on who takes part"
+                "(q = 1: every client in every release); the total noise does not depend on who takes part, "
+                "except with distributed noise and t >= 1 (see accounting_sample_rate)"
             ),
             "noise_multiplier": self.dp.noise_multiplier,
             "clip_norm": self.dp.clip_norm,
             "regulator_ridge": self.dp.ridge,
             "sample_rate": self.sample_rate,
             "sampling": "all clients" if self.sample_rate == 1 else "poisson",
+            "accounting_sample_rate": self.accounting_rate,
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "epsilon": eps[self.budget_accountant],
@@ -321,14 +330,18 @@ class FederatedServer:
         if self.dp.placement == "distributed":
             ledger["collusion_threshold"] = self.collusion_threshold
             ledger["epsilon_against"] = self.adversary_epsilons()
-            ledger["noise_shares_per_release"] = [
-                [r.get("noise_shares"), r.get("share_divisor")] for r in self.releases
-            ]
             ledger["distributed_noise_note"] = (
-                "each release sums >= k noise shares of variance sigma^2 C^2 / d ([k, d] per release): outsiders face "
+                "each release sums >= k noise shares of variance sigma^2 C^2 / d, d = k - t: outsiders face "
                 "sigma sqrt(k/d), t colluding sites (who subtract their own shares) sigma sqrt((k-t)/d); 'epsilon' "
-                "is accounted at sigma"
+                "is accounted at sigma. The per-release [k, d] are server-private (k is the participant count)"
             )
+            if self.accounting_rate != self.sample_rate:
+                ledger["amplification_note"] = (
+                    f"no amplification by subsampling: every epsilon is accounted at q = 1, not q = "
+                    f"{self.sample_rate:g}, since with t >= 1 a release's total noise k/(k-t) sigma^2 C^2 reveals "
+                    "its number of participants k, so a client's participation is not secret; sigma was "
+                    "calibrated at q = 1 too"
+                )
         if self.spec.noise == NoiseKind.REFERENCE:
             ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, self.budget_accountant)
             ledger["epsilon_semantics"] = "running tally"

@@ -126,6 +126,9 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
         "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
         "participants_per_phase": list(acc["participants"]),
     }
+    shares = [[r["noise_shares"], r["share_divisor"]] for r in server.releases[-len(acc["participants"]) :]]
+    if any("noise_shares" in r for r in server.releases[-1:]):  # distributed noise: [k, d] per phase (k leaks)
+        private["noise_shares_per_phase"] = shares
     progress.rows.append(row)
     progress.private_rows.append(private)
     append_jsonl(out / "metrics.jsonl", row)
