@@ -47,8 +47,9 @@ adversary's success into a statistical **lower bound** on the epsilon the mechan
 7. *Record level* (`--level record`): one client's DP-SGD (`train_client` with `RecordDP`, opacus
    Poisson batches, per-sample clipping and noise; whitened for `deer`). Its dataset has zero-input
    records (zero LoRA gradient) and, in the "in" world, one canary record with a large input whose
-   per-sample gradient has whitened norm >= 10 C (clipped to C only if clipping works); the "out" world replaces it by another zero record. Statistic: the
-   client's delta projected on the canary's first-step clipped gradient (whitened), in units of sigma C.
+   per-sample gradient has whitened norm >= 10 C (clipped to C only if clipping works); the "out" world
+   replaces it by another zero record. Statistic: the client's delta projected on the canary's first-step
+   gradient direction (whitened), in units of sigma C.
 8. *A finished run* (`--run RUN_DIR`, `from_run`): its privacy.json's level, method, sigma, C, delta,
    sample rate and releases (or the most exposed client's DP-SGD q and steps) on the audit's adapter.
 
