@@ -3,9 +3,11 @@
 A hospital protects each patient: every local step is Poisson-sampled over its actual records at rate
 q = batch_size / s_k, every per-sample gradient is clipped to C and Gaussian noise of std sigma*C is added
 to the sum (the trainer is `dp_sgd.py`). s_k is the hospital's *declared public size* (`public_size`: its
-count floored to a coarse grid, or given explicitly), never its exact count: q, the step count, sigma and
-the FedAvg weight are functions of s_k and public settings only, so one record more or less changes
-nothing the run publishes (the declaration itself is public and treated as fixed). Each client has its own
+count floored to a coarse grid, or declared explicitly), never its exact count: q, the step count, sigma and
+the FedAvg weight are functions of s_k and public settings only. The guarantee holds given the declaration:
+declared explicitly and fixed in advance (`--record-public-sizes`, a site's `public-size`), one record more
+or less changes nothing the run publishes; derived from the count, one record can move the declaration at a
+grid edge (40 -> 39 records: 40 -> 30), so the unconditional statement needs declared sizes. Each client has its own
 RDP history that persists across rounds and restarts; `merge_ledgers` adds the record-level guarantee to
 the client-level ledger. Engine-free: no accelerate, flwr or gradio.
 """
@@ -26,8 +28,11 @@ from .accountant import ReleaseAccountant, calibrate_noise_multiplier, check_acc
 
 PUBLIC_SIZE_RULE = (
     "declared public size s = the record count floored to 2 significant figures on a grid at least 10 wide "
-    "(57 -> 50, 117 -> 110, 1234 -> 1200; below 10 -> 1), unless declared explicitly"
+    "(57 -> 50, 117 -> 110, 1234 -> 1200; below 10 -> 1), unless declared explicitly; a derived size can change "
+    "with one record at a grid edge (40 -> 39 records: 40 -> 30), so the guarantee holds given the declaration "
+    "and needs sizes declared in advance to hold unconditionally"
 )
+DECLARED_RULE = "declared explicitly, fixed in advance (--record-public-sizes or a site's public-size)"
 
 
 def public_size(num_examples: int) -> int:
@@ -86,6 +91,7 @@ class RecordDP:
     `public_sizes` (indexed by client id) are the declared public sizes s_k that fix q_k, the steps and the
     FedAvg weight; empty: each client's exact count is used as if public (tests and the audit only).
     `accountant` ('rdp' or 'prv') calibrated the multipliers and gives the ledger's `epsilon_max`.
+    `size_rule` says how the sizes were set (`DECLARED_RULE`); None: derived by `PUBLIC_SIZE_RULE`.
     """
 
     noise_multipliers: tuple[float, ...]
@@ -98,6 +104,7 @@ class RecordDP:
     calibration: str = "per-client"
     public_sizes: tuple[int, ...] = ()
     accountant: str = "rdp"
+    size_rule: str | None = None  # how `public_sizes` were set (the ledger's public_size_rule); None: derived
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
@@ -201,7 +208,9 @@ class RecordLevel:
                 str(c): record_sample_rate(int(n), self.batch_size) for c, n in enumerate(self.dp.public_sizes)
             }
             or None,
-            "public_size_rule": PUBLIC_SIZE_RULE if self.dp.public_sizes else "exact counts (no declared sizes)",
+            "public_size_rule": (self.dp.size_rule or PUBLIC_SIZE_RULE)
+            if self.dp.public_sizes
+            else "exact counts (no declared sizes)",
             "noise_multipliers": {str(c): s for c, s in enumerate(self.dp.noise_multipliers)},
             "calibration": self.dp.calibration,
             "clip_norm": self.dp.clip_norm,
@@ -217,7 +226,8 @@ class RecordLevel:
             "both shown",
             "neighbouring_relation": (
                 "add/remove one record (one patient's image) in one client's data, given the clients' declared "
-                "public sizes s_k (public and fixed: q, steps, sigma and weights depend on them only)"
+                "public sizes s_k (q, steps, sigma and weights depend on them only; a size derived from the count "
+                "can itself change with one record at a grid edge: see public_size_rule)"
             ),
             "trust_model": "each client is trusted with its own records; what leaves it is DP-SGD output",
         }
@@ -257,6 +267,7 @@ __all__ = [
     "PUBLIC_SIZE_RULE",
     "calibrate_record_sigmas",
     "merge_ledgers",
+    "DECLARED_RULE",
     "public_size",
     "record_sample_rate",
     "record_steps",

@@ -13,8 +13,9 @@ Node config (`flower-supernode --node-config '...'`):
 - `dataset`, `data-dir` (default: the run's): where this site's images are;
 - `state-dir` (default `~/.local/state/peft_deer/site`): where the site keeps its record-level DP
   accountant between messages and restarts, its training diagnostics and (under DP) its evaluation;
-- `public-size` (default: the site's image count floored to 2 significant figures, `record_dp.public_size`):
-  the site's declared public size under record-level DP, which fixes q, steps and sigma;
+- `public-size` (default: the run config's `record-public-sizes` entry for this partition-id, else the site's
+  image count floored to 2 significant figures, `record_dp.public_size`, logged as derived: one record can move
+  it at a grid edge): the site's declared public size under record-level DP, which fixes q, steps and sigma;
 - `site-worker` (default true), `site-worker-idle-s`: see `peft_deer_clientapp`.
 
 Each train message runs the core's `train_client` with the seed the simulation would use for this
@@ -139,7 +140,18 @@ class Site:
         model, layout = build_model(settings, backbone, 0.0, device)
         partition = 0 if num_partitions == 1 else client_id
         train_data = client_dataset(data, backbone, partition)
-        record = site_record_level(settings, len(train_data), _declared_size(node_config.get("public-size")))
+        declared = _declared_size(node_config.get("public-size"))
+        if declared is None and settings.record.public_sizes is not None:  # the run config's declaration
+            sizes = settings.record.public_sizes
+            if len(sizes) != num_clients:
+                raise ValueError(f"record-public-sizes {list(sizes)} must give one size per client ({num_clients})")
+            declared = sizes[client_id]
+        if declared is None and settings.privacy.record_level:
+            logger.info(
+                "record-level DP: public size derived from this site's image count (floored to a grid; one record "
+                "can change it at a grid edge); set node config public-size to fix it in advance"
+            )
+        record = site_record_level(settings, len(train_data), declared)
         state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
         site = cls(settings, client_id, num_partitions, data, model, layout, train_data, record, state_dir)
         site.held_out = tensor_dataset(backbone, data.splits.test, site.held_out_indices())

@@ -13,8 +13,10 @@ import warnings
 from ..config import DeerLoraConfig
 from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
 from ..federated.accountant import WeakDeltaWarning
+from ..federated.collusion import accounting_sample_rate
 from ..federated.head_refit import calibrate_with_refit
 from ..federated.record_dp import (
+    DECLARED_RULE,
     RecordDP,
     RecordLevel,
     calibrate_record_sigmas,
@@ -60,6 +62,8 @@ def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
     accountant = accountant or privacy.accountant
     releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
     sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
+    distributed = privacy.noise_placement == "distributed"  # the server accounts at this q too
+    sample_rate = accounting_sample_rate(sample_rate, distributed, privacy.collusion_threshold)
     try:
         if refit_multiplier(settings) is not None:
             return calibrate_with_refit(
@@ -94,17 +98,25 @@ def record_level(
 ) -> RecordLevel | None:
     """Record-level DP-SGD settings (sigma calibrated per client for the whole planned run); None without.
 
-    q, steps and sigma come from each client's declared public size (`public_sizes`, default: `public_size` of
-    its count), never from its exact count; so do the record-delta check and warning.
+    q, steps and sigma come from each client's declared public size (`public_sizes`, else --record-public-sizes,
+    else `public_size` of its count), never from its exact count; so do the record-delta check and warning. A
+    declaration above the count is allowed, without a message (the console is public): each record is still
+    sampled with probability q = batch size / s, so the guarantee holds; only the expected batch is smaller.
     """
     record, local = settings.record, settings.local
     if not settings.privacy.record_level:
         return None
     if min(client_sizes) < 1:
         raise ValueError("--dp record needs every client to hold at least one image")
+    if public_sizes is None:
+        public_sizes = record.public_sizes  # --record-public-sizes, fixed in advance (None: derived)
+    size_rule = None if public_sizes is None else DECLARED_RULE
     declared = [public_size(n) for n in client_sizes] if public_sizes is None else [int(n) for n in public_sizes]
     if len(declared) != len(client_sizes) or min(declared) < 1:
-        raise ValueError(f"declared public sizes {declared} must be one integer >= 1 per client")
+        raise ValueError(
+            f"declared public sizes {declared} (--record-public-sizes) must be one integer >= 1 per client "
+            f"({len(client_sizes)} clients)"
+        )
     largest = max(declared)  # the checks and messages read declared sizes only: the console is public
     if record.record_delta >= 1.0 / largest:
         raise ValueError(
@@ -157,6 +169,7 @@ def record_level(
         calibration,
         public_sizes=tuple(declared),
         accountant=settings.privacy.accountant,
+        size_rule=size_rule,
     )
     return RecordLevel(rdp, local.batch_size, local.local_epochs)
 

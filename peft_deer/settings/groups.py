@@ -270,12 +270,33 @@ class RecordDPSettings:
     max_physical_batch_size: int | None = setting(
         None, "split DP-SGD logical batches into physical batches of at most this size (memory bound)"
     )
+    record_public_sizes: str | None = setting(
+        None,
+        "declared public size s_k of each client, comma-separated (one per client, integers >= 1), fixed in advance: "
+        "q_k = batch size / s_k; default: each count floored to a grid, which one record can move at a grid edge",
+        metavar="N1,N2,...",
+    )
+
+    @property
+    def public_sizes(self) -> tuple[int, ...] | None:
+        """--record-public-sizes as integers (None: derive each from the client's count)."""
+        if self.record_public_sizes is None:
+            return None
+        try:
+            sizes = tuple(int(s) for s in self.record_public_sizes.split(","))
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--record-public-sizes {self.record_public_sizes!r} must be integers >= 1, e.g. 40,40,40")
+        return sizes
 
     def check(self, enabled: bool) -> None:
         """The checks of a run with (`enabled`) or without record-level DP."""
         if not enabled:
             if self.record_epsilon is not None or self.record_noise_multiplier is not None:
                 raise ValueError("--record-epsilon/--record-noise-multiplier need --dp record")
+            if self.record_public_sizes is not None:
+                raise ValueError("--record-public-sizes needs --dp record")
             return
         if self.record_epsilon is None and self.record_noise_multiplier is None:
             raise ValueError("--dp record needs --record-epsilon or --record-noise-multiplier")
@@ -283,6 +304,7 @@ class RecordDPSettings:
         if not 0 < self.record_delta < 1:
             raise ValueError(f"--record-delta {self.record_delta} must be in (0, 1)")
         _at_least_one(self, "max_physical_batch_size")
+        self.public_sizes  # noqa: B018 -- checks --record-public-sizes
 
 
 @dataclass(frozen=True)
