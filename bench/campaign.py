@@ -535,10 +535,19 @@ def _run_outcome(run_dir: Path) -> dict[str, Any]:
         "epsilon": privacy.get("epsilon") if level in ("client", "client+record") else None,
         "record_epsilon": (privacy.get("record") or {}).get("epsilon_max"),
         "privacy_level": level,
-        "train_seconds": summary.get("total_seconds"),
+        "train_seconds": _train_seconds(run_dir),
         "rounds_completed": summary.get("rounds_completed"),
         "stopped": summary.get("stopped"),
     }
+
+
+def _train_seconds(run_dir: Path) -> float | None:
+    """The run's training wall time: server-private (it depends on the clients' exact counts), None if absent."""
+    path = run_dir / "server-private" / "diagnostics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r.get("seconds") or 0.0 for r in rows) if rows else None
 
 
 def validation_aucs(run_dir: Path) -> list[float]:

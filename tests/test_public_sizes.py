@@ -101,7 +101,8 @@ def _argv(data_dir, out):
     ]  # fmt: skip
 
 
-MODEL_OUTPUTS = {"test", "calibration", "best_round", "total_seconds"}  # summary.json: the model's outputs, timing
+MODEL_OUTPUTS = {"test", "calibration", "best_round"}  # summary.json: the model's outputs
+TIMING = {"seconds", "total_seconds", "images_per_s"}  # depend on exact counts: server-private only
 
 
 def _published(out) -> dict:
@@ -110,9 +111,11 @@ def _published(out) -> dict:
 
     rows = [json.loads(line) for line in read("metrics.jsonl").splitlines()]
     summary = json.loads(read("summary.json"))
+    for published in (*rows, summary):
+        assert not TIMING & set(published), TIMING & set(published)
     return {
         "privacy": json.loads(read("privacy.json")),
-        "metrics": [{k: v for k, v in r.items() if not k.startswith("val_") and k != "seconds"} for r in rows],
+        "metrics": [{k: v for k, v in r.items() if not k.startswith("val_")} for r in rows],
         "summary": {k: v for k, v in summary.items() if k not in MODEL_OUTPUTS},
     }
 
@@ -140,6 +143,55 @@ def test_one_record_more_changes_nothing_published(tmp_path, medmnist_dir, monke
     assert "given the clients' declared public sizes" in a["privacy"]["neighbouring_relation"]
     table = a["privacy"]["trust_model_table"]
     assert table["deployment"] == "simulation" and table["against"]["public"]["record_level_epsilon"] > 0
+
+
+def _change_hospital_0(load, change: int):
+    def changed(settings, *args, **kwargs):  # hospital 0 holds `change` records more (or fewer)
+        data = load(settings, *args, **kwargs)
+        if change < 0:
+            data.partitions[0] = data.partitions[0][:change]
+        for _ in range(change):
+            extra = np.setdiff1d(np.arange(len(data.splits.train.labels)), data.train_idx)[0]
+            data.train_idx = np.append(data.train_idx, extra)
+            data.partitions[0] = np.append(data.partitions[0], len(data.train_idx) - 1)
+        return data
+
+    return changed
+
+
+def test_declared_sizes_make_39_40_and_41_records_publish_the_same(tmp_path, medmnist_dir, monkeypatch):
+    """/tmp/attack24/published_diff.py: derived, 40 -> 39 records moves the declaration 40 -> 30 at the grid edge;
+    declared in advance (--record-public-sizes), the three runs publish identical privacy.json and the rest."""
+    from peft_deer.run import experiment
+    from train import fed
+
+    load = experiment.load_run_data
+    published = {}
+    for change in (0, -1, 1):
+        monkeypatch.setattr(experiment, "load_run_data", _change_hospital_0(load, change))
+        out = tmp_path / f"run{change}"
+        assert fed.main([*_argv(medmnist_dir, out), "--record-public-sizes", "40,40,40"]) == 0
+        published[change] = _published(out)
+    assert published[0] == published[-1] == published[1]
+    record = published[0]["privacy"]["record"]
+    assert record["public_sizes"] == {"0": 40, "1": 40, "2": 40} and "declared explicitly" in record["public_size_rule"]
+    # derived sizes at the edge: the declaration moves (the ledger says that it can)
+    assert public_size(39) == 30 and "grid edge" in published[0]["privacy"]["neighbouring_relation"]
+
+
+def test_record_public_sizes_are_checked(medmnist_dir, tmp_path):
+    from peft_deer.run.privacy import record_level
+    from peft_deer.settings import parse_args
+
+    argv = _argv(medmnist_dir, tmp_path / "x")
+    assert parse_args([*argv, "--record-public-sizes", "40,41,42"]).record.public_sizes == (40, 41, 42)
+    for bad in ("0,40,40", "40,x,40", ""):
+        with pytest.raises((ValueError, SystemExit)):
+            parse_args([*argv, "--record-public-sizes", bad])
+    with pytest.raises(ValueError, match="one integer >= 1 per client"):
+        record_level(parse_args([*argv, "--record-public-sizes", "40,40"]), [40, 40, 40])
+    above = record_level(parse_args([*argv, "--record-public-sizes", "50,40,40"]), [40, 40, 40])  # allowed
+    assert above.dp.public_sizes == (50, 40, 40)
 
 
 def test_trust_table_reads_the_per_adversary_epsilons_of_distributed_noise():

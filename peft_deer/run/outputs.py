@@ -8,8 +8,9 @@ privacy.json, metrics.jsonl, summary.json, curves.png, examples/, base-model/ (r
 -- all of it publishable: nothing in it is computed from a client's data without noise.
 Each adapter's temperature (probabilities = softmax(logits / T), fitted on the server's validation split)
 is in its `peft_deer_run.json` and in `summary.json` under `calibration`.
-`server-private/` (owner-only) holds what is (training losses, update norms, participants, per-client label
-counts, dropped updates) and, while the run is unfinished, `checkpoint.pt` with the run's DP secret. Never publish it.
+`server-private/` (owner-only) holds what is (training losses, update norms, participants, timing, per-client
+label counts, dropped updates) and, while the run is unfinished, `checkpoint.pt` with the run's DP secret.
+Never publish it.
 """
 
 from __future__ import annotations
@@ -157,7 +158,6 @@ def finalize(
             k: server.refit.get(k) for k in ("applied", "dims", "shrinkage", "val_auc_before", "val_auc_after")
         },
         "best_round": None if progress.best is None else progress.best["round"],
-        "total_seconds": sum(r["seconds"] for r in progress.rows),
         "args": settings.flat(),
         "args_sha256": hashlib.sha256(json.dumps(settings.fingerprint(), sort_keys=True).encode()).hexdigest(),
     }

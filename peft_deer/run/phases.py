@@ -109,26 +109,26 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     # The budget's accountant only (--accountant): server.epsilon() runs both.
     eps = server.accountant.epsilon(server.dp.delta, server.budget_accountant) if server.dp else None
     norms = [n for n in acc["update_norms"] if not math.isnan(n)]
-    # Public: the server's own validation split, the guarantee spent, wall time.
+    # Public: the server's own validation split, the guarantee spent (no timing: it depends on exact counts).
     row = {
         "round": phase.round,
         **{f"val_{k}": v for k, v in val.items()},
         "epsilon": eps,
         **({"record_epsilon_max": server.record.epsilon_max()} if server.record else {}),
-        "seconds": acc["seconds"],
         **reproducible_noise_label(settings.privacy.reproducible_noise),  # each row says: NO privacy guarantee
     }
     # Server-private: computed from the clients' data without noise.
     private = {
         "round": phase.round,
         "train_loss": acc["loss"] / acc["images"] if acc["images"] else None,  # None: the sites kept it
+        "seconds": acc["seconds"],  # wall time of the round's phases: depends on the clients' exact counts
         "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
         "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
         "participants_per_phase": list(acc["participants"]),
     }
-    shares = [[r["noise_shares"], r["share_divisor"]] for r in server.releases[-len(acc["participants"]) :]]
-    if any("noise_shares" in r for r in server.releases[-1:]):  # distributed noise: [k, d] per phase (k leaks)
-        private["noise_shares_per_phase"] = shares
+    recent = server.releases[-len(acc["participants"]) :]
+    if all("noise_shares" in r for r in recent):  # distributed noise: [k, d] per phase (k is the participant count)
+        private["noise_shares_per_phase"] = [[r["noise_shares"], r["share_divisor"]] for r in recent]
     progress.rows.append(row)
     progress.private_rows.append(private)
     append_jsonl(out / "metrics.jsonl", row)
