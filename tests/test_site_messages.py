@@ -143,3 +143,58 @@ def test_without_dp_the_statistics_still_flow(tmp_path):
     assert metrics["num-examples"] == EXACT and metrics["train-loss"] == pytest.approx(0.6931)
     assert metrics["images-seen"] == 2 * EXACT and _hello(site) == (1, EXACT)
     assert not list(tmp_path.glob("diagnostics-*"))
+
+
+def _noised_site(tmp_path, monkeypatch) -> Site:
+    """A client-level distributed-noise site whose training returns a fixed update (no model)."""
+    from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
+    from peft_deer.flower import site as site_module
+
+    settings, _ = parse_run_config(
+        {"num-clients": 3, "method": "lora", "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed"}
+    )
+    layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
+    monkeypatch.setattr(
+        site_module,
+        "train_client",
+        lambda model, layout, state, phase, task, training: ClientUpdate(
+            1, {k: torch.full_like(state[k], 0.01) for k in layout.trained_keys(phase.factors)}, EXACT
+        ),
+    )
+    return Site(settings, 1, 3, None, None, layout, list(range(EXACT)), None, tmp_path)
+
+
+def test_a_resent_instruction_gets_the_same_noise_share_and_a_changed_one_is_refused(tmp_path, monkeypatch):
+    """Averaging two answers to the same (round, phase) must not halve the site's noise: an identical re-send gets
+    the identical message, a different instruction for an answered (round, phase) is refused (one line)."""
+    import os
+    import stat
+
+    from peft_deer.flower.protocol import NoiseTerms
+    from peft_deer.methods import NoiseKind
+
+    site = _noised_site(tmp_path, monkeypatch)
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    terms = NoiseTerms(1.0, 1.0, 0.0, NoiseKind.PLAIN)
+    work = TrainInstruction(state, 0, 0, 1, 2, RUN_KEY, terms)
+    first, again = site.train_update(work)[0].delta, site.train_update(work)[0].delta
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same share: nothing new to average
+    noise = torch.cat([(first[k] - 0.01).flatten() for k in first])
+    assert 0.3 < float(noise.std()) < 1.2  # it is noised: share std sigma C / sqrt(2) ~ 0.71
+    other = {k: v.clone() for k, v in state.items()}
+    other["m.A"][0, 0] += 1.0  # another adapter for the same (round, phase)
+    with pytest.raises(ValueError, match="round 0 phase 0 was already answered for another instruction"):
+        site.train_update(TrainInstruction(other, 0, 0, 1, 2, RUN_KEY, terms))
+    with pytest.raises(ValueError, match="already answered"):  # another share count, too
+        site.train_update(TrainInstruction(state, 0, 0, 1, 3, RUN_KEY, terms))
+    nxt = site.train_update(TrainInstruction(other, 1, 0, 1, 2, RUN_KEY, terms))[0].delta  # the next round: fine
+    assert not all(torch.equal(nxt[k], first[k]) for k in first)  # with a fresh share
+    for path in tmp_path.iterdir():  # the key and the answered digests: owner-only
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    key = next(tmp_path.glob("noise-key-client1.hex"))
+    assert len(key.read_text()) == 64  # 256 bits
+    restarted = _noised_site(tmp_path, monkeypatch)  # a restarted site keeps its key and its answers
+    assert all(torch.equal(restarted.train_update(work)[0].delta[k], first[k]) for k in first)
+    os.chmod(key, 0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        restarted.train_update(work)

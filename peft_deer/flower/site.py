@@ -91,6 +91,7 @@ from .run_config import OPTION_KEYS, parse_run_config
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .site_accounting import SiteAccountant, site_record_level
 from .site_evaluation import site_metrics
+from .site_noise import noise_stream
 
 # Run settings only the server uses: runs that differ in these share a site's loaded data and model.
 SERVER_ONLY = {"output-dir", "resume", "overwrite", "max-phases", *OPTION_KEYS}
@@ -246,7 +247,11 @@ class Site:
             report = SiteAccountant(self.state_dir, work.run_key, client_id).step(self.record, update.num_examples)
         if noise is not None:
             whiteners = build_whiteners(self.layout, work.global_state, list(update.delta), noise.noise, noise.ridge)
-            stream = (randomness or DPRandomness.secret()).stream(*phase.step, client_id, "noise")
+            # the site's key and the instruction's digest (`site_noise`): a re-sent instruction gets the same share
+            if randomness is None:
+                stream = noise_stream(self.state_dir, work)
+            else:
+                stream = randomness.stream(*phase.step, client_id, "noise")
             dp = noise.client_dp()
             if work.skellam_scale is None:
                 delta, _ = privatize_update(update.delta, whiteners, noise.noise, dp, work.num_shares, stream)
