@@ -179,7 +179,7 @@ def classify_example_in_browser(
                     raise
         heatmap = browser.wait_for(
             "(() => { const imgs = [...document.querySelectorAll('img')].filter(i => i.complete && "
-            "i.naturalWidth === 320); return imgs.length; })()",
+            "i.naturalWidth >= 320); return imgs.length; })()",  # 320 px overlay (+ its colour scale)
             timeout_s,
             "the heatmap image",
         )
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo([clf])
     launch(demo, port=None, prevent_thread_lock=True)
     try:
-        label = f"{example.class_name} ({example.path.name})"
+        label = f"true label: {example.class_name} ({example.path.name})"
         shown = classify_example_in_browser(demo.local_url, label, Path(args.out))
     finally:
         close(demo)

@@ -516,7 +516,7 @@ def test_real_browser_classifies_an_example(clf: Classifier, tmp_path: Path) -> 
     out = tmp_path / "app.png"
     try:
         shown = tool.classify_example_in_browser(
-            f"http://127.0.0.1:{port}/", f"{example.class_name} ({example.path.name})", out, binary
+            f"http://127.0.0.1:{port}/", f"true label: {example.class_name} ({example.path.name})", out, binary
         )
     finally:
         close(demo)

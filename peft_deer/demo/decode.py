@@ -74,7 +74,7 @@ def _read_raster(data: bytes) -> np.ndarray:
     except OverBudget as exc:
         raise UnreadableFile(str(exc)) from None
     except Image.UnidentifiedImageError:
-        raise UnreadableFile(f"not a PNG, JPEG, BMP, TIFF, WebP or DICOM file; use {ACCEPTED}") from None
+        raise UnreadableFile(f"not a readable image or DICOM file; use {ACCEPTED}") from None
     except Exception as exc:  # noqa: BLE001 - a decoder's failure on hostile bytes, of whatever type, is one line
         raise UnreadableFile(f"not a readable image or DICOM file ({exc.__class__.__name__}); use {ACCEPTED}") from None
 
