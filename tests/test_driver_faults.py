@@ -131,10 +131,15 @@ def test_a_full_disk_during_the_final_write_is_one_line_and_keeps_the_previous_f
     assert (out / "summary.json").is_file() and not list(out.rglob("*.tmp"))
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C as in a terminal, even when the test runs as a background job (SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(run: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, str(FED), *run], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)  # fmt: skip
 
 
 @pytest.mark.e2e

@@ -276,7 +276,9 @@ def test_a_next_phase_beyond_the_runs_schedule_is_refused_on_resume(tmp_path):
     server = SimpleNamespace(spec=SimpleNamespace(releases_per_round=2), load_state_dict=loaded.append)
     settings = SimpleNamespace(output=SimpleNamespace(resume=True), federation=SimpleNamespace(rounds=3),
                                fingerprint=lambda: {"lr": 0.1})  # fmt: skip
-    exp = SimpleNamespace(settings=settings, server=server, data_sha256={"train": "ab" * 32})
+    exp = SimpleNamespace(
+        settings=settings, server=server, data_sha256={"train": "ab" * 32}, fingerprint=settings.fingerprint
+    )
     for step, ok in (((9, 0), False), ((1, 2), False), ((3, 1), False), ((3, 0), True), ((2, 1), True)):
         save_checkpoint(out / CHECKPOINT, _payload() | {"next_phase": step})
         if ok:
