@@ -70,7 +70,12 @@ class DataSettings:
     )
     data_dir: str | None = setting(None, "folder holding MedMNIST .npz files (else the cache, else download)")
     num_clients: int = setting(12, "how many clients (hospitals) the training split is divided into")
-    partition: str = setting("dirichlet", "how the training split is divided", choices=("iid", "dirichlet"))
+    partition: str = setting(
+        "dirichlet",
+        "how the training split is divided: iid; dirichlet (each class split across clients in Dir(alpha) shares); "
+        "dirichlet-mix (equal-size clients, label mix ~ Dir(alpha C p): holds for any number of clients)",
+        choices=("iid", "dirichlet", "dirichlet-mix"),
+    )
     dirichlet_alpha: float = setting(0.1, "label skew; smaller is more skewed")
     train_subset: int | None = setting(None, "use a seeded stratified subset of this many training images (smoke runs)")
 
@@ -78,7 +83,7 @@ class DataSettings:
         _name_ok(self.dataset, "dataset")
         _name_ok(self.data_dir, "data_dir")
         _at_least_one(self, "num_clients", "train_subset")
-        if self.partition == "dirichlet" and not self.dirichlet_alpha > 0:
+        if self.partition.startswith("dirichlet") and not self.dirichlet_alpha > 0:
             raise ValueError(f"--dirichlet-alpha {self.dirichlet_alpha} must be > 0")
 
 
