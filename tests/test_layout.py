@@ -104,7 +104,7 @@ def test_what_pip_installs_lives_under_peft_deer():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["peft_deer*"]
     scripts = project["project"]["scripts"]
-    assert set(scripts) == {"deer-fed", "deer-app", "deer-build-dinov2", "deer-audit"}
+    assert set(scripts) == {"deer-fed", "deer-app", "deer-build-dinov2", "deer-audit", "deer-campaign"}
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert module.split(".")[0] == "peft_deer" and callable(getattr(importlib.import_module(module), function))
