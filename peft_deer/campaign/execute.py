@@ -159,7 +159,7 @@ def validation_aucs(run_dir: Path) -> list[float]:
 
 def execute_probe(probe: Probe, out: Path) -> dict[str, Any]:
     """The linear probe, in this process; any error is recorded, not raised."""
-    from peft_deer.linear_probe import linear_probe
+    from .probe import linear_probe
 
     t0 = time.perf_counter()
     row = {**_base_row(probe), "privacy_level": "none"}
