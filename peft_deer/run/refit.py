@@ -22,6 +22,7 @@ The released statistics, sigma, sensitivities and the release's own epsilon are 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -93,6 +94,7 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
     if exp.client_data is None:
         raise ValueError("--head-refit stats needs the hospitals' features: the simulation only, for now")
     _, w_key, b_key = head_linear(exp)
+    started = time.perf_counter()
     load_adapter_state(exp.model, server.global_state)
     with exp.model_inputs():
         val_x = head_features(exp, exp.val_data)
@@ -139,6 +141,7 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
         applied_to="adapter/ (final); adapter-best/ keeps its trained head"
         if settings.federation.rounds
         else "adapter/ (statistics only, --rounds 0: no training, no adapter-best/)",
+        seconds=time.perf_counter() - started,  # features, release and fit, wall time
     )
     server.refit = entry
     say(f"head refit: val auc {before:.4f} -> {after:.4f} (k {projection.dims}, shrinkage {shrinkage:g})")
