@@ -67,10 +67,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from peft_deer.config import METHODS
-from peft_deer.io import dumps_strict
-from peft_deer.run_dir import CHECKPOINT
+from peft_deer.run.io import dumps_strict
+from peft_deer.run.run_dir import CHECKPOINT
 from peft_deer.settings import RaisingParser, RunSettings, build_parser, parse_args, values_to_argv
+from peft_deer.tuner.config import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 FED = ROOT / "train" / "fed.py"

@@ -13,7 +13,7 @@ from conftest import tiny_vit
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
-from peft_deer.calibration import (
+from peft_deer.evaluation.calibration import (
     T_MAX,
     calibration_report,
     expected_calibration_error,
@@ -21,7 +21,7 @@ from peft_deer.calibration import (
     nll,
     softmax_t,
 )
-from peft_deer.evaluation import choose_threshold, classification_metrics, predict_logits, predict_proba
+from peft_deer.evaluation.metrics import choose_threshold, classification_metrics, predict_logits, predict_proba
 
 
 def sample_labels(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:

@@ -637,8 +637,8 @@ def test_skellam_is_the_default_gaussian_shares_warn_and_a_resume_with_another_s
 
     from test_flower import flower_config
 
-    from peft_deer.checkpoint import SettingsMismatch, check_resume
     from peft_deer.flower.server_app import FlowerTransport
+    from peft_deer.run.checkpoint import SettingsMismatch, check_resume
     from peft_deer.run.experiment import Experiment
 
     good = {**flower_config(), "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed"}

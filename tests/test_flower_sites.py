@@ -22,7 +22,7 @@ pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_d
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from peft_deer.evaluation import classification_metrics  # noqa: E402
+from peft_deer.evaluation.metrics import classification_metrics  # noqa: E402
 from peft_deer.federated import (  # noqa: E402
     FederatedServer,
     LocalTraining,

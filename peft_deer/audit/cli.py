@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from .. import defaults
-from ..config import METHODS
 from ..federated.record_dp import record_steps
+from ..tuner.config import METHODS
 from .bounds import AuditResult
 from .client_level import run_client_audit
 from .from_run import run_settings

@@ -54,7 +54,7 @@ from peft import PeftModel
 from torch.utils.data import Dataset
 
 from ..data import partition_clients
-from ..evaluation import predict_proba
+from ..evaluation.metrics import predict_proba
 from ..federated import (
     AdapterLayout,
     ClientTask,
@@ -71,7 +71,7 @@ from ..federated import (
 )
 from ..federated.record_dp import RecordLevel
 from ..federated.skellam import plan_skellam, skellam_message
-from ..io import write_json_atomic
+from ..run.io import write_json_atomic
 from ..run.privacy import local_training
 from ..run.task import RunData, build_model, client_dataset, load_run_backbone, load_run_data, tensor_dataset
 from ..settings import RunSettings
