@@ -206,7 +206,7 @@ def test_the_site_worker_keeps_the_site_loaded_refuses_a_wrong_key_and_follows_i
     from flwr.app import RecordDict
 
     from peft_deer.flower.protocol import TrainInstruction
-    from peft_deer_clientapp import ask_worker, worker_paths
+    from peft_deer.flower.worker_link import ask_worker, worker_paths
 
     node_config = {"partition-id": 1, "data-dir": str(MEDMNIST_DIR), "state-dir": str(tmp_path / "state")}
     run_config = tiny_run_config(rounds=1)

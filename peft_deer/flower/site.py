@@ -16,7 +16,7 @@ Node config (`flower-supernode --node-config '...'`):
 - `public-size` (default: the run config's `record-public-sizes` entry for this partition-id, else the site's
   image count floored to 2 significant figures, `record_dp.public_size`, logged as derived: one record can move
   it at a grid edge): the site's declared public size under record-level DP, which fixes q, steps and sigma;
-- `site-worker` (default true), `site-worker-idle-s`: see `peft_deer_clientapp`.
+- `site-worker` (default true), `site-worker-idle-s`: see `peft_deer.flower.worker_link`.
 
 Each train message runs the core's `train_client` with the seed the simulation would use for this
 client and phase. With client-level DP and the `distributed` noise placement the client clips its
