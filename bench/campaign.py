@@ -47,6 +47,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -67,10 +68,25 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from peft_deer.run.io import dumps_strict
-from peft_deer.run.run_dir import CHECKPOINT
-from peft_deer.settings import RaisingParser, RunSettings, build_parser, parse_args, values_to_argv
-from peft_deer.tuner.config import METHODS
+
+def _light():  # peft_deer's light modules by path (peft_deer.light_import): --help and a bad grid before torch
+    package = importlib.util.find_spec("peft_deer")  # finds the package without importing it
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("peft_deer is not installed; run `pip install -e .` in the repository")
+    path = Path(list(package.submodule_search_locations)[0]) / "light_import.py"
+    spec = importlib.util.spec_from_file_location("_peft_deer_light_import", path)
+    light = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(light)
+    return light
+
+
+_peft_deer = _light()
+METHODS = _peft_deer.load("peft_deer.methods").METHODS
+dumps_strict = _peft_deer.load("peft_deer.run.io").dumps_strict
+CHECKPOINT = _peft_deer.load("peft_deer.run.run_dir").CHECKPOINT
+_settings = _peft_deer.load("peft_deer.defaults", "peft_deer.settings")
+RaisingParser, RunSettings, build_parser = _settings.RaisingParser, _settings.RunSettings, _settings.build_parser
+parse_args, values_to_argv = _settings.parse_args, _settings.values_to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 FED = ROOT / "train" / "fed.py"
