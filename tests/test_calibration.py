@@ -1,4 +1,4 @@
-"""Temperature scaling (peft_deer/calibration.py): the fit recovers a known temperature, never raises the
+"""Temperature scaling (peft_deer/evaluation/calibration.py): the fit recovers a known temperature, never raises the
 validation NLL, keeps binary AUC and the argmax, un-saturates an over-confident model's threshold, handles
 degenerate validation sets, and the logits path of `predict_proba`."""
 

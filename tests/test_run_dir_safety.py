@@ -44,7 +44,7 @@ from peft_deer.run.run_dir import (
     staging_dir,
 )
 
-RUN_DIR = ROOT / "peft_deer" / "run_dir.py"
+RUN_DIR = ROOT / "peft_deer" / "run" / "run_dir.py"
 HOLD = textwrap.dedent(
     """
     import importlib.util, sys, time
