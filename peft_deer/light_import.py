@@ -45,6 +45,10 @@ LIGHT_MODULES: tuple[str, ...] = (
     "peft_deer.audit",  # its names load on first use
     "peft_deer.audit.cli",
     "peft_deer.audit.from_run",
+    "peft_deer.campaign",
+    "peft_deer.campaign.cli",
+    "peft_deer.campaign.grid",
+    "peft_deer.campaign.store",
     "peft_deer.flower",  # its names load on first use
     "peft_deer.flower.mask_hardening",
     "peft_deer.flower.wire",

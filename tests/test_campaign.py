@@ -1,4 +1,5 @@
-"""bench/campaign.py (grid expansion, a tiny campaign end to end, the report) and peft_deer.linear_probe.
+"""The campaign, `peft_deer.campaign` (grid expansion and run ids, a tiny campaign end to end, the report, the
+command line as `deer-campaign` and `bench/campaign.py`) and its linear probe, `peft_deer.campaign.probe`.
 
 The end-to-end test runs two tiny-vit deer-fed subprocesses on 120 real PneumoniaMNIST images (one
 failing, one ok) and a linear probe, then checks skipping and the rerun of one deleted line (one more
@@ -8,8 +9,9 @@ run): about 30 s on 2 cores, nearly all of it the subprocesses' start-up.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,19 +19,10 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from peft_deer import linear_probe as lp
+from peft_deer.campaign import cli, execute, report, store
+from peft_deer.campaign import grid as campaign_grid
+from peft_deer.campaign import probe as lp
 from peft_deer.data import DatasetSplits, load_dataset_spec
-
-
-def _load_campaign():
-    spec = importlib.util.spec_from_file_location("campaign", ROOT / "bench" / "campaign.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["campaign"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-campaign = _load_campaign()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,7 +35,7 @@ def runs_of(items) -> list:
 
 
 def cell(run) -> tuple:
-    s = campaign.resolved(run.settings)
+    s = campaign_grid.resolved(run.settings)
     return s["method"], s["dp"], s["epsilon"], s["record_epsilon"], s["num_clients"]
 
 
@@ -65,7 +58,7 @@ def test_grid_expands_product_seeds_for_extra_and_mapping_values():
         ],
         "probe": [{"dataset": "medmnist:breastmnist", "image-size": 28}],
     }
-    items = campaign.expand_grid(grid)
+    items = campaign_grid.expand_grid(grid)
     runs = runs_of(items)
     seeds: dict[tuple, list[int]] = {}
     for run in runs:
@@ -95,10 +88,41 @@ def test_grid_expands_product_seeds_for_extra_and_mapping_values():
     # probes come first; they inherit the base's model; ids are stable across expansions
     probe = items[0]
     assert probe.kind == "probe" and probe.settings["model"] == "tiny-vit" and probe.settings["image_size"] == 28
-    assert [i.id for i in campaign.expand_grid(grid)] == [i.id for i in items]
+    assert [i.id for i in campaign_grid.expand_grid(grid)] == [i.id for i in items]
     # a grid without seeds_for runs every seed everywhere; without vary it is the base run
-    assert len(runs_of(campaign.expand_grid({**grid, "seeds_for": None, "extra": None}))) == 18
-    assert len(runs_of(campaign.expand_grid({"base": {"model": "tiny-vit"}, "seeds": [0, 1]}))) == 2
+    assert len(runs_of(campaign_grid.expand_grid({**grid, "seeds_for": None, "extra": None}))) == 18
+    assert len(runs_of(campaign_grid.expand_grid({"base": {"model": "tiny-vit"}, "seeds": [0, 1]}))) == 2
+
+
+def test_run_ids_are_those_of_mains_campaign():
+    """Regression pin: run ids name run dirs and key results.jsonl, and campaigns started on main's 984-line
+    bench/campaign.py are resumed with this package. Each id below was computed ONCE with main's bench/campaign.py
+    (commit 61aa96c) for the same grid; none may change. The last run is one of campaign-cpu-v5's sweep runs."""
+    plan = campaign_grid.expand_grid(
+        {
+            "base": {"model": "dinov2-s", "dataset": "medmnist:pneumoniamnist", "rounds": 6, "num-clients": 12},
+            "vary": {
+                "privacy": [{"dp": "none"}, {"dp": "client", "epsilon": 8}, {"dp": "record", "record-epsilon": 1}]
+            },
+            "probe": [{"dataset": "medmnist:pneumoniamnist", "image-size": 56}],
+            "extra": [
+                {
+                    "batch_size": 64, "data_dir": "../shared/data/medmnist", "dp": "record", "head_init": "zero",
+                    "head_refit": "stats", "image_size": 56, "lora_layers": "last:2", "lr": 0.5,
+                    "record_clip_norm": 0.1, "record_epsilon": 8.0, "rounds": 6, "optimizer": "sgd", "momentum": 0.9,
+                    "refit_dims": 32, "refit_noise_multiplier": 2.0,
+                }
+            ],
+        }
+    )  # fmt: skip
+    assert [item.id for item in plan] == [
+        "lp-7b27ee3b9dba",  # the probe: dataset, model, image size, data dir, subset, seed
+        "5b6bf272e28e",  # {rounds: 6, seed: 0} (dinov2-s, pneumoniamnist, 12 clients are deer-fed's defaults)
+        "0a6c300eb726",  # + dp client, epsilon 8.0
+        "64e5e02230bb",  # + dp record, record_epsilon 1.0
+        "1b4b4dae5a57",  # runs/1b4b4dae5a57 of campaign-cpu-v5 (bench/grids/cpu-v5-sweep.yaml)
+    ]
+    assert plan[1].settings == {"rounds": 6, "seed": 0}
 
 
 @pytest.mark.parametrize(
@@ -118,15 +142,15 @@ def test_grid_expands_product_seeds_for_extra_and_mapping_values():
     ],
 )
 def test_bad_grids_are_refused_with_one_line(grid, message):
-    with pytest.raises(campaign.GridError, match=message) as info:
-        campaign.expand_grid(grid)
+    with pytest.raises(campaign_grid.GridError, match=message) as info:
+        campaign_grid.expand_grid(grid)
     assert "\n" not in str(info.value)
 
 
 def test_cli_refuses_unknown_settings_before_running(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text("base: {model: tiny-vit, lr-rate: 0.1}\n")
-    assert campaign.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert cli.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "base.lr-rate" in err
     assert not (tmp_path / "out").exists()
@@ -134,18 +158,18 @@ def test_cli_refuses_unknown_settings_before_running(tmp_path, capsys):
 
 def test_launch_flags_resume_restart_or_new(tmp_path):
     run_dir = tmp_path / "run"
-    assert campaign.launch_flags(run_dir) == []
+    assert store.launch_flags(run_dir) == []
     run_dir.mkdir()
-    assert campaign.launch_flags(run_dir) == []
+    assert store.launch_flags(run_dir) == []
     (run_dir / "metrics.jsonl").write_text("")
-    assert campaign.launch_flags(run_dir) == ["--overwrite"]  # started, no checkpoint yet
+    assert store.launch_flags(run_dir) == ["--overwrite"]  # started, no checkpoint yet
     (run_dir / "checkpoint.pt").write_bytes(b"")  # an older version's checkpoint: not resumable (63-bit key)
-    assert campaign.launch_flags(run_dir) == ["--overwrite"]
+    assert store.launch_flags(run_dir) == ["--overwrite"]
     (run_dir / "server-private").mkdir()
     (run_dir / "server-private" / "checkpoint.pt").write_bytes(b"")
-    assert campaign.launch_flags(run_dir) == ["--resume"]  # interrupted after a phase
+    assert store.launch_flags(run_dir) == ["--resume"]  # interrupted after a phase
     (run_dir / "summary.json").write_text("{}")
-    assert campaign.launch_flags(run_dir) == ["--overwrite"]  # finished: its line was deleted, run it again
+    assert store.launch_flags(run_dir) == ["--overwrite"]  # finished: its line was deleted, run it again
 
 
 # ----------------------------------------------------------------------------- a campaign end to end
@@ -179,7 +203,7 @@ def test_campaign_runs_skips_reruns_and_reports(tmp_path, medmnist_dir, monkeypa
         )
     )
     argv = ["--grid", str(grid), "--out", str(out)]
-    assert campaign.main(argv) == 1  # one run failed, the one after it ran
+    assert cli.main(argv) == 1  # one run failed, the one after it ran
     rows = results(out)
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
     probe, failed, run = rows
@@ -198,16 +222,16 @@ def test_campaign_runs_skips_reruns_and_reports(tmp_path, medmnist_dir, monkeypa
 
     # Again: the ok runs are skipped; the failed one is retried unless --no-retry-failed.
     capsys.readouterr()
-    assert campaign.main([*argv, "--dry-run"]) == 0
+    assert cli.main([*argv, "--dry-run"]) == 0
     assert "3 runs planned (2 done, 1 failed); 1 to run" in capsys.readouterr().out
-    assert campaign.main([*argv, "--no-retry-failed"]) == 0
+    assert cli.main([*argv, "--no-retry-failed"]) == 0
     assert len(results(out)) == 3
     assert "3 runs planned (2 done, 1 failed); 0 to run" in capsys.readouterr().out
 
     # Deleting a line reruns exactly that run (its finished dir is overwritten).
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    assert campaign.main([*argv, "--no-retry-failed"]) == 0
+    assert cli.main([*argv, "--no-retry-failed"]) == 0
     rows = results(out)
     assert len(rows) == 3 and rows[-1]["id"] == run["id"] and rows[-1]["status"] == "ok"
     assert rows[-1]["attempt"] == "overwrite"
@@ -215,7 +239,7 @@ def test_campaign_runs_skips_reruns_and_reports(tmp_path, medmnist_dir, monkeypa
     # The report comes back from results.jsonl alone.
     (out / "RESULTS.md").unlink()
     (out / "auc_vs_epsilon.png").unlink()
-    assert campaign.main(["--out", str(out), "--report-only"]) == 0
+    assert cli.main(["--out", str(out), "--report-only"]) == 0
     assert "| deer | client ε=8 |" in (out / "RESULTS.md").read_text()
     assert (out / "auc_vs_epsilon.png").is_file()
 
@@ -235,7 +259,7 @@ def test_run_outcome_reads_both_levels_of_epsilon(tmp_path, level, privacy, epsi
     summary = {"privacy_level": level, "test": {"final": metrics, "best": metrics}, "total_seconds": 3.0}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     (tmp_path / "privacy.json").write_text(json.dumps(privacy))
-    outcome = campaign._run_outcome(tmp_path)
+    outcome = execute._run_outcome(tmp_path)
     assert (outcome["epsilon"], outcome["record_epsilon"]) == (epsilon, record_epsilon)
     assert outcome["privacy_level"] == level and outcome["test_final"] == metrics
 
@@ -266,14 +290,14 @@ def test_report_groups_seeds_and_shows_what_varies(tmp_path):
         row("d", 0, 0.90, dp="none"),
         row("e", 0, 0.5, status="failed", clients=192),
     ]
-    md = campaign.render_markdown(rows, planned=6)
+    md = report.render_markdown(rows, planned=6)
     assert "4 ok, 1 failed, of 6 planned" in md
     assert "| method | privacy | num_clients | test AUC | balanced acc. | ε achieved | runs | mean s |" in md
     assert "| deer | none | 12 | 0.900 ± – | 0.800 ± – | – | 1 | 10 |" in md
     assert "| deer | client ε=8 | 12 | 0.750 ± 0.071 | 0.650 ± 0.071 | client 7.90 | 2 | 15 |" in md
     assert "| deer | client ε=8 | 48 | 0.600 ± – |" in md
     assert "`e` medmnist:dermamnist, deer, client ε=8, seed 0:" in md and "ValueError: boom" in md
-    png = campaign.plot_auc_vs_epsilon(rows, tmp_path / "plot.png")
+    png = report.plot_auc_vs_epsilon(rows, tmp_path / "plot.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -341,7 +365,7 @@ def test_validation_auc_is_read_from_the_run_and_shown_beside_test_auc(tmp_path)
     (run / "privacy.json").write_text(json.dumps({"level": "none"}))
     lines = [{"round": 0, "val_auc": 0.61}, {"round": 1, "val_auc": 0.93}, {"round": 2, "val_auc": 0.88}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"round": 3, "val_au')
-    outcome = campaign._run_outcome(run)
+    outcome = execute._run_outcome(run)
     assert (outcome["val_auc_final"], outcome["val_auc_best"]) == (0.88, 0.93)
 
     row = {
@@ -353,7 +377,7 @@ def test_validation_auc_is_read_from_the_run_and_shown_beside_test_auc(tmp_path)
         "settings": {"dataset": "d", "model": "m", "image_size": 56}, "seconds": 1.0,
         "test_final": {"auc": 0.9}, "probe": {"C": 0.1, "val_scores": {"0.1": 0.95, "1.0": 0.97}},
     }  # fmt: skip
-    md = campaign.render_markdown([probe, row])
+    md = report.render_markdown([probe, row])
     assert "| method | privacy | val AUC | test AUC | balanced acc. |" in md
     assert "| deer | none | 0.880 ± – | 0.800 ± – | 0.700 ± – |" in md
     assert "centralized; C=0.1) | none | 0.950 ± – | 0.900 ± – |" in md
@@ -367,9 +391,83 @@ def test_common_settings_name_every_shared_non_default_setting():
         "settings": {"dataset": "d", "dp": "none", "seed": 0, "lora_alpha": 1e-6, "head_init": "zero"},
         "test_final": {"auc": 0.8},
     }  # fmt: skip
-    md = campaign.render_markdown([row])
+    md = report.render_markdown([row])
     common = next(line for line in md.splitlines() if line.startswith("Common settings:"))
     assert "lora_alpha=1e-06" in common and "head_init=zero" in common
     assert "seed=" not in common and "output_dir" not in common and "dp=" not in common
     # a setting left at deer-fed's default is not listed
     assert "engine=" not in common
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+HEAVY = "print(sorted(m for m in ('torch', 'transformers', 'peft', 'sklearn', 'matplotlib') if m in sys.modules))"
+
+
+def test_help_is_light_from_bench_and_from_the_console_script():
+    """`--help` loads no torch: `bench/campaign.py` loads the command line through peft_deer.light_import; the
+    console script's own path (extras.deer_campaign -> peft_deer.campaign.cli) is checked with the package's
+    __init__ (the PEFT registration, which the console-script wrapper's `from peft_deer.extras import` runs)
+    bypassed, so that only what the command itself imports counts."""
+    bench = _python(
+        "import runpy, sys\nsys.argv = ['bench/campaign.py', '--help']\n"
+        "try:\n    runpy.run_path('bench/campaign.py', run_name='__main__')\n"
+        f"except SystemExit as e:\n    print(e.code)\n{HEAVY}"
+    )
+    script = _python(
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('peft_deer', 'peft_deer/__init__.py',"
+        " submodule_search_locations=['peft_deer'])\n"
+        "sys.modules['peft_deer'] = importlib.util.module_from_spec(spec)  # the package, its __init__ not run\n"
+        "from peft_deer.extras import deer_campaign\n"
+        f"try:\n    deer_campaign(['--help'])\nexcept SystemExit as e:\n    print(e.code)\n{HEAVY}"
+    )
+    for proc, prog in ((bench, "bench/campaign.py"), (script, "deer-campaign")):
+        lines = proc.stdout.strip().splitlines()
+        assert proc.returncode == 0 and lines[-2:] == ["0", "[]"], (proc.stdout[-500:], proc.stderr[-2000:])
+        assert proc.stdout.startswith(f"usage: {prog} [-h] [--grid GRID] --out OUT")
+        assert "A grid (YAML) holds:" in proc.stdout and "--report-only" in proc.stdout
+    assert bench.stdout.partition("\n\n")[2] == script.stdout.partition("\n\n")[2]  # all but the usage lines
+
+
+def test_bench_script_and_console_script_list_the_same_dry_run(tmp_path, medmnist_dir):
+    grid, out = tmp_path / "grid.yaml", tmp_path / "out"
+    spec = {
+        "base": {"model": "tiny-vit", "data-dir": str(medmnist_dir), "rounds": 2, "num-clients": 3},
+        "vary": {"method": ["deer", "ffa"], "privacy": [{"dp": "none"}, {"dp": "client", "epsilon": 8}]},
+        "seeds": [0, 1],
+        "seeds_for": [{"dp": "none"}],
+        "extra": [{"method": "lora", "seed": 7}],
+        "probe": [{"dataset": "medmnist:pneumoniamnist"}],
+    }
+    grid.write_text(json.dumps(spec))
+    plan = campaign_grid.expand_grid(spec)
+    out.mkdir()  # one finished run and one failed run, so the listing shows states
+    (out / "results.jsonl").write_text(
+        json.dumps({"id": plan[1].id, "status": "ok"})
+        + "\n"
+        + json.dumps({"id": plan[2].id, "status": "failed"})
+        + "\n"
+    )
+    argv = ["--grid", str(grid), "--out", str(out), "--dry-run"]
+    bench = subprocess.run(
+        [sys.executable, "bench/campaign.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    script = _python(
+        "import sys\nfrom peft_deer.extras import deer_campaign\nsys.exit(deer_campaign(sys.argv[1:]))", *argv
+    )
+    assert bench.returncode == script.returncode == 0, (bench.stderr[-2000:], script.stderr[-2000:])
+    listing = bench.stdout.splitlines()
+    assert listing[0] == "8 runs planned (1 done, 1 failed, 6 new); 7 to run" and len(listing) == 1 + len(plan)
+    assert [line.split()[1] for line in listing[1:]] == [item.id for item in plan]
+    assert script.stdout == bench.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl"]  # a dry run writes nothing

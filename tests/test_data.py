@@ -220,7 +220,7 @@ def _check_partition(parts: list[np.ndarray], n: int, k: int) -> None:
     assert len(flat) == n and np.array_equal(np.sort(flat), np.arange(n))  # disjoint, covering
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "dirichlet-mix"])
 def test_partitions_disjoint_covering_deterministic(pneumonia: DatasetSplits, scheme: str) -> None:
     labels = pneumonia.train.labels
     a = partition_clients(labels, 12, scheme=scheme, dirichlet_alpha=0.5, seed=3)
@@ -248,6 +248,22 @@ def test_dirichlet_is_label_skewed(pneumonia: DatasetSplits) -> None:
     assert min(len(p) for p in skewed) >= 1
     assert max_gap(skewed) > 0.5
     assert max_gap(partition_clients(labels, 12, scheme="iid", seed=0)) < 0.1
+
+
+@pytest.mark.parametrize("clients", [48, 192])
+def test_dirichlet_mix_holds_for_many_clients_and_is_skewed(pneumonia: DatasetSplits, clients: int) -> None:
+    labels = pneumonia.train.labels
+    with pytest.raises(ValueError, match="dirichlet-mix"):  # the per-class split leaves some client empty
+        partition_clients(labels, clients, scheme="dirichlet", dirichlet_alpha=0.1, max_draws=20)
+    parts = partition_clients(labels, clients, scheme="dirichlet-mix", dirichlet_alpha=0.1, seed=0)
+    _check_partition(parts, len(labels), clients)
+    assert {len(p) for p in parts} <= {len(labels) // clients, len(labels) // clients + 1}  # equal sizes
+    majority = [max(labels[p].mean(), 1 - labels[p].mean()) for p in parts]
+    assert np.mean(majority) > 0.85  # alpha 0.1: most hospitals hold mostly one class
+    pooled = np.mean([labels[p].mean() for p in parts])
+    assert abs(pooled - labels.mean()) < 0.02  # E[mix] = the split's class frequencies
+    mild = partition_clients(labels, clients, scheme="dirichlet-mix", dirichlet_alpha=100.0, seed=0)
+    assert max(abs(labels[p].mean() - labels.mean()) for p in mild) < 0.35  # large alpha: near IID
 
 
 def test_dirichlet_min_size(pneumonia: DatasetSplits) -> None:

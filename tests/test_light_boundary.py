@@ -34,15 +34,17 @@ BLOCKER = textwrap.dedent(
     sys.meta_path.insert(0, _Blocked())
     """
 )
-# `deer-audit`'s command, loaded the way the repository's entry points load theirs (the console script itself
-# imports the `peft_deer` package, whose registration with PEFT needs torch).
+# `deer-audit`'s console script, `peft_deer.extras.deer_audit`, with the package's `__init__` (the registration with
+# PEFT, which the wrapper's `from peft_deer.extras import` runs and which needs torch) not run, so that only what
+# the command itself imports counts.
 AUDIT = textwrap.dedent(
     """
     import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("_light", "peft_deer/light_import.py")
-    light = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(light)
-    sys.exit(light.load("peft_deer.defaults", "peft_deer.methods", "peft_deer.audit.cli").main(sys.argv[1:]))
+    spec = importlib.util.spec_from_file_location("peft_deer", "peft_deer/__init__.py",
+                                                  submodule_search_locations=["peft_deer"])
+    sys.modules["peft_deer"] = importlib.util.module_from_spec(spec)  # the package, its __init__ not run
+    from peft_deer.extras import deer_audit
+    sys.exit(deer_audit(sys.argv[1:]))
     """
 )
 
@@ -90,7 +92,9 @@ def test_bad_input_is_one_line_before_torch(tmp_path, args, returncode, message)
 
 
 @pytest.mark.parametrize(
-    "args", [["train/fed.py", "--help"], ["-c", AUDIT, "--help"], ["bench/campaign.py", "--help"]], ids=str
+    "args",
+    [["train/fed.py", "--help"], ["-c", AUDIT, "--help"], ["bench/campaign.py", "--help"]],
+    ids=["fed", "audit", "campaign"],
 )
 def test_help_without_torch(tmp_path, args):
     out, attempts = run_blocked(tmp_path, *args)

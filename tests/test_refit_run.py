@@ -98,3 +98,37 @@ def test_a_resumed_run_never_releases_twice(tmp_path, medmnist_dir, monkeypatch)
     ledger = _json(out / "privacy.json")
     assert ledger["head_refit"] == saved
     assert ledger["epsilon_rdp"] == pytest.approx(_rdp([(1.0, 1.0, 2), (2.0, 1.0, 1)], 1e-3))  # one refit, not two
+
+
+@pytest.mark.parametrize(
+    ("level", "flags", "delta_key"),
+    [
+        ("client", ["--dp", "client", "--epsilon", "4", "--delta", "1e-3"], "delta"),
+        ("record", ["--dp", "record", "--record-epsilon", "4", "--record-delta", "1e-4"], "record"),
+    ],
+)
+def test_statistics_only_gives_the_refit_the_whole_budget(level, flags, delta_key, tmp_path, medmnist_dir):
+    """--rounds 0: no training; the refit is the one release, its multiplier calibrated to meet the target alone."""
+    out = tmp_path / level
+    argv = run_argv(medmnist_dir, out, "deer", "--head-refit", "stats", "--refit-dims", "8", *flags, "--rounds", "0")
+    assert fed.main(argv) == 0
+    ledger, summary = _json(out / "privacy.json"), _json(out / "summary.json")
+    refit = ledger["head_refit"]
+    assert refit["applied"] and summary["rounds_completed"] == 0
+    m = refit[level]["noise_multiplier"]
+    assert m < 2.0  # the whole budget, not --refit-noise-multiplier's default 2.0
+    if level == "client":
+        assert ledger["epsilon_rdp"] == pytest.approx(_rdp([(m, 1.0, 1)], 1e-3))  # the one release, nothing else
+        assert 3.9 < ledger["epsilon"] <= 4.0  # PRV: the target met, not wasted
+    else:
+        rec = ledger["record"]
+        assert set(rec["steps"].values()) == {1}  # no DP-SGD step: the refit's Gaussian step only
+        assert all(e == pytest.approx(_rdp([(m, 1.0, 1)], 1e-4)) for e in rec["epsilon_per_client_rdp"].values())
+        assert 3.9 < max(rec["epsilon_per_client"].values()) <= 4.0
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("classifier" in k for k in adapter) and not (out / "adapter-best").exists()
+
+
+def test_statistics_only_needs_the_refit(tmp_path, medmnist_dir, capsys):
+    code, _ = exit_code(lambda: fed.main(run_argv(medmnist_dir, tmp_path / "r0", "deer", "--rounds", "0")))
+    assert code == 2 and "--rounds 0" in capsys.readouterr().err and not (tmp_path / "r0").exists()

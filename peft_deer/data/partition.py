@@ -1,5 +1,12 @@
-"""Client partitioning: training labels split across simulated clients (IID or Dirichlet label
-skew, via `flwr_datasets` partitioners, imported only when used)."""
+"""Client partitioning: training labels split across simulated clients.
+
+- ``iid``: a seeded shuffle cut into near-equal shards (`flwr_datasets` ``IidPartitioner``);
+- ``dirichlet``: each class divided across clients in Dir(alpha) proportions (`flwr_datasets`
+  ``DirichletPartitioner``); with many clients and small alpha some client gets nothing, and it refuses;
+- ``dirichlet-mix``: every client holds a near-equal share N/K whose label mix is drawn from
+  Dir(alpha C p) (p: the training split's class frequencies, C classes; so E[mix] = p and alpha = 0.1
+  leaves most clients with one class), the skew of Hsu et al. 2019 that holds for any number of clients.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import warnings
 
 import numpy as np
 
-PARTITION_SCHEMES = ("iid", "dirichlet")
+PARTITION_SCHEMES = ("iid", "dirichlet", "dirichlet-mix")
 
 
 def partition_clients(
@@ -80,6 +87,8 @@ def partition_clients(
                 f"IID split of {n} examples over {num_clients} clients gives clients of "
                 f"{min(sizes)} examples, fewer than min_size={min_size}"
             )
+    elif scheme == "dirichlet-mix":
+        parts = dirichlet_mix(labels, num_clients, dirichlet_alpha, seed)
     else:
         alpha = float(dirichlet_alpha)
         if not np.isfinite(alpha) or alpha <= 0:
@@ -126,7 +135,7 @@ def partition_clients(
             raise ValueError(
                 f"Dirichlet alpha={alpha:g} with {num_clients} clients left a client with "
                 f"fewer than {min_size} example(s) in each of {draws} draws; raise "
-                f"--dirichlet-alpha or lower --num-clients"
+                f"--dirichlet-alpha, lower --num-clients, or use --partition dirichlet-mix (equal-size clients)"
             )
 
     out = [np.sort(p.astype(np.int64)) for p in parts]
@@ -138,3 +147,34 @@ def partition_clients(
     if min(len(p) for p in out) < min_size:
         raise ValueError(f"{scheme} partition left a client with fewer than {min_size} examples; lower --num-clients")
     return out
+
+
+def dirichlet_mix(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """``dirichlet-mix``: client k gets n_k in {floor(N/K), ceil(N/K)} records; its label mix q_k ~ Dir(alpha C p).
+
+    Counts per class are q_k n_k rounded (largest remainders); a class whose pool ran out is made up from the
+    classes with records left, the one the mix wants most first. Deterministic in (labels, K, alpha, seed).
+    Returns K int64 index arrays, disjoint, covering range(N)."""
+    alpha = float(alpha)
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"--dirichlet-alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xD1A]))
+    classes, counts = np.unique(labels, return_counts=True)
+    prior = counts / counts.sum()
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    n, k = len(labels), int(num_clients)
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.maximum(alpha * len(classes) * prior, 1e-3))
+        want = np.floor(mix * size).astype(int)
+        for j in np.argsort(-(mix * size - want))[: size - want.sum()]:
+            want[j] += 1
+        take = [min(int(w), len(pool)) for w, pool in zip(want, pools, strict=True)]
+        short = size - sum(take)
+        for j in np.argsort(-mix):  # make up for exhausted classes
+            extra = min(short, len(pools[j]) - take[j])
+            take[j], short = take[j] + extra, short - extra
+        part = [pools[j].pop() for j in range(len(classes)) for _ in range(take[j])]
+        parts.append(np.asarray(part, dtype=np.int64))
+    return parts

@@ -129,7 +129,8 @@ def finalize(
         "base_description": backbone.description,
         "class_names": splits.class_names,
         "num_clients": settings.data.num_clients,
-        "partition": data.partition + (f" alpha={data.dirichlet_alpha}" if data.partition == "dirichlet" else ""),
+        "partition": data.partition
+        + (f" alpha={data.dirichlet_alpha}" if data.partition.startswith("dirichlet") else ""),
         "image_size": backbone.image_size,
         "rank": settings.model.rank,
         "lora_alpha": settings.model.lora_alpha,

@@ -44,8 +44,35 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
 
 
 def refit_multiplier(settings: RunSettings) -> float | None:
-    """The head refit's noise multiplier when the run ends with one (--head-refit stats), else None."""
-    return settings.refit.refit_noise_multiplier if settings.refit.head_refit == "stats" else None
+    """The head refit's noise multiplier when the run ends with one (--head-refit stats), else None.
+
+    With training (--rounds >= 1) it is --refit-noise-multiplier and training's sigma takes the rest of the budget.
+    Statistics only (--rounds 0): the refit is the run's one release, so its multiplier is calibrated to meet
+    every target alone (--epsilon at q = 1, 1 release; --record-epsilon likewise; the larger of the two), or is
+    the fixed --noise-multiplier / --record-noise-multiplier; without DP it is --refit-noise-multiplier (unused)."""
+    if settings.refit.head_refit != "stats":
+        return None
+    if settings.federation.rounds == 0:
+        return _statistics_only_multiplier(settings)
+    return settings.refit.refit_noise_multiplier
+
+
+def _statistics_only_multiplier(settings: RunSettings) -> float:
+    privacy, record = settings.privacy, settings.record
+    found = []
+    if privacy.client_level:
+        found.append(
+            privacy.noise_multiplier
+            if privacy.noise_multiplier is not None
+            else calibrate_noise_multiplier(privacy.epsilon, privacy.delta, 1.0, 1, privacy.accountant)
+        )
+    if privacy.record_level:
+        found.append(
+            record.record_noise_multiplier
+            if record.record_noise_multiplier is not None
+            else calibrate_noise_multiplier(record.record_epsilon, record.record_delta, 1.0, 1, privacy.accountant)
+        )
+    return max(found) if found else settings.refit.refit_noise_multiplier
 
 
 def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
@@ -59,6 +86,8 @@ def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
         return 0.0
     if privacy.noise_multiplier is not None:
         return privacy.noise_multiplier
+    if settings.federation.rounds == 0:  # statistics only: the refit is the one release
+        return refit_multiplier(settings)
     accountant = accountant or privacy.accountant
     releases = settings.federation.rounds * method_spec(settings.federation.method).releases_per_round
     sample_rate = (settings.federation.clients_per_round or data.num_clients) / data.num_clients
@@ -134,7 +163,13 @@ def record_level(
         )
     spec = method_spec(settings.federation.method)
     updates = settings.federation.rounds * spec.releases_per_round
-    if record.record_noise_multiplier is not None:
+    if updates == 0:  # statistics only (--rounds 0): no DP-SGD step; the refit's release is the record's one
+        sigmas = (refit_multiplier(settings),) * len(client_sizes)
+        calibration = (
+            f"statistics only (--rounds 0): the head refit's one release (noise multiplier "
+            f"{refit_multiplier(settings):g}, q = 1, 1 step) meets epsilon {record.record_epsilon:g} alone"
+        )
+    elif record.record_noise_multiplier is not None:
         sigmas = (record.record_noise_multiplier,) * len(client_sizes)
         calibration = "fixed (--record-noise-multiplier)"
     elif refit_multiplier(settings) is not None:

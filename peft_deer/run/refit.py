@@ -45,6 +45,7 @@ from ..federated.head_refit import (
     validation_auc,
 )
 from .experiment import Experiment
+from .privacy import refit_multiplier
 
 
 def head_linear(exp: Experiment) -> tuple[torch.nn.Linear, str, str]:
@@ -101,7 +102,7 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
     before = validation_auc(val_y, val_x @ server.global_state[w_key].double().numpy().T
                             + server.global_state[b_key].double().numpy())  # fmt: skip
     projection = pca_projection(val_x, min(cfg.refit_dims, *val_x.shape))
-    m = cfg.refit_noise_multiplier
+    m = refit_multiplier(settings)
     entry: dict = {
         "level": privacy.dp,
         "released": f"per hospital and class: count, sum (k = {projection.dims}) and second moment (k x k) of its "
@@ -135,7 +136,9 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
         count_floor_fraction=COUNT_FLOOR_FRACTION,
         val_auc_before=before,
         val_auc_after=after,
-        applied_to="adapter/ (final); adapter-best/ keeps its trained head",
+        applied_to="adapter/ (final); adapter-best/ keeps its trained head"
+        if settings.federation.rounds
+        else "adapter/ (statistics only, --rounds 0: no training, no adapter-best/)",
     )
     server.refit = entry
     say(f"head refit: val auc {before:.4f} -> {after:.4f} (k {projection.dims}, shrinkage {shrinkage:g})")
@@ -145,7 +148,7 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
 def _released_statistics(exp: Experiment, hospitals, projection, num_classes: int, entry: dict) -> ClassStats:
     """Every hospital's release, summed as the server receives it; steps the accountants; fills `entry`."""
     server, privacy = exp.server, exp.settings.privacy
-    m = exp.settings.refit.refit_noise_multiplier
+    m = refit_multiplier(exp.settings)
     client, record = privacy.client_level, privacy.record_level
     distributed = client and server.dp is not None and server.dp.placement == "distributed"
     total = None

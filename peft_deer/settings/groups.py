@@ -70,7 +70,12 @@ class DataSettings:
     )
     data_dir: str | None = setting(None, "folder holding MedMNIST .npz files (else the cache, else download)")
     num_clients: int = setting(12, "how many clients (hospitals) the training split is divided into")
-    partition: str = setting("dirichlet", "how the training split is divided", choices=("iid", "dirichlet"))
+    partition: str = setting(
+        "dirichlet",
+        "how the training split is divided: iid; dirichlet (each class split across clients in Dir(alpha) shares); "
+        "dirichlet-mix (equal-size clients, label mix ~ Dir(alpha C p): holds for any number of clients)",
+        choices=("iid", "dirichlet", "dirichlet-mix"),
+    )
     dirichlet_alpha: float = setting(0.1, "label skew; smaller is more skewed")
     train_subset: int | None = setting(None, "use a seeded stratified subset of this many training images (smoke runs)")
 
@@ -78,7 +83,7 @@ class DataSettings:
         _name_ok(self.dataset, "dataset")
         _name_ok(self.data_dir, "data_dir")
         _at_least_one(self, "num_clients", "train_subset")
-        if self.partition == "dirichlet" and not self.dirichlet_alpha > 0:
+        if self.partition.startswith("dirichlet") and not self.dirichlet_alpha > 0:
             raise ValueError(f"--dirichlet-alpha {self.dirichlet_alpha} must be > 0")
 
 
@@ -131,7 +136,9 @@ class FederationSettings:
     """The method, its schedule, client sampling, the server's optimizer, and the run's seed."""
 
     method: str = setting("deer", "federated method", choices=METHODS)
-    rounds: int = setting(10, "federated rounds (each has the method's phases)")
+    rounds: int = setting(
+        10, "federated rounds (each has the method's phases); 0 with --head-refit stats: statistics only, no training"
+    )
     clients_per_round: int | None = setting(
         None, "clients sampled per phase (Poisson at rate k/num_clients with DP); default all"
     )
@@ -154,7 +161,8 @@ class FederationSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed {self.seed} must be in [0, 2**32 - 1]")
-        _at_least_one(self, "rounds")
+        if self.rounds < 0:
+            raise ValueError(f"--rounds {self.rounds} must be >= 1 (or 0 with --head-refit stats: statistics only)")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ValueError(
                 f"--server-lr {self.server_lr:g} must be > 0 (1.0 for plain averaging, e.g. 1e-3 with adam)"
@@ -343,7 +351,9 @@ class HeadRefitSettings:
     refit_noise_multiplier: float = setting(
         2.0,
         "noise multiplier of the refit's single Gaussian release (std = this * sqrt(3) * sensitivity scale); "
-        "with --epsilon / --record-epsilon, training's sigma is calibrated so that both together meet the target",
+        "with --epsilon / --record-epsilon, training's sigma is calibrated so that both together meet the target; "
+        "with --rounds 0 (statistics only) the refit is the one release and its multiplier is calibrated to the "
+        "target instead",
     )
 
     def __post_init__(self) -> None:

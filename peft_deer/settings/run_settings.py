@@ -63,6 +63,8 @@ class RunSettings:
                 "hospital's label counts, which DP-SGD does not protect; use --logit-adjustment 0"
             )
         self.record.check(self.privacy.record_level)
+        if self.federation.rounds == 0 and self.refit.head_refit != "stats":
+            raise ValueError("--rounds 0 (statistics only: no training, one release) needs --head-refit stats")
 
     @classmethod
     def groups(cls) -> dict[str, type]:

@@ -1,4 +1,5 @@
-"""Centralized linear probe on frozen backbone features: the reference a federated LoRA run should beat.
+"""The campaign's baseline: a centralized linear probe on frozen backbone features, the reference a federated
+LoRA run should beat.
 
 Features are those DINOv2's own classification head reads: the CLS token and the mean of the patch
 tokens of the final layer-normed hidden states, concatenated ((n, 2 * hidden) float32). They come
@@ -10,7 +11,7 @@ The probe standardizes the features (mean/std of the training split), fits sciki
 split's AUC (macro one-vs-rest with > 2 classes; accuracy where AUC is undefined) and reports the
 chosen model's test metrics. The test split plays no part in the choice.
 
-    from peft_deer.linear_probe import linear_probe
+    from peft_deer.campaign.probe import linear_probe
     row = linear_probe("medmnist:pneumoniamnist", model="dinov2-s", image_size=56,
                        data_dir="../shared/data/medmnist", cache_dir="runs/campaign/prefix-cache")
 
@@ -38,10 +39,11 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .backbones.load import Backbone, load_backbone
-from .backbones.prefix_cache import cache_key, find_encoder, load_or_compute
-from .data import DatasetSplits, ImageDataset, load_dataset_spec, make_tensor_dataset
-from .evaluation.metrics import classification_metrics
+# peft_deer's modules (main's paths; the re-layout moves them), in one place:
+from ..backbones.load import Backbone, load_backbone
+from ..backbones.prefix_cache import cache_key, find_encoder, load_or_compute
+from ..data import DatasetSplits, ImageDataset, load_dataset_spec, make_tensor_dataset
+from ..evaluation.metrics import classification_metrics
 
 #: Inverse regularization strengths tried on the validation split (scikit-learn's C).
 C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -258,7 +260,7 @@ def linear_probe(
     backbone.model.to(device)
     train_idx = None
     if train_subset:
-        from .run.task import stratified_subset  # only needed for subsets
+        from ..run.task import stratified_subset  # only needed for subsets
 
         train_idx = stratified_subset(splits.train.labels, train_subset, seed)
     weights = encoder_digest(backbone.model)
