@@ -17,7 +17,7 @@ def _load_command():
     light = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(light)
     light.load("peft_deer.extras").require_extra("python -m app", "demo")  # one line if the extra is missing
-    return light.load("peft_deer.calibration", "peft_deer.demo", "peft_deer.demo.__main__")  # calibration: numpy only
+    return light.load("peft_deer.evaluation.calibration", "peft_deer.demo.__main__")  # calibration: numpy only
 
 
 def main(argv: list[str] | None = None) -> int:

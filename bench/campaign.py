@@ -11,7 +11,7 @@ from pathlib import Path
 
 # The light modules the campaign's command line imports, each after those it imports (peft_deer.light_import).
 LIGHT = (
-    "peft_deer.defaults", "peft_deer.methods", "peft_deer.settings", "peft_deer.io", "peft_deer.run_dir",
+    "peft_deer.defaults", "peft_deer.methods", "peft_deer.settings", "peft_deer.run.io", "peft_deer.run.run_dir",
     "peft_deer.campaign.grid", "peft_deer.campaign.store", "peft_deer.campaign.cli",
 )  # fmt: skip
 

@@ -41,7 +41,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
 
 from peft_deer import DeerLoraConfig
-from peft_deer.backbones import default_head_modules, default_target_modules, dinov2_s_config, load_backbone
+from peft_deer.backbones.load import default_head_modules, default_target_modules, dinov2_s_config, load_backbone
+from peft_deer.backbones.prefix_cache import (
+    blocks_pattern,
+    compute_prefix_features,
+    num_blocks,
+    parse_lora_layers,
+    skip_prefix,
+)
 from peft_deer.federated import (
     BatchedEngine,
     ClientTask,
@@ -50,13 +57,6 @@ from peft_deer.federated import (
     adapter_layout,
     get_adapter_state,
     iter_phases,
-)
-from peft_deer.prefix_cache import (
-    blocks_pattern,
-    compute_prefix_features,
-    num_blocks,
-    parse_lora_layers,
-    skip_prefix,
 )
 
 NUM_LABELS = 2

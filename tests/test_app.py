@@ -25,17 +25,17 @@ import pytest
 from conftest import MEDMNIST_DIR, ROOT, tiny_vit
 from PIL import Image
 
-from peft_deer.calibration import softmax_t
 from peft_deer.data import load_dataset_spec
+from peft_deer.data.intensity import to_uint8
 from peft_deer.demo import uploads
 from peft_deer.demo.__main__ import main as app_main
 from peft_deer.demo.decode import decode
+from peft_deer.demo.explain import SCALE_WIDTH
 from peft_deer.demo.panel import format_threshold
 from peft_deer.demo.predict import AdapterError, Classifier, load_classifier
 from peft_deer.demo.ui import build_demo, close, decision_md, describe, format_probability, launch
-from peft_deer.evaluation import classification_metrics
-from peft_deer.explain import SCALE_WIDTH
-from peft_deer.intensity import to_uint8
+from peft_deer.evaluation.calibration import softmax_t
+from peft_deer.evaluation.metrics import classification_metrics
 
 DATASET = "medmnist:pneumoniamnist"
 

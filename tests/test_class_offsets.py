@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peft_deer.evaluation import choose_class_offsets, classification_metrics, offset_decisions
+from peft_deer.evaluation.metrics import choose_class_offsets, classification_metrics, offset_decisions
 
 
 def skewed_split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

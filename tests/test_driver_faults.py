@@ -18,9 +18,9 @@ import pytest
 from conftest import MEDMNIST_DIR, ROOT
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
-from peft_deer.checkpoint import load_checkpoint
 from peft_deer.run import outputs
-from peft_deer.run_dir import CHECKPOINT, lock_path
+from peft_deer.run.checkpoint import load_checkpoint
+from peft_deer.run.run_dir import CHECKPOINT, lock_path
 from train import fed
 
 FED = ROOT / "train" / "fed.py"

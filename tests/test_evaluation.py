@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from peft_deer.evaluation import choose_threshold, classification_metrics
+from peft_deer.evaluation.metrics import choose_threshold, classification_metrics
 from peft_deer.run import evaluate
 
 

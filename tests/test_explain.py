@@ -1,4 +1,4 @@
-"""The explanation heatmap (peft_deer.explain): on a tiny ViT trained so that the class depends on one
+"""The explanation heatmap (peft_deer.demo.explain): on a tiny ViT trained so that the class depends on one
 region (a bright square anywhere = class 1), the map is not constant and follows the square."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_vit
 from transformers import Dinov2Config, Dinov2ForImageClassification
 
-from peft_deer.explain import SCALE_WIDTH, last_block, overlay, token_gradcam
+from peft_deer.demo.explain import SCALE_WIDTH, last_block, overlay, token_gradcam
 
 CELL = 7  # tiny_vit: 28 px, 7 px patches -> a 4 x 4 token grid
 

@@ -23,7 +23,7 @@ from conftest import MEDMNIST_DIR, ROOT
 from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
-from peft_deer.run_dir import CHECKPOINT, staging_dir
+from peft_deer.run.run_dir import CHECKPOINT, staging_dir
 from train import fed
 
 PHASES = 4  # 2 rounds of deer, 2 phases each

@@ -25,9 +25,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
-from peft_deer.calibration import T_MAX, T_MIN
 from peft_deer.data import preprocess_images
-from peft_deer.run_dir import CHECKPOINT
+from peft_deer.evaluation.calibration import T_MAX, T_MIN
+from peft_deer.run.run_dir import CHECKPOINT
 from train import fed
 
 FED = ROOT / "train" / "fed.py"

@@ -42,7 +42,7 @@ from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
 from peft_deer.flower.protocol import read_train_message, update_reply  # noqa: E402
 from peft_deer.flower.run_config import OPTION_KEYS, DeploymentOptions, parse_run_config  # noqa: E402
 from peft_deer.methods import NoiseKind  # noqa: E402
-from peft_deer.run_dir import CHECKPOINT  # noqa: E402
+from peft_deer.run.run_dir import CHECKPOINT  # noqa: E402
 
 
 def _stream(seed: int):
@@ -360,7 +360,7 @@ def _check_site_evaluation(flower_out, sim_out, run_config: dict, state_dir) -> 
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from peft_deer.evaluation import classification_metrics, predict_proba
+    from peft_deer.evaluation.metrics import classification_metrics, predict_proba
     from peft_deer.flower.site import site_for
 
     table = json.loads((flower_out / "server-private" / "site_evaluation.json").read_text())

@@ -52,12 +52,13 @@ from peft_deer.federated.quantization import (  # noqa: E402
     tail_quantile,
 )
 from peft_deer.flower import DeerStrategy, TooFewClients  # noqa: E402
+from peft_deer.flower.mask_hardening import keyed_masks  # noqa: E402
 from peft_deer.flower.protocol import NoiseTerms  # noqa: E402
 from peft_deer.flower.run_config import DeploymentOptions, parse_run_config  # noqa: E402
 from peft_deer.flower.secagg import SecAggDeerStrategy  # noqa: E402
 from peft_deer.flower.secagg_protocol import fit_res_content, read_fit_ins  # noqa: E402
 from peft_deer.methods import NoiseKind  # noqa: E402
-from peft_deer_clientapp import keyed_masks, secagg_when_asked  # noqa: E402
+from peft_deer_clientapp import secagg_when_asked  # noqa: E402
 
 DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
 
@@ -637,8 +638,8 @@ def test_skellam_is_the_default_gaussian_shares_warn_and_a_resume_with_another_s
 
     from test_flower import flower_config
 
-    from peft_deer.checkpoint import SettingsMismatch, check_resume
     from peft_deer.flower.server_app import FlowerTransport
+    from peft_deer.run.checkpoint import SettingsMismatch, check_resume
     from peft_deer.run.experiment import Experiment
 
     good = {**flower_config(), "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed"}

@@ -22,7 +22,7 @@ pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_d
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from peft_deer.evaluation import classification_metrics  # noqa: E402
+from peft_deer.evaluation.metrics import classification_metrics  # noqa: E402
 from peft_deer.federated import (  # noqa: E402
     FederatedServer,
     LocalTraining,
@@ -206,7 +206,7 @@ def test_the_site_worker_keeps_the_site_loaded_refuses_a_wrong_key_and_follows_i
     from flwr.app import RecordDict
 
     from peft_deer.flower.protocol import TrainInstruction
-    from peft_deer_clientapp import ask_worker, worker_paths
+    from peft_deer.flower.worker_link import ask_worker, worker_paths
 
     node_config = {"partition-id": 1, "data-dir": str(MEDMNIST_DIR), "state-dir": str(tmp_path / "state")}
     run_config = tiny_run_config(rounds=1)

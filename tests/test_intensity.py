@@ -1,4 +1,4 @@
-"""One intensity rule for every bit depth (peft_deer.intensity), used by training and the demo."""
+"""One intensity rule for every bit depth (peft_deer.data.intensity), used by training and the demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from peft_deer.data import load_dataset_spec, preprocess_images
-from peft_deer.intensity import pil_to_array, to_uint8
+from peft_deer.data.intensity import pil_to_array, to_uint8
 
 
 def test_rule_per_bit_depth() -> None:

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from peft_deer import DeerLoraConfig
-from peft_deer.config import METHODS, trained_factors
-from peft_deer.io import dumps_strict
 from peft_deer.methods import METHOD_SPECS, NoiseKind, method_spec
+from peft_deer.run.io import dumps_strict
+from peft_deer.tuner.config import METHODS, trained_factors
 
 
 def test_method_order_and_names_are_the_public_ones():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from peft_deer.reporting import NO_GUARANTEE_NOTE, model_card, reproducible_noise_label
+from peft_deer.run.reporting import NO_GUARANTEE_NOTE, model_card, reproducible_noise_label
 
 FIELDS = {"license", "library_name", "base_model", "datasets", "tags", "pipeline_tag", "metrics"}
 SECTIONS = ("## Intended use", "## Limitations", "## Training data", "## Privacy", "## Test metrics")

@@ -199,7 +199,7 @@ def test_help_lists_the_dp_choices_once():
 
 # ----------------------------------------------------------------------------- the patched flwr internals
 
-PATCHED = "pseudo_rand_gen"  # flwr's SecAgg+ mask generator; peft_deer_clientapp.harden_secaggplus_masks replaces it
+PATCHED = "pseudo_rand_gen"  # flwr's SecAgg+ mask generator; flower/mask_hardening.harden_secaggplus_masks replaces it
 DEFINED_IN = "flwr.common.secure_aggregation.secaggplus_utils"
 
 
@@ -240,8 +240,9 @@ def test_the_mask_patch_covers_every_call_site_in_the_installed_flwr():
     this scan of flwr's own source fails then (so does a newer flwr that moves it), before any run does."""
     import importlib
 
-    import peft_deer_clientapp
+    from peft_deer.flower.mask_hardening import harden_secaggplus_masks, keyed_masks
 
+    harden_secaggplus_masks()  # what the ClientApp does at import and the SecAgg+ server before each phase
     references = _flwr_references(PATCHED)
     defined = any("defined" in h for h in references.get(DEFINED_IN, []))
     assert defined, f"{PATCHED} is no longer in {DEFINED_IN}: review the patch before raising the cap"
@@ -251,9 +252,7 @@ def test_the_mask_patch_covers_every_call_site_in_the_installed_flwr():
     for module, hits in references.items():
         if any("attribute" in h or ("imported as" in h and not h.endswith(f"as {PATCHED}")) for h in hits):
             uncovered[module] = hits  # an attribute or an alias: rebinding the module global does not reach it
-        elif module in callers and importlib.import_module(module).__dict__.get(PATCHED) is not (
-            peft_deer_clientapp.keyed_masks
-        ):
+        elif module in callers and importlib.import_module(module).__dict__.get(PATCHED) is not keyed_masks:
             uncovered[module] = hits  # a caller whose module-level name was not rebound
     assert uncovered == {}, f"flwr call sites of {PATCHED} the patch does not reach: {uncovered}"
     assert set(callers) == {

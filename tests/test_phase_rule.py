@@ -30,8 +30,6 @@ from torch.utils.data import TensorDataset
 from transformers.pytorch_utils import Conv1D
 
 from peft_deer import DeerLoraConfig
-from peft_deer import config as config_module
-from peft_deer.config import HONOURED_OPTIONS, REFUSED_OPTIONS
 from peft_deer.federated import (
     BatchedEngine,
     ClientTask,
@@ -48,6 +46,8 @@ from peft_deer.federated.client import train_client
 from peft_deer.federated.mechanism import build_whiteners, sample_noise
 from peft_deer.federated.record_dp import RecordDP
 from peft_deer.federated.schedule import Phase
+from peft_deer.tuner import config as config_module
+from peft_deer.tuner.config import HONOURED_OPTIONS, REFUSED_OPTIONS
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False", "ignore:LoRA adapter added to ConvNd")
 

@@ -9,6 +9,15 @@ from peft import get_peft_model
 from torch.utils.data import TensorDataset
 
 from peft_deer import DeerLoraConfig
+from peft_deer.backbones.prefix_cache import (
+    cache_key,
+    check_prefix_is_deterministic,
+    compute_prefix_features,
+    load_or_compute,
+    num_blocks,
+    parse_lora_layers,
+    skip_prefix,
+)
 from peft_deer.federated import (
     ClientTask,
     LocalTraining,
@@ -18,15 +27,6 @@ from peft_deer.federated import (
     iter_phases,
 )
 from peft_deer.federated.batched import BatchedEngine
-from peft_deer.prefix_cache import (
-    cache_key,
-    check_prefix_is_deterministic,
-    compute_prefix_features,
-    load_or_compute,
-    num_blocks,
-    parse_lora_layers,
-    skip_prefix,
-)
 
 
 def last_block_model(method: str = "deer", layers: int = 3):

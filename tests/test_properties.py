@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from peft_deer import settings as deer_settings
 from peft_deer.data import DatasetSplits, load_dataset_spec
-from peft_deer.run_dir import staging_dir
+from peft_deer.run.run_dir import staging_dir
 from train import fed
 
 PARSER = deer_settings.build_parser()

@@ -12,10 +12,10 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 from test_fed_driver import exit_code, run_argv
 
-from peft_deer.checkpoint import load_checkpoint
 from peft_deer.federated.record_dp import record_sample_rate, record_steps
 from peft_deer.run import lifecycle
-from peft_deer.run_dir import CHECKPOINT
+from peft_deer.run.checkpoint import load_checkpoint
+from peft_deer.run.run_dir import CHECKPOINT
 from train import fed
 
 REFIT = ["--head-refit", "stats", "--refit-dims", "8", "--rounds", "1"]

@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from peft_deer import checkpoint as ckpt_mod
-from peft_deer.checkpoint import (
+from peft_deer.run import checkpoint as ckpt_mod
+from peft_deer.run.checkpoint import (
     DamagedFileError,
     SettingsMismatch,
     check_resume,
@@ -28,7 +28,7 @@ from peft_deer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from peft_deer.run_dir import (
+from peft_deer.run.run_dir import (
     CHECKPOINT,
     LEGACY_CHECKPOINT,
     PRIVATE_DIR,
@@ -44,7 +44,7 @@ from peft_deer.run_dir import (
     staging_dir,
 )
 
-RUN_DIR = ROOT / "peft_deer" / "run_dir.py"
+RUN_DIR = ROOT / "peft_deer" / "run" / "run_dir.py"
 HOLD = textwrap.dedent(
     """
     import importlib.util, sys, time
@@ -381,7 +381,7 @@ def test_the_run_dir_and_its_files_are_never_group_or_world_writable_under_umask
 def test_another_users_private_dir_or_run_dir_is_refused(tmp_path, monkeypatch):
     """Attack item 3: a `server-private/` swapped in by another local user (or a run dir of theirs) is refused,
     and left as it is (no chmod). Here the files are this test's and the run is "another" uid."""
-    import peft_deer.run_dir as run_dir_mod
+    import peft_deer.run.run_dir as run_dir_mod
 
     out = tmp_path / "run"
     (out / PRIVATE_DIR).mkdir(parents=True, mode=0o755)

@@ -96,9 +96,9 @@ def test_each_dp_default_has_one_home():
     from conftest import ROOT
 
     from peft_deer import defaults
-    from peft_deer.config import DeerLoraConfig
     from peft_deer.federated import ClientDP
     from peft_deer.federated.record_dp import RecordDP
+    from peft_deer.tuner.config import DeerLoraConfig
 
     s = RunSettings()
     assert (s.privacy.delta, s.record.record_delta) == (defaults.DELTA,) * 2

@@ -19,7 +19,7 @@ def _load_driver():
     light = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(light)
     light.load("peft_deer.extras").require_extra("train/fed.py", "train")  # one line if the extra is missing
-    return light.load("peft_deer.defaults", "peft_deer.settings", "peft_deer.run_dir", "peft_deer.commands.fed")
+    return light.load("peft_deer.defaults", "peft_deer.settings", "peft_deer.run.run_dir", "peft_deer.commands.fed")
 
 
 _driver = _load_driver()

@@ -1,4 +1,7 @@
-"""`deer-audit`: the command line of the audit (one line per error, a table and a JSON line per result)."""
+"""`deer-audit`: the command line of the audit (one line per error, a table and a JSON line per result).
+
+Light at module level (the standard library and light `peft_deer` modules, `peft_deer.light_import`): the
+audit's torch and scipy load after the flags are parsed."""
 
 from __future__ import annotations
 
@@ -6,14 +9,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .. import defaults
-from ..config import METHODS
-from ..federated.record_dp import record_steps
-from .bounds import AuditResult
-from .client_level import run_client_audit
+from ..defaults import DELTA
+from ..methods import METHODS
 from .from_run import run_settings
-from .record_level import run_record_audit
+
+if TYPE_CHECKING:
+    from .bounds import AuditResult
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 DP-SGD steps, fewer for more steps; at least 2000)",
     )
     p.add_argument(
-        "--delta", type=float, default=defaults.DELTA, help="delta of the audited (epsilon, delta) guarantee"
+        "--delta", type=float, default=DELTA, help="delta of the audited (epsilon, delta) guarantee"
     )
     p.add_argument("--num-clients", type=int, default=10, help="client level: clients N (delta must be < 1/N)")
     p.add_argument(
@@ -142,6 +145,11 @@ def _format_table(result: AuditResult) -> str:
 
 
 def _audit(args: argparse.Namespace, progress: bool) -> AuditResult:
+    # The audit itself needs torch and scipy: imported once the flags are parsed (`peft_deer.light_import`).
+    from ..federated.record_dp import record_steps
+    from .client_level import run_client_audit
+    from .record_level import run_record_audit
+
     settings = {
         "level": args.level or "client",
         "method": args.method,

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..config import METHODS
 from ..federated import accountant as _accountant
 from ..federated.adapter_state import AdapterState
 from ..federated.mechanism import Whitener
 from ..federated.seeding import derive_seed
+from ..tuner.config import METHODS
 
 
 def whitened(update: AdapterState, whiteners: dict[str, Whitener]) -> AdapterState:

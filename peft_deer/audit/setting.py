@@ -9,8 +9,8 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from ..config import DeerLoraConfig
 from ..federated.adapter_state import AdapterLayout, AdapterState, adapter_layout, get_adapter_state, load_adapter_state
+from ..tuner.config import DeerLoraConfig
 
 
 class _TinyNet(nn.Module):

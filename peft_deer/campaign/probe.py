@@ -40,10 +40,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 # peft_deer's modules (main's paths; the re-layout moves them), in one place:
-from ..backbones import Backbone, load_backbone
+from ..backbones.load import Backbone, load_backbone
+from ..backbones.prefix_cache import cache_key, find_encoder, load_or_compute
 from ..data import DatasetSplits, ImageDataset, load_dataset_spec, make_tensor_dataset
-from ..evaluation import classification_metrics
-from ..prefix_cache import cache_key, find_encoder, load_or_compute
+from ..evaluation.metrics import classification_metrics
 
 #: Inverse regularization strengths tried on the validation split (scikit-learn's C).
 C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)

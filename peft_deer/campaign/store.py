@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 # peft_deer's modules (main's paths; the re-layout moves io and run_dir), in one place:
-from ..io import dumps_strict
-from ..run_dir import CHECKPOINT
+from ..run.io import dumps_strict
+from ..run.run_dir import CHECKPOINT
 from .grid import Item, Run
 
 RESULTS, REPORT, PLOT = "results.jsonl", "RESULTS.md", "auc_vs_epsilon.png"

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..run_dir import (
+from ..run.run_dir import (
     CHECKPOINT,
     check_output_lock,
     check_output_state,

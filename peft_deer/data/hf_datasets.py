@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..intensity import HIGH_BIT_MODES, to_uint8
 from .images import DatasetSplits, ImageDataset
+from .intensity import HIGH_BIT_MODES, to_uint8
 
 SPEC_HELP = (
     "use 'medmnist:<name>' (e.g. medmnist:pneumoniamnist), 'imagefolder:<path>', "
@@ -77,7 +77,7 @@ def _pil_list_to_array(pil_images: list[Any], mode: str, size: tuple[int, int]) 
     c = 1 if mode == "L" else 3
     out = np.empty((len(pil_images), h, w, c), dtype=np.uint8)
     for i, img in enumerate(pil_images):
-        if img.mode in HIGH_BIT_MODES:  # the demo's rule too (peft_deer.intensity)
+        if img.mode in HIGH_BIT_MODES:  # the demo's rule too (peft_deer.data.intensity)
             img = Image.fromarray(to_uint8(np.asarray(img)))
         img = img.convert(mode)
         if img.size != size:

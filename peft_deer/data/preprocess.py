@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ..intensity import pil_to_array
 from .images import ImageDataset, as_uint8_images
+from .intensity import pil_to_array
 
 
 def _channel_stats(values: float | Sequence[float], num_channels: int, what: str) -> torch.Tensor:

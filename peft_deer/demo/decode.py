@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from peft_deer.intensity import pil_to_array, to_uint8
+from peft_deer.data.intensity import pil_to_array, to_uint8
 
 from .limits import MAX_FILE_BYTES, MAX_REQUEST_FILES, OverBudget, check_dicom_header, check_raster_header
 

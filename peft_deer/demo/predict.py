@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
-from peft_deer.backbones import load_backbone
-from peft_deer.calibration import softmax_t
+from peft_deer.backbones.load import load_backbone
 from peft_deer.data import preprocess_images
-from peft_deer.explain import overlay, token_gradcam
+from peft_deer.demo.explain import overlay, token_gradcam
+from peft_deer.evaluation.calibration import softmax_t
 
 from .decode import decode
 from .ood import OodGuard, fit_guard, input_check
@@ -179,7 +179,7 @@ def _load_merged(adapter_dir: Path, config: dict[str, Any], run: dict[str, Any],
     """Base model + adapter, merged; AdapterError when the adapter does not fit the base."""
     from peft import PeftModel
 
-    from peft_deer.checkpoint import DamagedFileError, check_adapter
+    from peft_deer.run.checkpoint import DamagedFileError, check_adapter
 
     try:
         check_adapter(adapter_dir)  # one line naming the damaged file, before anything is loaded

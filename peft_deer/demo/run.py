@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..calibration import check_temperature
+from ..evaluation.calibration import check_temperature
 
 __all__ = [
     "AdapterError",

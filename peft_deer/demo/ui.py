@@ -21,7 +21,7 @@ import numpy as np
 from gradio.components.label import LabelConfidence, LabelData
 from PIL import Image
 
-from peft_deer.explain import overlay
+from peft_deer.demo.explain import overlay
 
 from . import uploads
 from .batch import UNLIKE, classify_uploads, columns, to_csv

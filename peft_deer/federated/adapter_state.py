@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 
-from ..model import has_adapter, unsupported_layer_reason
+from ..tuner.model import has_adapter, unsupported_layer_reason
 
 AdapterState = dict[str, torch.Tensor]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from ..calibration import check_temperature
+from ..evaluation.calibration import check_temperature
 from ..federated import AdapterState, ClientDP, ClientUpdate, InvalidClientUpdate, validate_updates
 from ..methods import NoiseKind
 

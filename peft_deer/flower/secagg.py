@@ -18,7 +18,7 @@ Per phase: reconstruction threshold k (the noise floor: fewer than k survivors c
 would carry less noise than sigma), every sampled site a neighbour of every other (num_shares = all),
 weight 1 for everyone (`max_weight` 1, so SecAgg+ does not scale the updates), and the entry range
 `clipping_range` from C, sigma, d and the frozen factor (`peft_deer.federated.quantization`). Masks are
-drawn from the whole 32-byte keys on both sides (`peft_deer_clientapp.keyed_masks`): flwr 1.42 seeds
+drawn from the whole 32-byte keys on both sides (`mask_hardening.keyed_masks`): flwr 1.42 seeds
 them with 32 bits only.
 """
 
@@ -49,6 +49,7 @@ from ..federated.quantization import (
     sum_error_bound,
 )
 from ..federated.skellam import SkellamPlan, decode_skellam_sum, plan_skellam, skellam_ledger
+from .mask_hardening import harden_secaggplus_masks
 from .protocol import NoiseTerms, RecordReport, TrainInstruction
 from .secagg_protocol import fit_ins, read_fit_res_client, read_fit_res_report, summed_update
 from .strategy import DeerStrategy, TooFewClients
@@ -67,11 +68,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         server = deer.server
         if server.dp is None or server.dp.placement != "distributed":
             raise ValueError("secure aggregation needs client-level DP with noise-placement='distributed'")
-        # The ClientApp module (the Flower app bundle's root, next to this package; not pip-installed) holds the
-        # mask generator both sides must share: masks from the whole key, not 32 bits (its docstring).
-        from peft_deer_clientapp import harden_secaggplus_masks
-
-        harden_secaggplus_masks()
+        harden_secaggplus_masks()  # the mask generator both sides share: from the whole key, not 32 bits
         self.deer = deer
         self.clients: ClientManager = SimpleClientManager()
         self.proxies = {c: GridClientProxy(node, grid, run_id) for c, node in deer.nodes.items()}

@@ -16,7 +16,7 @@ Node config (`flower-supernode --node-config '...'`):
 - `public-size` (default: the run config's `record-public-sizes` entry for this partition-id, else the site's
   image count floored to 2 significant figures, `record_dp.public_size`, logged as derived: one record can move
   it at a grid edge): the site's declared public size under record-level DP, which fixes q, steps and sigma;
-- `site-worker` (default true), `site-worker-idle-s`: see `peft_deer_clientapp`.
+- `site-worker` (default true), `site-worker-idle-s`: see `peft_deer.flower.worker_link`.
 
 Each train message runs the core's `train_client` with the seed the simulation would use for this
 client and phase. With client-level DP and the `distributed` noise placement the client clips its
@@ -54,7 +54,7 @@ from peft import PeftModel
 from torch.utils.data import Dataset
 
 from ..data import partition_clients
-from ..evaluation import predict_proba
+from ..evaluation.metrics import predict_proba
 from ..federated import (
     AdapterLayout,
     ClientTask,
@@ -71,7 +71,7 @@ from ..federated import (
 )
 from ..federated.record_dp import RecordLevel
 from ..federated.skellam import plan_skellam, skellam_message
-from ..io import write_json_atomic
+from ..run.io import write_json_atomic
 from ..run.privacy import local_training
 from ..run.task import RunData, build_model, client_dataset, load_run_backbone, load_run_data, tensor_dataset
 from ..settings import RunSettings

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from ..federated.record_dp import RecordAccountants, RecordLevel, record_sample_rate, record_steps
-from ..io import write_json_atomic
+from ..run.io import write_json_atomic
 from ..run.privacy import record_level
 from ..settings import RunSettings
 from .protocol import RecordReport

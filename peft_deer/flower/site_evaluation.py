@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import write_json_atomic
+from ..run.io import write_json_atomic
 from .protocol import SCORE_BINS, SiteCounts, SiteEvaluated
 
 MODEL_CARD_NOTE = """

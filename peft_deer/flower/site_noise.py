@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 
 from ..federated.randomness import DPRandomness, SecureStream
-from ..io import write_json_atomic
+from ..run.io import write_json_atomic
 from .protocol import TrainInstruction
 
 _KEY_BYTES = 32

@@ -2,8 +2,8 @@
 
     python -m peft_deer.flower.site_worker --socket PATH --key-file PATH [--watch-pid PID] [--idle-s S]
 
-Started by the ClientApp (`peft_deer_clientapp`) on a SuperNode's first message; it answers one message
-at a time with `peft_deer.flower.site.handle`, which builds a `Site` once per run settings and node
+Started by the ClientApp (`peft_deer_clientapp`, through `worker_link.py`) on a SuperNode's first message; it
+answers one message at a time with `peft_deer.flower.site.handle`, which builds a `Site` once per run settings and node
 config. Only a client that answers the HMAC challenge with the key in `--key-file` is served. It exits
 when `--watch-pid` (the SuperNode's executor) is gone, after `--idle-s` seconds without a message, or
 on SIGTERM / SIGINT. A failed message is answered with its one-line reason (the full traceback goes
@@ -23,9 +23,8 @@ import time
 from multiprocessing.connection import AuthenticationError, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 
-from peft_deer_clientapp import receive_request, send_reply
-
 from .site import handle
+from .wire import receive_request, send_reply
 
 logger = logging.getLogger("peft_deer.flower.site_worker")
 POLL_S = 2.0

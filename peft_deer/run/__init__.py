@@ -14,14 +14,34 @@ produced). The modules, in the order a run meets them:
 - `evaluate.py`: validation and test metrics of the loaded adapter; its temperature (calibration) at the end;
 - `outputs.py`: `finalize` (adapters, ledger, model card, summary) and `final_line`;
 - `simulation.py`: the in-process transport; `lifecycle.py`: `run_experiment`.
+
+The run's files, light (standard library, numpy; torch for `checkpoint.py` only): `run_dir.py` (the output
+directory: staging, lock, publish), `io.py` (strict JSON, atomic writes), `checkpoint.py` (save, load and check
+a checkpoint or an adapter's files) and `reporting.py` (curves, model card).
+
+The names below load on first use, so that `peft_deer.light_import` can load `peft_deer.run.run_dir` (the
+`deer-fed` driver's output-dir checks) without torch.
 """
 
-from .experiment import Experiment, build_experiment
-from .lifecycle import Host, RunOutcome, SetupFailed, Transport, run_experiment
-from .outputs import DECISION_RULE, final_line, finalize
-from .phases import ReleasePhase, run_phases
-from .progress import PRIVATE_DIR, RunProgress, SettingsMismatch, start_or_resume
-from .simulation import Simulation, simulated_release
+from importlib import import_module
+from typing import Any
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    **dict.fromkeys(("Experiment", "build_experiment"), "experiment"),
+    **dict.fromkeys(("Host", "RunOutcome", "SetupFailed", "Transport", "run_experiment"), "lifecycle"),
+    **dict.fromkeys(("DECISION_RULE", "final_line", "finalize"), "outputs"),
+    **dict.fromkeys(("ReleasePhase", "run_phases"), "phases"),
+    **dict.fromkeys(("PRIVATE_DIR", "RunProgress", "SettingsMismatch", "start_or_resume"), "progress"),
+    **dict.fromkeys(("Simulation", "simulated_release"), "simulation"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DECISION_RULE",

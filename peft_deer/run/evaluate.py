@@ -1,7 +1,7 @@
 """How a run scores its loaded adapter.
 
 - Every round (`validation_metrics`): the validation split at T = 1, at the threshold chosen on it.
-- At the end (`final_evaluation`): a temperature T fitted on the validation split (`peft_deer.calibration`),
+- At the end (`final_evaluation`): a temperature T fitted on the validation split (`peft_deer.evaluation.calibration`),
   the decision threshold (binary) or per-class offsets (more classes: `choose_class_offsets`, maximising
   balanced accuracy) chosen on the calibrated validation probabilities, and the test split scored with that T
   and that rule (the test split never chooses anything).
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..calibration import calibration_report, fit_temperature, softmax_t
-from ..evaluation import choose_class_offsets, choose_threshold, classification_metrics, predict_logits
+from ..evaluation.calibration import calibration_report, fit_temperature, softmax_t
+from ..evaluation.metrics import choose_class_offsets, choose_threshold, classification_metrics, predict_logits
 from .experiment import Experiment
 
 

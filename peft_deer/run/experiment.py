@@ -17,7 +17,16 @@ import torch
 from peft import PeftModel
 from torch.utils.data import Dataset, TensorDataset
 
-from ..backbones import Backbone
+from ..backbones.load import Backbone
+from ..backbones.prefix_cache import (
+    CACHE_DTYPES,
+    cache_key,
+    check_prefix_is_deterministic,
+    compute_prefix_features,
+    load_or_compute,
+    prefix_digest,
+    skip_prefix,
+)
 from ..federated import (
     AdapterLayout,
     DPRandomness,
@@ -27,15 +36,6 @@ from ..federated import (
     get_adapter_state,
 )
 from ..federated.batched import select_engine
-from ..prefix_cache import (
-    CACHE_DTYPES,
-    cache_key,
-    check_prefix_is_deterministic,
-    compute_prefix_features,
-    load_or_compute,
-    prefix_digest,
-    skip_prefix,
-)
 from ..settings import RunSettings
 from .privacy import client_dp, client_sigma, local_training, record_level, run_randomness
 from .task import RunData, adapted_blocks, build_model, check_forward, load_run_backbone, load_run_data, tensor_dataset

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..checkpoint import data_digest
-from ..run_dir import check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
 from ..settings import RunSettings
+from .checkpoint import data_digest
 from .experiment import Experiment, build_experiment
 from .outputs import final_line, finalize
 from .phases import ReleasePhase, run_phases, save_run_checkpoint
 from .progress import RunProgress, start_or_resume
 from .refit import refit_head
+from .run_dir import check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
 
 T = TypeVar("T")
 

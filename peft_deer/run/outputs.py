@@ -22,15 +22,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..export import export_lora_adapter
 from ..federated import load_adapter_state
 from ..federated.trust_model import trust_model_of
-from ..io import write_json_atomic
-from ..reporting import model_card, plot_curves, reproducible_noise_label
-from ..run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
+from ..tuner.export import export_lora_adapter
 from .evaluate import final_evaluation
 from .experiment import Experiment
+from .io import write_json_atomic
 from .progress import PRIVATE_DIR, RunProgress
+from .reporting import model_card, plot_curves, reproducible_noise_label
+from .run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
 
 DECISION_RULE = (
     "class 1 when P(class 1) >= decision_threshold, P = softmax(logits / temperature) "

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..checkpoint import save_checkpoint
 from ..federated import ClientUpdate, Phase, PhaseRelease, PrivacyBudgetExceeded, iter_phases, load_adapter_state
-from ..reporting import reproducible_noise_label
-from ..run_dir import CHECKPOINT, live_dir, publish
+from .checkpoint import save_checkpoint
 from .evaluate import validation_metrics
 from .experiment import Experiment
 from .progress import PRIVATE_DIR, RunProgress, append_jsonl, new_round_acc
+from .reporting import reproducible_noise_label
+from .run_dir import CHECKPOINT, live_dir, publish
 
 # (phase, participating client ids) -> (the updates that were aggregated, the release)
 ReleasePhase = Callable[[Phase, list[int]], tuple[list[ClientUpdate], PhaseRelease]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 
-from ..config import DeerLoraConfig
 from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
 from ..federated.accountant import WeakDeltaWarning
 from ..federated.collusion import accounting_sample_rate
@@ -25,6 +24,7 @@ from ..federated.record_dp import (
     record_steps,
 )
 from ..settings import RunSettings
+from ..tuner.config import DeerLoraConfig
 
 
 def local_training(settings: RunSettings, record: RecordLevel | None = None) -> LocalTraining:

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import DamagedFileError, SettingsMismatch, check_resume, load_checkpoint
 from ..data import format_label_table, label_count_table, plot_label_counts
-from ..io import dumps_strict, write_json_atomic
-from ..run_dir import CHECKPOINT, PRIVATE_DIR, create_staging, live_dir, make_private_dir
+from .checkpoint import DamagedFileError, SettingsMismatch, check_resume, load_checkpoint
 from .experiment import Experiment
+from .io import dumps_strict, write_json_atomic
+from .run_dir import CHECKPOINT, PRIVATE_DIR, create_staging, live_dir, make_private_dir
 
 __all__ = [
     "PRIVATE_DIR",
@@ -87,7 +87,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Callable = print) -> RunProgress:
     """Restore the server and progress from the checkpoint (--resume), else create the run's staging dir
-    (`peft_deer.run_dir`) with its first outputs.
+    (`peft_deer.run.run_dir`) with its first outputs.
 
     Raises `SettingsMismatch` if the checkpoint was written with other settings, `DamagedFileError` if it
     cannot be read, `OutputDirError` if the run dir cannot be created (each a one-line ValueError).

@@ -15,12 +15,12 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.utils.data import Dataset
 
-from ..backbones import Backbone, load_backbone
-from ..config import DeerLoraConfig
+from ..backbones.load import Backbone, load_backbone
+from ..backbones.prefix_cache import blocks_pattern, num_blocks, parse_lora_layers
 from ..data import DatasetSplits, load_dataset_spec, make_tensor_dataset, partition_clients
 from ..federated import AdapterLayout, adapter_layout, derive_seed
-from ..prefix_cache import blocks_pattern, num_blocks, parse_lora_layers
 from ..settings import RunSettings
+from ..tuner.config import DeerLoraConfig
 
 
 @dataclass

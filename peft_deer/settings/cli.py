@@ -162,7 +162,7 @@ def values_to_argv(values: Mapping[str, Any], parser: argparse.ArgumentParser, w
 def check_output_dir(output_dir: str) -> None:
     """ValueError (one line) unless `output_dir` is, or can be created as, a directory we can write in.
 
-    A new run is built in a hidden sibling of the output dir (see `peft_deer.run_dir`), so the probe is a
+    A new run is built in a hidden sibling of the output dir (see `peft_deer.run.run_dir`), so the probe is a
     temporary directory made and removed in the output dir's parent (or its nearest existing ancestor).
     """
     out = Path(output_dir)

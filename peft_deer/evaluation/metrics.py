@@ -12,8 +12,8 @@ import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..federated.local_training import autocast_for
 from .calibration import softmax_t
-from .federated.local_training import autocast_for
 
 
 @torch.no_grad()

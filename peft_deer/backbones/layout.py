@@ -1,7 +1,7 @@
 """What a backbone is to the rest of the project: the `Backbone` record (model, input format, LoRA targets,
 head), the digest that names its weights, and the discovery of its attention projections and head.
 
-Loading lives in `backbones.py`; this module reads any `nn.Module` and loads nothing.
+Loading lives in `load.py`; this module reads any `nn.Module` and loads nothing.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from peft import LoraConfig, PeftConfig
 
-from . import defaults
-from .methods import METHODS, method_spec
+from .. import defaults
+from ..methods import METHODS, method_spec
 
 PHASES = ("A", "B")
 

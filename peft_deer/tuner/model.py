@@ -14,8 +14,8 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from torch import nn
 
+from ..methods import method_spec
 from .config import PHASES, DeerLoraConfig, trained_factors
-from .methods import method_spec
 
 # The PEFT attributes (`adapter_layer_names`) that hold each factor: Linear/Conv use modules, Embedding parameters.
 FACTOR_LAYER_NAMES = {"A": ("lora_A", "lora_embedding_A"), "B": ("lora_B", "lora_embedding_B")}

