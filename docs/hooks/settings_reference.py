@@ -63,9 +63,8 @@ def render(root: Path) -> str:
             typ = {"bool": "switch", "names": "names…"}.get(kind.kind, kind.kind)
             if kind.choices is not None:
                 typ = " \\| ".join(f"`{c}`" for c in kind.choices)
-            parts.append(
-                f"| `{flag}` | `{kind.name.replace('_', '-')}` | {typ} | {_default(kind.default)} | {_cell(kind.help)} |"
-            )
+            key = kind.name.replace("_", "-")
+            parts.append(f"| `{flag}` | `{key}` | {typ} | {_default(kind.default)} | {_cell(kind.help)} |")
         parts.append("")
     return "\n".join(parts)
 
