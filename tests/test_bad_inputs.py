@@ -292,7 +292,7 @@ def _env() -> dict[str, str]:
 
 def test_argument_errors_come_before_the_heavy_imports(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("rounds: 0\n")
+    config.write_text("rounds: -1\n")
     probe = (
         "import json, sys, time; t = time.perf_counter(); from train import fed\n"
         "try:\n    code = fed.main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
@@ -301,7 +301,7 @@ def test_argument_errors_come_before_the_heavy_imports(tmp_path):
     )
     for argv, message in (
         (["--epsilon", "nan", "--dp", "client"], "--epsilon: 'nan' is not a finite number"),
-        (["--config", str(config)], "--rounds 0 must be >= 1"),
+        (["--config", str(config)], "--rounds -1 must be >= 1"),
         (["--output-dir", str(config)], "is a file, not a directory"),
     ):
         proc = subprocess.run(

@@ -495,7 +495,8 @@ def test_config_file(tmp_path, medmnist_dir, capsys):
         ({"rounds": 1, "bogus_flag": 3}, "unknown keys ['bogus_flag']"),
         ({"method": "fedprox"}, "argument --method: invalid choice: 'fedprox'"),
         ({"rounds": "many"}, "argument --rounds: invalid int value: 'many'"),
-        ({"rounds": 0}, "--rounds 0 must be >= 1"),
+        ({"rounds": 0}, "--rounds 0 (statistics only: no training, one release) needs --head-refit stats"),
+        ({"rounds": -1}, "--rounds -1 must be >= 1"),
     ):
         config.write_text(yaml.safe_dump(bad))
         with pytest.raises(SystemExit) as excinfo:
