@@ -186,8 +186,8 @@ def test_statistics_only_overrides_are_used_and_reported(tmp_path, medmnist_dir)
     """--noise-multiplier / --record-noise-multiplier with --rounds 0: the refit's multiplier is the (larger)
     override, its noise std m sqrt(3), and the ledger accounts exactly that."""
     out = tmp_path / "o"
-    flags = ["--dp", "client,record", "--noise-multiplier", "2.5", "--delta", "1e-3",
-             "--record-noise-multiplier", "3.5", "--record-delta", "1e-4", "--record-public-sizes", "40,40,40"]  # fmt: skip
+    flags = ["--dp", "client,record", "--noise-multiplier", "2.5", "--delta", "1e-3", "--record-noise-multiplier",
+             "3.5", "--record-delta", "1e-4", "--record-public-sizes", "40,40,40"]  # fmt: skip
     assert fed.main(run_argv(medmnist_dir, out, "deer", *STATS_ONLY, *flags)) == 0
     ledger = _json(out / "privacy.json")
     refit = ledger["head_refit"]
@@ -225,8 +225,9 @@ def test_refit_draws_come_from_distinct_256_bit_streams(tmp_path, medmnist_dir, 
         real(self, key, label, *args, **kwargs)
 
     monkeypatch.setattr(randomness_module.SecureStream, "__init__", spy)
-    flags = ["--dp", "client,record", "--noise-multiplier", "2", "--delta", "1e-3", "--record-noise-multiplier", "2",
-             "--record-delta", "1e-4", "--record-public-sizes", "40,40,40", "--noise-placement", "distributed"]  # fmt: skip
+    flags = ["--dp", "client,record", "--noise-multiplier", "2", "--delta", "1e-3", "--record-noise-multiplier",
+             "2", "--record-delta", "1e-4", "--record-public-sizes", "40,40,40", "--noise-placement",
+             "distributed"]  # fmt: skip
     assert fed.main(run_argv(medmnist_dir, tmp_path / "s", "deer", *STATS_ONLY, *flags)) == 0
     refit = [label for _, label in seen if label.startswith("refit")]
     assert sorted(refit) == sorted([f"refit:record:{c}" for c in range(3)] + [f"refit:share:{c}" for c in range(3)])
@@ -248,9 +249,11 @@ def test_a_crash_between_release_and_checkpoint_releases_nothing_new(tmp_path, m
         released.append(stats.vector())
         return stats
 
-    def crash_once(*args, **kwargs):
+    def crash_once(exp, *args, **kwargs):
+        if exp.server.refit is None:  # a checkpoint before the release is allowed (and keeps the DP key)
+            return real_save(exp, *args, **kwargs)
         monkeypatch.setattr(lifecycle, "save_run_checkpoint", real_save)
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # killed after the release, before its checkpoint
 
     monkeypatch.setattr(refit_module, "_released_statistics", spy)
     monkeypatch.setattr(lifecycle, "save_run_checkpoint", crash_once)
