@@ -45,7 +45,9 @@ from .randomness import SecureStream
 
 RECORD_SENSITIVITY = math.sqrt(3.0)
 CLIENT_SENSITIVITY = math.sqrt(3.0)
-CLIP_RULE = "z = P (x - m) / s, then z * min(1, 1 / |z|): every record's projected feature has norm <= 1"
+CLIP_RULE = (
+    "z = P (x - m) / s (0 if not finite), then z * min(1, 1 / |z|): every record's projected feature has norm <= 1"
+)
 SHRINKAGE_GRID: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
 COUNT_FLOOR_FRACTION = 0.01  # a noisy class count is clamped to at least this share of the total
 
@@ -72,9 +74,13 @@ class Projection:
         return (np.asarray(features, np.float64) - self.center) @ self.matrix.T / self.scale
 
     def clipped(self, features: np.ndarray) -> np.ndarray:
-        """(n, D) -> (n, k) with every row of norm <= 1 (`CLIP_RULE`)."""
-        z = self.project(features)
-        norms = np.linalg.norm(z, axis=1, keepdims=True)
+        """(n, D) -> (n, k) with every row of norm <= 1 (`CLIP_RULE`); a row that is not finite (NaN or inf features,
+        or an overflowing projection) becomes 0, so one such record cannot turn the release into NaN."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            z = self.project(features)
+        z = np.where(np.isfinite(z).all(axis=1, keepdims=True), z, 0.0)
+        peak = np.maximum(np.abs(z).max(axis=1, keepdims=True, initial=0.0), 1e-300)
+        norms = peak * np.linalg.norm(z / peak, axis=1, keepdims=True)  # no overflow for |z| near the float max
         return z * np.minimum(1.0, 1.0 / np.maximum(norms, 1e-300))
 
 

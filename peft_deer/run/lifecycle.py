@@ -10,6 +10,7 @@ error; nothing is written to the output dir before then.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,9 @@ from .checkpoint import data_digest
 from .experiment import Experiment, build_experiment
 from .outputs import final_line, finalize
 from .phases import ReleasePhase, run_phases, save_run_checkpoint
-from .progress import RunProgress, start_or_resume
+from .progress import RunProgress, append_jsonl, start_or_resume
 from .refit import refit_head
-from .run_dir import check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
+from .run_dir import PRIVATE_DIR, check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
 
 T = TypeVar("T")
 
@@ -111,8 +112,14 @@ def _run(exp: Experiment, progress: RunProgress, out: Path, transport: Transport
     if stopped == "max-phases":
         return RunOutcome(out, stopped)
     if exp.settings.refit.head_refit != "none" and exp.server.refit is None:
+        if host.is_main and not exp.settings.federation.rounds:  # the DP key on disk before the one release:
+            save_run_checkpoint(exp, out, progress)  # a crash, then --resume, redraws the same noise, not fresh
+        host.barrier()
+        started = time.perf_counter()
         refit_head(exp, host.say)  # every process: same data, same DP streams
-        if host.is_main:
+        if host.is_main:  # its wall time depends on the hospitals' exact sizes: server-private only
+            progress.private_rows.append({"head_refit_seconds": time.perf_counter() - started})
+            append_jsonl(out / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows[-1])
             save_run_checkpoint(exp, out, progress)  # a resumed run never releases the statistics twice
         host.barrier()
     summary = None

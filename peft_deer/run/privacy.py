@@ -165,9 +165,14 @@ def record_level(
     updates = settings.federation.rounds * spec.releases_per_round
     if updates == 0:  # statistics only (--rounds 0): no DP-SGD step; the refit's release is the record's one
         sigmas = (refit_multiplier(settings),) * len(client_sizes)
+        meets = (
+            "fixed (--record-noise-multiplier or the larger --noise-multiplier)"
+            if record.record_noise_multiplier is not None
+            else f"meets epsilon {record.record_epsilon:g} alone"
+        )
         calibration = (
             f"statistics only (--rounds 0): the head refit's one release (noise multiplier "
-            f"{refit_multiplier(settings):g}, q = 1, 1 step) meets epsilon {record.record_epsilon:g} alone"
+            f"{refit_multiplier(settings):g}, q = 1, 1 step), {meets}"
         )
     elif record.record_noise_multiplier is not None:
         sigmas = (record.record_noise_multiplier,) * len(client_sizes)

@@ -15,14 +15,14 @@ releases them at the run's level:
 - none: exact statistics (no noise).
 
 The released statistics, sigma, sensitivities and the release's own epsilon are in privacy.json under
-`head_refit`; validation AUC before / after in summary.json. Only `adapter/` (final) gets the new head;
+`head_refit` (no wall time: it depends on the hospitals' exact sizes); validation AUC before / after in
+summary.json. Only `adapter/` (final) gets the new head;
 `adapter-best/` keeps its trained one. The refit is in the checkpoint: a resumed run never releases twice.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..federated import load_adapter_state
+from ..federated.collusion import adversary_multipliers
 from ..federated.head_refit import (
     CLIENT_SENSITIVITY,
     CLIP_RULE,
@@ -94,7 +95,6 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
     if exp.client_data is None:
         raise ValueError("--head-refit stats needs the hospitals' features: the simulation only, for now")
     _, w_key, b_key = head_linear(exp)
-    started = time.perf_counter()
     load_adapter_state(exp.model, server.global_state)
     with exp.model_inputs():
         val_x = head_features(exp, exp.val_data)
@@ -141,7 +141,6 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
         applied_to="adapter/ (final); adapter-best/ keeps its trained head"
         if settings.federation.rounds
         else "adapter/ (statistics only, --rounds 0: no training, no adapter-best/)",
-        seconds=time.perf_counter() - started,  # features, release and fit, wall time
     )
     server.refit = entry
     say(f"head refit: val auc {before:.4f} -> {after:.4f} (k {projection.dims}, shrinkage {shrinkage:g})")
@@ -176,6 +175,14 @@ def _released_statistics(exp: Experiment, hospitals, projection, num_classes: in
         if not distributed:
             total = gaussian_release(total, m * CLIENT_SENSITIVITY, server.randomness.stream("refit", "client"))
         server.accountant.step(m, 1.0)
+        server.nominal_accountant.step(m, 1.0)
+        if distributed:  # the sum of k shares against the public, one site and t colluders, as training releases
+            k, t = len(hospitals), server.collusion_threshold
+            for who, multiplier in adversary_multipliers(m, k, server.share_divisor(k), t).items():
+                if multiplier > 0:
+                    server.adversary_accountants[who].step(multiplier, 1.0)
+                else:
+                    server.adversary_exposed[who] = True
         entry["client"] = {
             "noise_multiplier": m,
             "sensitivity": CLIENT_SENSITIVITY,
