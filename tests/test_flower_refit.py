@@ -166,3 +166,18 @@ def test_a_site_sends_only_noised_statistics_of_the_stated_std(level, tmp_path, 
 
 def request_levels(request: RefitRequest) -> tuple:
     return request.client_level, request.record_level, request.share_divisor
+
+
+def test_a_refit_with_secure_aggregation_is_refused_before_anything_runs():
+    """SecAgg+ does not carry the statistics yet: one line at setup, not a run that ends without its refit."""
+    from types import SimpleNamespace
+
+    config = {"dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed", "secure-aggregation": True}
+    settings, options = parse_run_config(
+        tiny_run_config(**config, **{"head-refit": "stats", "min-clients-per-phase": 2})
+    )
+    exp = SimpleNamespace(settings=settings, server=SimpleNamespace(record=None), deployment_fingerprint={})
+    with pytest.raises(ValueError, match="^head-refit='stats' with secure-aggregation=true is not supported yet"):
+        FlowerTransport(None, options, context=object()).before_start(exp, None)
+    plain = SimpleNamespace(settings=settings.replace(head_refit="none"), server=exp.server, deployment_fingerprint={})
+    FlowerTransport(None, options, context=object()).before_start(plain, None)  # the same run without the refit

@@ -117,6 +117,9 @@ class FlowerTransport(Transport):
 
     def before_start(self, exp: Experiment, out: Path) -> None:
         logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
+        if self.options.secure_aggregation and exp.settings.refit.head_refit != "none":
+            raise ValueError("head-refit='stats' with secure-aggregation=true is not supported yet (statistics "
+                             "travel without SecAgg+); set secure-aggregation=false or head-refit='none'")  # fmt: skip
         if self.options.secure_aggregation:  # the mechanism: a resume with another secagg-noise is refused
             exp.deployment_fingerprint["secagg-noise"] = self.options.secagg_noise
         if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
@@ -139,8 +142,6 @@ class FlowerTransport(Transport):
 
     def refit_release(self, exp: Experiment, request: RefitRequest) -> ClassStats:
         """--head-refit stats: every site's noised statistics (`flower/refit.py`), summed."""
-        if self.options.secure_aggregation:
-            raise ValueError("--head-refit stats with secure-aggregation=true is not supported yet; run it without")
         return gather_statistics(self.deer, self.grid, request, self.options.reply_timeout_s)
 
     def ledgers(self) -> tuple[dict | None, dict | None]:

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,8 +52,10 @@ from ..federated.head_refit import (
     validation_auc,
 )
 from ..federated.randomness import SecureStream
-from .experiment import Experiment
 from .privacy import refit_multiplier
+
+if TYPE_CHECKING:  # a Flower site imports this module for `site_release`: not the server's experiment
+    from .experiment import Experiment
 
 
 def head_linear(model: torch.nn.Module, layout: AdapterLayout) -> tuple[torch.nn.Linear, str, str]:
@@ -157,7 +160,7 @@ def simulate_release(exp: Experiment, request: RefitRequest) -> ClassStats:
     return total
 
 
-StatisticsRelease = Callable[[Experiment, RefitRequest], ClassStats]
+StatisticsRelease = Callable[["Experiment", RefitRequest], ClassStats]
 
 
 def refit_head(
