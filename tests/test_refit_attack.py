@@ -242,7 +242,7 @@ def test_a_crash_between_release_and_checkpoint_releases_nothing_new(tmp_path, m
     argv = run_argv(medmnist_dir, out, "deer", *STATS_ONLY, "--dp", "client", "--noise-multiplier", "2",
                     "--delta", "1e-3")  # fmt: skip
     released: list[np.ndarray] = []
-    real_stats, real_save = refit_module._released_statistics, lifecycle.save_run_checkpoint
+    real_stats, real_save = refit_module.account_release, lifecycle.save_run_checkpoint
 
     def spy(*args, **kwargs):
         stats = real_stats(*args, **kwargs)
@@ -255,7 +255,7 @@ def test_a_crash_between_release_and_checkpoint_releases_nothing_new(tmp_path, m
         monkeypatch.setattr(lifecycle, "save_run_checkpoint", real_save)
         raise KeyboardInterrupt  # killed after the release, before its checkpoint
 
-    monkeypatch.setattr(refit_module, "_released_statistics", spy)
+    monkeypatch.setattr(refit_module, "account_release", spy)
     monkeypatch.setattr(lifecycle, "save_run_checkpoint", crash_once)
     code, _ = exit_code(lambda: fed.main(argv))
     assert code != 0 and not (out / "summary.json").exists() and len(released) == 1

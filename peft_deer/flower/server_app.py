@@ -22,8 +22,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..federated import AdapterState
+from ..federated.head_refit import ClassStats
 from ..run import PRIVATE_DIR, Experiment, Host, ReleasePhase, SettingsMismatch, SetupFailed, Transport, run_experiment
+from ..run.refit import RefitRequest
 from .protocol import SiteCounts, SiteEvaluated, evaluate_message, hello_message, read_hello_reply, read_site_counts
+from .refit import gather_statistics
 from .run_config import DeploymentOptions, parse_run_config
 from .secagg import SecAggDeerStrategy
 from .site_accounting import SiteRecordLevel
@@ -110,9 +113,13 @@ class FlowerTransport(Transport):
         self.grid, self.options, self.context = grid, options, context
         self.nodes: dict[int, int] = {}
         self.strategy: DeerStrategy | SecAggDeerStrategy | None = None
+        self.deer: DeerStrategy | None = None
 
     def before_start(self, exp: Experiment, out: Path) -> None:
         logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
+        if self.options.secure_aggregation and exp.settings.refit.head_refit != "none":
+            raise ValueError("head-refit='stats' with secure-aggregation=true is not supported yet (statistics "
+                             "travel without SecAgg+); set secure-aggregation=false or head-refit='none'")  # fmt: skip
         if self.options.secure_aggregation:  # the mechanism: a resume with another secagg-noise is refused
             exp.deployment_fingerprint["secagg-noise"] = self.options.secagg_noise
         if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
@@ -121,13 +128,21 @@ class FlowerTransport(Transport):
     def release_phase(self, exp: Experiment, out: Path) -> ReleasePhase:
         self.nodes = discover_clients(self.grid, exp.settings.data.num_clients, self.options)
         rounds = exp.settings.federation.rounds
-        deer = DeerStrategy(exp.server, self.nodes, rounds, self.options, run_key(exp, out))
+        deer = self.deer = DeerStrategy(exp.server, self.nodes, rounds, self.options, run_key(exp, out))
         deer.summary()
         if self.options.secure_aggregation:  # each phase through SecAgg+: the server sees only the sum
             self.strategy = SecAggDeerStrategy(deer, self.grid, self.context.run_id)
             return self.strategy.release_phase(self.grid, self.context)
         self.strategy = deer
         return deer.release_phase(self.grid)
+
+    def refit_noise_floor(self, exp: Experiment) -> int:
+        """k for the head refit's distributed shares: the training updates' noise floor over every site."""
+        return self.deer.noise_shares(exp.settings.data.num_clients)
+
+    def refit_release(self, exp: Experiment, request: RefitRequest) -> ClassStats:
+        """--head-refit stats: every site's noised statistics (`flower/refit.py`), summed."""
+        return gather_statistics(self.deer, self.grid, request, self.options.reply_timeout_s)
 
     def ledgers(self) -> tuple[dict | None, dict | None]:
         return self.strategy.deployment_ledger(), self.strategy.private_ledger()

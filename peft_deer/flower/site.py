@@ -1,6 +1,7 @@
 """A hospital's side of the DEeR Flower app: its data, backbone and model, and what it does with a message.
 
-`handle(kind, content, run_config, node_config)` answers one message's content (hello, train, evaluate)
+`handle(kind, content, run_config, node_config)` answers one message's content (hello, train, evaluate; a train
+message of step `statistics` is the head refit's, `flower/refit.py`)
 with the reply's content. It runs in the site's long-lived worker (`site_worker.py`), or in the
 ClientApp process itself with `site-worker=false`; either way a `Site` is built once per run settings
 and node config and kept (`site_for`), so data, backbone and model are loaded once, not per message.
@@ -87,6 +88,7 @@ from .protocol import (
     read_train_content,
     update_content,
 )
+from .refit import is_statistics, site_statistics
 from .run_config import OPTION_KEYS, parse_run_config
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .site_accounting import SiteAccountant, site_record_level
@@ -375,6 +377,8 @@ def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_c
         return site.hello()
     if kind == "train" and is_fit_ins(content):  # a SecAgg+ phase: legacy FitIns in, FitRes out (secagg.py)
         return fit_res_content(*site.reply_update(read_fit_ins(content)))
+    if kind == "train" and is_statistics(content):  # --head-refit stats: this site's noised statistics
+        return site_statistics(site, content)
     if kind == "train":
         return site.train(content)
     if kind == "evaluate":

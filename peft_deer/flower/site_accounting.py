@@ -65,6 +65,17 @@ class SiteAccountant:
         eps = self.accountants.epsilon(self.client_id, record.dp.delta, record.dp.accountant)
         return RecordReport(sigma, q, steps, history, eps, size if record.dp.public_sizes else None)
 
+    def gaussian_release(self, record: RecordLevel, sigma: float, num_examples: int, step: bool = True) -> RecordReport:
+        """Account one Gaussian release of this site's records (noise multiplier `sigma`, q = 1, 1 step: the head
+        refit's statistics) unless `step` is False (an identical re-send: no new release); save; the report."""
+        if step:
+            self.accountants.step(self.client_id, sigma, 1.0, 1)
+            write_json_atomic(self.path, self.accountants.state_dict())
+        size = record.dp.public_size(self.client_id, num_examples)
+        history = tuple(self.accountants.history.get(self.client_id, ()))
+        eps = self.accountants.epsilon(self.client_id, record.dp.delta, record.dp.accountant)
+        return RecordReport(sigma, 1.0, 1, history, eps, size if record.dp.public_sizes else None)
+
 
 class SiteRecordLevel(RecordLevel):
     """The server's record-level ledger in a deployment: client k's history is what site k last reported.

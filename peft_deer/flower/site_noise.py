@@ -63,21 +63,31 @@ def site_key(state_dir: Path, client_id: int) -> bytes:
 def noise_stream(state_dir: str | Path, work: TrainInstruction) -> SecureStream:
     """The stream of this site's noise share for `work` (module docstring); ValueError (one line) if another
     instruction was already answered for the same run key, round and phase."""
-    if not re.fullmatch(r"[0-9a-f]{16,64}", work.run_key):
-        raise ValueError(f"run key {work.run_key!r} is not a hex digest: the ServerApp is of another version")
-    state_dir = Path(state_dir)
-    key = site_key(state_dir, work.client_id)
     digest = instruction_digest(work)
-    path = state_dir / f"noise-answered-{work.run_key}-client{work.client_id}.json"
+    randomness, _ = answered_randomness(state_dir, work.client_id, work.run_key, f"{work.round}:{work.phase}", digest)
+    return randomness.stream(work.run_key, work.round, work.phase, digest, work.client_id, "noise")
+
+
+def answered_randomness(
+    state_dir: str | Path, client_id: int, run_key: str, step: str, digest: str
+) -> tuple[DPRandomness, bool]:
+    """The site's keyed randomness for the instruction `digest` at `step` of the run, and whether this is its first
+    answer there (an identical re-send: False); ValueError (one line) if another instruction was answered there."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", run_key):
+        raise ValueError(f"run key {run_key!r} is not a hex digest: the ServerApp is of another version")
+    state_dir = Path(state_dir)
+    key = site_key(state_dir, client_id)
+    path = state_dir / f"noise-answered-{run_key}-client{client_id}.json"
     answered = json.loads(path.read_text()) if path.is_file() else {}
-    step = f"{work.round}:{work.phase}"
+    first = step not in answered
     if answered.setdefault(step, digest) != digest:
+        what = "round {} phase {}".format(*step.split(":")) if ":" in step else step
         raise ValueError(
-            f"round {work.round} phase {work.phase} was already answered for another instruction: refused (a second "
-            "noise share on this site's update would weaken its noise)"
+            f"{what} was already answered for another instruction: refused (a second noise draw on this site's "
+            "data would weaken its noise)"
         )
     write_json_atomic(path, answered)  # a temp file from mkstemp: 0600
-    return DPRandomness(key).stream(work.run_key, work.round, work.phase, digest, work.client_id, "noise")
+    return DPRandomness(key), first
 
 
-__all__ = ["instruction_digest", "noise_stream", "site_key"]
+__all__ = ["answered_randomness", "instruction_digest", "noise_stream", "site_key"]

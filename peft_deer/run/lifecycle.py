@@ -24,7 +24,7 @@ from .experiment import Experiment, build_experiment
 from .outputs import final_line, finalize
 from .phases import ReleasePhase, run_phases, save_run_checkpoint
 from .progress import RunProgress, append_jsonl, start_or_resume
-from .refit import refit_head
+from .refit import RefitRequest, refit_head, simulate_release
 from .run_dir import PRIVATE_DIR, check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
 
 T = TypeVar("T")
@@ -40,6 +40,14 @@ class Transport:
 
     def release_phase(self, exp: Experiment, out: Path) -> ReleasePhase:
         raise NotImplementedError
+
+    def refit_release(self, exp: Experiment, request: RefitRequest):
+        """The hospitals' summed statistics releases for `--head-refit stats` (`run.refit`): in process here."""
+        return simulate_release(exp, request)
+
+    def refit_noise_floor(self, exp: Experiment) -> int:
+        """k, the hospitals whose distributed refit shares make up the noise (every hospital here)."""
+        return exp.settings.data.num_clients
 
     def ledgers(self) -> tuple[dict | None, dict | None]:
         """(what the public ledger adds, what server-private/deployment.json holds), or Nones."""
@@ -116,7 +124,8 @@ def _run(exp: Experiment, progress: RunProgress, out: Path, transport: Transport
             save_run_checkpoint(exp, out, progress)  # a crash, then --resume, redraws the same noise, not fresh
         host.barrier()
         started = time.perf_counter()
-        refit_head(exp, host.say)  # every process: same data, same DP streams
+        # every process: same data, same DP streams
+        refit_head(exp, host.say, transport.refit_release, transport.refit_noise_floor(exp))
         if host.is_main:  # its wall time depends on the hospitals' exact sizes: server-private only
             progress.private_rows.append({"head_refit_seconds": time.perf_counter() - started})
             append_jsonl(out / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows[-1])
@@ -137,8 +146,6 @@ def _set_up(settings: RunSettings, transport: Transport, host: Host) -> tuple[Ex
     exp = host.together(
         lambda: build_experiment(settings, host.device, transport.with_client_data, host.say, host.broadcast)
     )
-    if settings.refit.head_refit != "none" and not transport.with_client_data:
-        raise ValueError("--head-refit stats runs in the simulation (deer-fed) only, not yet under Flower")
     exp.data_sha256 = data_digest(exp.data.splits)  # in the checkpoint: a resume on changed data is refused
     output = settings.output
     checked = host.together(

@@ -3,19 +3,22 @@ head fitted on the hospitals' DP class statistics (the math and its sensitivitie
 
 The projection is PCA of the server's own validation features (public to the hospitals; no hospital data). Each
 hospital computes its statistics on its training images' head-input features under the final global adapter and
-releases them at the run's level:
+releases them at the run's level (`site_release`, the same code in the simulation and at a Flower site):
 
 - record (DP-SGD inside hospitals): the hospital adds N(0, (m sqrt(3))^2) itself; one more Gaussian step
   (m, q = 1, 1 step) in its record-level accountant.
 - client: the hospital's proportions-weighted statistics (norm <= sqrt(3)); noise N(0, (m sqrt(3))^2) on the sum
   (drawn by the server with central placement, as per-hospital shares of variance 1 / (k - t) of it with
-  distributed placement, as `FederatedServer.share_divisor` sizes them); one more
+  distributed placement, as `FederatedServer.share_divisor` sizes them for the noise floor k); one more
   release at q = 1 in the client-level ledger (a release that would pass --epsilon is skipped, and says so).
 - client,record: weights 1 / declared public size, each hospital's vector clipped to sqrt(3); both noises.
 - none: exact statistics (no noise).
 
-The released statistics, sigma, sensitivities and the release's own epsilon are in privacy.json under
-`head_refit` (no wall time: it depends on the hospitals' exact sizes); validation AUC before / after in
+Only the transport differs (`refit_head(release=...)`): the simulation computes every hospital's release in
+process (`simulate_release`); under Flower each site computes and noises its own and the server sums the replies
+(`peft_deer.flower.refit`). The fit, the accounting of the client-level release and the ledger entry are this
+module's, once. The released statistics, sigma, sensitivities and the release's own epsilon are in privacy.json
+under `head_refit` (no wall time: it depends on the hospitals' exact sizes); validation AUC before / after in
 summary.json. Only `adapter/` (final) gets the new head;
 `adapter-best/` keeps its trained one. The refit is in the checkpoint: a resumed run never releases twice.
 """
@@ -24,12 +27,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..federated import load_adapter_state
+from ..federated import AdapterLayout, load_adapter_state
 from ..federated.collusion import adversary_multipliers
 from ..federated.head_refit import (
     CLIENT_SENSITIVITY,
@@ -37,6 +42,7 @@ from ..federated.head_refit import (
     COUNT_FLOOR_FRACTION,
     RECORD_SENSITIVITY,
     ClassStats,
+    Projection,
     choose_shrinkage,
     fit_lda,
     gaussian_epsilon,
@@ -46,34 +52,37 @@ from ..federated.head_refit import (
     pca_projection,
     validation_auc,
 )
-from .experiment import Experiment
+from ..federated.randomness import SecureStream
 from .privacy import refit_multiplier
 
+if TYPE_CHECKING:  # a Flower site imports this module for `site_release`: not the server's experiment
+    from .experiment import Experiment
 
-def head_linear(exp: Experiment) -> tuple[torch.nn.Linear, str, str]:
+
+def head_linear(model: torch.nn.Module, layout: AdapterLayout) -> tuple[torch.nn.Linear, str, str]:
     """The trained head's Linear module and its (weight, bias) keys; ValueError unless it is one Linear."""
-    keys = exp.layout.head_keys
+    keys = layout.head_keys
     modules = {k.rsplit(".", 1)[0] for k in keys}
     if len(modules) != 1 or {k.rsplit(".", 1)[1] for k in keys} != {"weight", "bias"}:
         raise ValueError(f"--head-refit stats needs one Linear classifier head with a bias; the head is {list(keys)}")
     name = modules.pop()
-    module = dict(exp.model.named_modules())[name]
+    module = dict(model.named_modules())[name]
     if not isinstance(module, torch.nn.Linear):
         raise ValueError(f"--head-refit stats needs a Linear classifier head; {name} is {type(module).__name__}")
     return module, f"{name}.weight", f"{name}.bias"
 
 
 @torch.no_grad()
-def head_features(exp: Experiment, dataset: Dataset) -> np.ndarray:
-    """The input of the classifier head (n, D) float64 for `dataset` under the loaded adapter (in model_inputs)."""
-    module, _, _ = head_linear(exp)
+def head_features(model: torch.nn.Module, layout: AdapterLayout, dataset: Dataset, batch_size: int) -> np.ndarray:
+    """The input of the classifier head (n, D) float64 for `dataset` under the loaded adapter."""
+    module, _, _ = head_linear(model, layout)
     found: list[torch.Tensor] = []
     hook = module.register_forward_pre_hook(lambda _m, args: found.append(args[0].detach().double().cpu()))
-    device = next(exp.model.parameters()).device
-    exp.model.eval()
+    device = next(model.parameters()).device
+    model.eval()
     try:
-        for pixel_values, _ in DataLoader(dataset, batch_size=exp.settings.output.eval_batch_size):
-            exp.model(pixel_values=pixel_values.to(device))
+        for pixel_values, _ in DataLoader(dataset, batch_size=batch_size):
+            model(pixel_values=pixel_values.to(device))
     finally:
         hook.remove()
     out = torch.cat(found).numpy()
@@ -82,23 +91,98 @@ def head_features(exp: Experiment, dataset: Dataset) -> np.ndarray:
     return out
 
 
-def _labels(dataset: Dataset) -> np.ndarray:
+def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray(dataset.tensors[1]).astype(np.int64)
 
 
-def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | None:
-    """Run the refit once (see the module docstring); returns its ledger entry (None: --head-refit none)."""
+@dataclass(frozen=True)
+class RefitRequest:
+    """What the server asks every hospital (all public): the projection, the number of classes, the refit's
+    noise multiplier m, the run's levels and, with distributed client-level noise, the share divisor d (each
+    hospital adds variance (m sqrt(3))^2 / d)."""
+
+    projection: Projection
+    num_classes: int
+    multiplier: float
+    client_level: bool
+    record_level: bool
+    share_divisor: int | None = None
+    shares: int | None = None  # k, the shares the server sums with distributed noise (the noise floor)
+
+    @property
+    def size(self) -> int:
+        """The length of a released vector: C (1 + k + k^2)."""
+        k = self.projection.dims
+        return self.num_classes * (1 + k + k * k)
+
+
+def site_release(
+    features: np.ndarray,
+    labels: np.ndarray,
+    request: RefitRequest,
+    public_size: int | None,
+    stream: Callable[[str], SecureStream],
+) -> ClassStats:
+    """One hospital's statistics as they leave it: projected, clipped, weighted and bounded for the run's level,
+    with its own record-level noise ('record' stream) and its distributed client-level share ('share' stream).
+    `public_size`: its declared public size (client,record weights), else unused."""
+    client, record, m = request.client_level, request.record_level, request.multiplier
+    if client and record:  # public weight 1 / s_h, clipped to the client bound
+        if public_size is None or public_size < 1:
+            raise ValueError("client,record head refit needs the hospital's declared public size")
+        weight, bound = 1.0 / public_size, CLIENT_SENSITIVITY
+    elif client:
+        weight, bound = 1.0 / max(len(labels), 1), None
+    else:
+        weight, bound = 1.0, None
+    part = hospital_contribution(request.projection.clipped(features), labels, request.num_classes, weight, bound)
+    if record:
+        part = gaussian_release(part, m * RECORD_SENSITIVITY * weight, stream("record"))
+    if request.share_divisor is not None:  # keeps sigma against t colluders (d = k - t)
+        part = gaussian_release(part, m * CLIENT_SENSITIVITY / math.sqrt(request.share_divisor), stream("share"))
+    return part
+
+
+def simulate_release(exp: Experiment, request: RefitRequest) -> ClassStats:
+    """The simulation's transport: every hospital's `site_release` in process, summed as the server receives it;
+    each hospital's record-level accountant takes its Gaussian step."""
+    server = exp.server
+    if exp.client_data is None:
+        raise ValueError("--head-refit stats needs the hospitals' features: this server holds no client data")
+    batch = exp.settings.output.eval_batch_size
+    with exp.model_inputs():
+        hospitals = [(head_features(exp.model, exp.layout, d, batch), dataset_labels(d)) for d in exp.client_data]
+    total = None
+    for c, (x, y) in enumerate(hospitals):
+        size = server.record.dp.public_size(c, len(y)) if request.record_level else None
+        part = site_release(x, y, request, size, lambda purpose, c=c: server.randomness.stream("refit", purpose, c))
+        if request.record_level:
+            server.record.accountants.step(c, request.multiplier, 1.0, 1)
+        total = part if total is None else total + part
+    return total
+
+
+StatisticsRelease = Callable[["Experiment", RefitRequest], ClassStats]
+
+
+def refit_head(
+    exp: Experiment,
+    say: Callable[[str], None] = print,
+    release: StatisticsRelease = simulate_release,
+    noise_floor: int | None = None,
+) -> dict | None:
+    """Run the refit once (see the module docstring); returns its ledger entry (None: --head-refit none).
+
+    `release` gathers the hospitals' summed releases (and steps their record-level accountants); `noise_floor`
+    k sizes the distributed shares (default: every hospital)."""
     settings, server = exp.settings, exp.server
     cfg, privacy = settings.refit, settings.privacy
     if cfg.head_refit == "none" or server.refit is not None:
         return server.refit
-    if exp.client_data is None:
-        raise ValueError("--head-refit stats needs the hospitals' features: the simulation only, for now")
-    _, w_key, b_key = head_linear(exp)
+    _, w_key, b_key = head_linear(exp.model, exp.layout)
     load_adapter_state(exp.model, server.global_state)
     with exp.model_inputs():
-        val_x = head_features(exp, exp.val_data)
-        hospitals = [(head_features(exp, d), _labels(d)) for d in exp.client_data]
+        val_x = head_features(exp.model, exp.layout, exp.val_data, settings.output.eval_batch_size)
     val_y = np.asarray(exp.data.splits.val.labels).astype(np.int64)
     num_classes = int(server.global_state[w_key].shape[0])
     before = validation_auc(val_y, val_x @ server.global_state[w_key].double().numpy().T
@@ -112,7 +196,7 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
         "projection": projection.source,
         "dims": projection.dims,
         "clip": CLIP_RULE,
-        "hospitals": len(hospitals),
+        "hospitals": settings.data.num_clients,
     }
     if privacy.client_level and server.dp is not None and server.dp.target_epsilon is not None:
         eps = server.accountant.epsilon_after(m, 1.0, server.dp.delta, server.budget_accountant)
@@ -121,7 +205,13 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
             say(f"head refit skipped: client-level epsilon would reach {eps:.3f} > {server.dp.target_epsilon}")
             server.refit = entry
             return entry
-    stats = _released_statistics(exp, hospitals, projection, num_classes, entry)
+    distributed = privacy.client_level and server.dp is not None and server.dp.placement == "distributed"
+    k = settings.data.num_clients if noise_floor is None else noise_floor
+    request = RefitRequest(
+        projection, num_classes, m, privacy.client_level, privacy.record_level,
+        server.share_divisor(k) if distributed else None, k if distributed else None,
+    )  # fmt: skip
+    stats = account_release(exp, request, release(exp, request), entry)
     shrinkage, by_shrinkage = choose_shrinkage(stats, projection, val_x, val_y)
     head = head_in_input_space(fit_lda(stats, shrinkage), projection)
     server.global_state = {
@@ -147,38 +237,19 @@ def refit_head(exp: Experiment, say: Callable[[str], None] = print) -> dict | No
     return entry
 
 
-def _released_statistics(exp: Experiment, hospitals, projection, num_classes: int, entry: dict) -> ClassStats:
-    """Every hospital's release, summed as the server receives it; steps the accountants; fills `entry`."""
-    server, privacy = exp.server, exp.settings.privacy
-    m = refit_multiplier(exp.settings)
-    client, record = privacy.client_level, privacy.record_level
-    distributed = client and server.dp is not None and server.dp.placement == "distributed"
-    total = None
-    for c, (x, y) in enumerate(hospitals):
-        if client and record:  # public weight 1 / s_h, clipped to the client bound
-            weight, bound = 1.0 / server.record.dp.public_size(c, len(y)), CLIENT_SENSITIVITY
-        elif client:
-            weight, bound = 1.0 / len(y), None
-        else:
-            weight, bound = 1.0, None
-        part = hospital_contribution(projection.clipped(x), y, num_classes, weight, bound)
-        if record:
-            part = gaussian_release(
-                part, m * RECORD_SENSITIVITY * weight, server.randomness.stream("refit", "record", c)
-            )
-            server.record.accountants.step(c, m, 1.0, 1)
-        if distributed:
-            std = m * CLIENT_SENSITIVITY / math.sqrt(server.share_divisor(len(hospitals)))  # keeps sigma vs t colluders
-            part = gaussian_release(part, std, server.randomness.stream("refit", "share", c))
-        total = part if total is None else total + part
+def account_release(exp: Experiment, request: RefitRequest, total: ClassStats, entry: dict) -> ClassStats:
+    """The summed releases as the fit uses them: the server's client-level noise (central placement), the
+    client-level ledger's step, and the entry's description of both levels."""
+    server = exp.server
+    m, client, record = request.multiplier, request.client_level, request.record_level
     if client:
-        if not distributed:
+        if request.share_divisor is None:
             total = gaussian_release(total, m * CLIENT_SENSITIVITY, server.randomness.stream("refit", "client"))
         server.accountant.step(m, 1.0)
         server.nominal_accountant.step(m, 1.0)
-        if distributed:  # the sum of k shares against the public, one site and t colluders, as training releases
-            k, t = len(hospitals), server.collusion_threshold
-            for who, multiplier in adversary_multipliers(m, k, server.share_divisor(k), t).items():
+        if request.share_divisor is not None:  # the sum of k shares against the public, one site and t colluders
+            k, t = request.shares, server.collusion_threshold
+            for who, multiplier in adversary_multipliers(m, k, request.share_divisor, t).items():
                 if multiplier > 0:
                     server.adversary_accountants[who].step(multiplier, 1.0)
                 else:
@@ -193,6 +264,8 @@ def _released_statistics(exp: Experiment, hospitals, projection, num_classes: in
             "accounting": "one more release (noise multiplier m, q = 1) in the client-level accountant",
             "epsilon_of_this_release": gaussian_epsilon([(m, 1.0, 1)], server.dp.delta),
         }
+        if request.share_divisor is not None:
+            entry["client"]["share_divisor"] = request.share_divisor
     if record:
         entry["record"] = {
             "noise_multiplier": m,
@@ -210,4 +283,14 @@ def _released_statistics(exp: Experiment, hospitals, projection, num_classes: in
     return total
 
 
-__all__ = ["head_features", "head_linear", "refit_head"]
+__all__ = [
+    "RefitRequest",
+    "StatisticsRelease",
+    "account_release",
+    "dataset_labels",
+    "head_features",
+    "head_linear",
+    "refit_head",
+    "simulate_release",
+    "site_release",
+]
