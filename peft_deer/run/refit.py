@@ -43,9 +43,9 @@ from ..federated.head_refit import (
     RECORD_SENSITIVITY,
     ClassStats,
     Projection,
+    accountant_epsilon,
     choose_shrinkage,
     fit_lda,
-    gaussian_epsilon,
     gaussian_release,
     head_in_input_space,
     hospital_contribution,
@@ -242,6 +242,7 @@ def account_release(exp: Experiment, request: RefitRequest, total: ClassStats, e
     client-level ledger's step, and the entry's description of both levels."""
     server = exp.server
     m, client, record = request.multiplier, request.client_level, request.record_level
+    kind = exp.settings.privacy.accountant  # the run's accountant ('rdp' or 'prv'), as its epsilon figures
     if client:
         if request.share_divisor is None:
             total = gaussian_release(total, m * CLIENT_SENSITIVITY, server.randomness.stream("refit", "client"))
@@ -262,7 +263,8 @@ def account_release(exp: Experiment, request: RefitRequest, total: ClassStats, e
             "noise_std_on_sum": m * CLIENT_SENSITIVITY,
             "noise_placement": server.dp.placement,
             "accounting": "one more release (noise multiplier m, q = 1) in the client-level accountant",
-            "epsilon_of_this_release": gaussian_epsilon([(m, 1.0, 1)], server.dp.delta),
+            "epsilon_of_this_release": accountant_epsilon([(m, 1.0, 1)], server.dp.delta, kind),
+            "epsilon_of_this_release_accountant": kind,
         }
         if request.share_divisor is not None:
             entry["client"]["share_divisor"] = request.share_divisor
@@ -276,7 +278,8 @@ def account_release(exp: Experiment, request: RefitRequest, total: ClassStats, e
             if client
             else m * RECORD_SENSITIVITY,
             "accounting": "one more Gaussian step (m, q = 1, 1 step) in each hospital's record-level accountant",
-            "epsilon_of_this_release": gaussian_epsilon([(m, 1.0, 1)], server.record.dp.delta),
+            "epsilon_of_this_release": accountant_epsilon([(m, 1.0, 1)], server.record.dp.delta, kind),
+            "epsilon_of_this_release_accountant": kind,
         }
     if not client and not record:
         entry["noise"] = "none: exact statistics (no DP)"
