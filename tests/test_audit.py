@@ -60,12 +60,12 @@ def test_ledger_is_the_servers_own_epsilon():
         result = run_client_audit(method, noise_multiplier=2.0, trials=40, delta=1e-5, num_clients=4, noise_seed=0)
         _, layout, state = build_audit_adapter(method, 2, 4, 3.0)
         server = FederatedServer(  # RDP: the audit's ledger epsilon is opacus RDP
-            method,
-            layout,
-            state,
-            4,
-            4,
-            dp=ClientDP(2.0, 1.0, delta=1e-5),
+            method=method,
+            layout=layout,
+            global_state=state,
+            num_clients=4,
+            clients_per_phase=4,
+            dp=ClientDP(noise_multiplier=2.0, clip_norm=1.0, delta=1e-5),
             randomness=DPRandomness.from_seed(0),
             budget_accountant="rdp",
         )
@@ -217,12 +217,12 @@ def _client_run(tmp_path, sample_rate_clients=4):
     """A real client-level ledger: one release of a FederatedServer, written as a run's privacy.json."""
     _, layout, state = build_audit_adapter("rolora", 2, 4, 3.0)
     server = FederatedServer(
-        "rolora",
-        layout,
-        state,
-        6,
-        sample_rate_clients,
-        dp=ClientDP(1.5, 0.5, delta=0.01),
+        method="rolora",
+        layout=layout,
+        global_state=state,
+        num_clients=6,
+        clients_per_phase=sample_rate_clients,
+        dp=ClientDP(noise_multiplier=1.5, clip_norm=0.5, delta=0.01),
         randomness=DPRandomness.from_seed(0),
     )
     phase = next(iter_phases("rolora", 1))

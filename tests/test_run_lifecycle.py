@@ -36,6 +36,66 @@ def test_flags_config_and_run_config_give_the_same_settings(tmp_path):
         RunSettings.from_flat({"bogus": 1})
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--dp", "client", "--noise-multiplier", "1.3", "--clip-norm", "0.7", "--delta", "1e-3",
+         "--regulator-ridge", "1e-5", "--noise-placement", "distributed", "--epsilon", "4"],
+        ["--method", "deer-reference", "--dp", "client", "--epsilon", "4", "--clip-norm", "2.5"],
+        ["--method", "ffa", "--dp", "client", "--noise-multiplier", "0.9"],
+        ["--dp", "none"],
+    ],
+)  # fmt: skip
+def test_settings_config_and_client_dp_state_one_mechanism(argv):
+    """settings -> DeerLoraConfig -> ClientDP and settings -> ClientDP agree field by field, and the config keeps
+    its saved names (`dp_delta`): one conversion, `peft_deer.federated.client_dp`."""
+    from dataclasses import fields
+
+    from peft_deer.federated import ClientDP
+    from peft_deer.federated.client_dp import CONFIG_NAMES
+    from peft_deer.tuner.config import DeerLoraConfig
+
+    settings = parse_args(argv)
+    sigma = settings.privacy.noise_multiplier or (2.1 if settings.privacy.client_level else 0.0)
+    kwargs = ClientDP.config_fields(settings, sigma)
+    config = DeerLoraConfig(target_modules=["q"], method=settings.federation.method, **kwargs)
+    via_config, direct = ClientDP.from_config(config), ClientDP.from_settings(settings, sigma)
+    assert set(kwargs) == set(CONFIG_NAMES.values()) and "dp_delta" in kwargs and "delta" not in kwargs
+    assert set(CONFIG_NAMES) == {f.name for f in fields(ClientDP)}
+    if not settings.privacy.client_level:
+        assert via_config is None and direct is None and config.noise_multiplier == 0.0
+        return
+    for f in fields(ClientDP):
+        assert getattr(via_config, f.name) == getattr(direct, f.name), f.name
+    privacy = settings.privacy
+    assert (direct.noise_multiplier, direct.clip_norm, direct.regulator_ridge, direct.noise_placement, direct.delta) == (
+        sigma,
+        privacy.clip_norm,
+        privacy.regulator_ridge,
+        privacy.noise_placement,
+        privacy.delta,
+    )
+    enforced = settings.federation.method != "deer-reference"  # the authors' nominal target is no budget
+    assert direct.target_epsilon == (privacy.epsilon if enforced else None)
+    assert config.target_epsilon == privacy.epsilon and config.dp_delta == privacy.delta
+
+
+def test_wide_constructors_are_keyword_only():
+    from peft_deer.federated import ClientDP, FederatedServer, LocalTraining
+    from peft_deer.federated.record_dp import RecordDP
+    from peft_deer.run import Experiment
+
+    for cls, positional in [
+        (ClientDP, (1.0, 1.0)),
+        (RecordDP, ((1.0,),)),
+        (LocalTraining, (1,)),
+        (FederatedServer, ("deer",)),
+        (Experiment, (None,)),
+    ]:
+        with pytest.raises(TypeError, match="positional"):
+            cls(*positional)
+
+
 @pytest.mark.parametrize("dp", ["client", "none"])
 def test_the_server_runs_the_mechanism_the_adapter_config_states(dp, one_thread, tmp_path):
     extra = (
@@ -54,7 +114,12 @@ def test_the_server_runs_the_mechanism_the_adapter_config_states(dp, one_thread,
         1e-3,
     )
     server_dp = exp.server.dp
-    assert (server_dp.noise_multiplier, server_dp.clip_norm, server_dp.ridge, server_dp.delta) == (1.3, 0.7, 1e-5, 1e-3)
+    assert (server_dp.noise_multiplier, server_dp.clip_norm, server_dp.regulator_ridge, server_dp.delta) == (
+        1.3,
+        0.7,
+        1e-5,
+        1e-3,
+    )
 
 
 def test_run_experiment_calls_the_transport_hooks_in_order(one_thread, tmp_path):
@@ -110,8 +175,8 @@ def test_each_dp_default_has_one_home():
         defaults.CLIP_NORM,
         defaults.RIDGE,
     )
-    dp, record = ClientDP(1.0, 1.0), RecordDP((1.0,))
-    assert (dp.delta, dp.ridge, record.delta, record.ridge, record.clip_norm) == (
+    dp, record = ClientDP(noise_multiplier=1.0, clip_norm=1.0), RecordDP(noise_multipliers=(1.0,))
+    assert (dp.delta, dp.regulator_ridge, record.delta, record.regulator_ridge, record.clip_norm) == (
         defaults.DELTA, defaults.RIDGE, defaults.DELTA, defaults.RIDGE, defaults.CLIP_NORM
     )  # fmt: skip
     flower = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -101,11 +101,11 @@ class _Release:
 def _run_releases(setup: _ClientSetup, canary_in: bool, randomness: DPRandomness) -> list[_Release]:
     """One trial: `releases` releases of a fresh `FederatedServer`; client 0 is the canary when `canary_in`."""
     server = FederatedServer(
-        setup.method,
-        setup.layout,
-        dict(setup.state),  # add_delta never writes into these tensors: a shallow copy suffices
-        setup.num_clients,
-        setup.clients_per_phase,
+        method=setup.method,
+        layout=setup.layout,
+        global_state=dict(setup.state),  # add_delta never writes into these tensors: a shallow copy suffices
+        num_clients=setup.num_clients,
+        clients_per_phase=setup.clients_per_phase,
         dp=setup.dp,
         randomness=randomness,
     )
@@ -113,7 +113,8 @@ def _run_releases(setup: _ClientSetup, canary_in: bool, randomness: DPRandomness
     out = []
     for phase in setup.phases:
         keys = server.trained_keys(phase)
-        whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, setup.dp.ridge)
+        noise, ridge = server.spec.noise, setup.dp.regulator_ridge
+        whiteners = build_whiteners(server.layout, server.global_state, keys, noise, ridge)
         canary = canary_update(keys, whiteners, server.spec.noise, server.global_state, setup.dp.clip_norm, setup.seed)
         zero = {k: torch.zeros_like(v) for k, v in canary.items()}
         updates = [
@@ -208,7 +209,12 @@ def run_client_audit(
             state,
             num_clients,
             clients_per_phase,
-            ClientDP(noise_multiplier * plant_noise_factor, clip_norm, ridge=ridge, delta=delta),
+            ClientDP(
+                noise_multiplier=noise_multiplier * plant_noise_factor,
+                clip_norm=clip_norm,
+                regulator_ridge=ridge,
+                delta=delta,
+            ),
             list(itertools.islice(iter_phases(method, rounds), releases)),
             seed,
         )

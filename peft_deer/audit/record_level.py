@@ -85,7 +85,7 @@ def run_record_audit(
         clip_norm=clip_norm,
         delta=delta,
         noise=noise,
-        ridge=ridge,
+        regulator_ridge=ridge,
     )
     training = LocalTraining(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0, record_dp=record

@@ -175,7 +175,7 @@ def train_client_record(
     start = time.perf_counter()
     device = next(model.parameters()).device
     keys, params = begin_local_training(model, layout, global_state, phase)
-    whiteners = build_whiteners(layout, global_state, keys, record.noise, record.ridge)
+    whiteners = build_whiteners(layout, global_state, keys, record.noise, record.regulator_ridge)
     n = record.public_size(task.client_id, len(task.dataset))  # declared public size: q, steps, weight
     q = record_sample_rate(n, training.batch_size)
     sigma = record.noise_multiplier(task.client_id)

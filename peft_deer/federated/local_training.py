@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -22,10 +23,16 @@ from .randomness import DPRandomness
 from .record_dp import RecordDP
 from .schedule import Phase, method_spec
 
+if TYPE_CHECKING:  # the settings are light; the core only reads their attributes
+    from ..settings import RunSettings
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class LocalTraining:
-    """Local optimisation of one client: E epochs of mini-batch SGD (momentum, weight decay) or AdamW."""
+    """Local optimisation of one client: E epochs of mini-batch SGD (momentum, weight decay) or AdamW.
+
+    Its fields are spelled as the settings' `LocalTrainingSettings` (`from_settings` copies them by name).
+    """
 
     local_epochs: int = 1
     batch_size: int = 32
@@ -52,6 +59,12 @@ class LocalTraining:
             )
         if not 0 <= self.logit_adjustment < float("inf"):
             raise ValueError(f"--logit-adjustment {self.logit_adjustment} must be a finite number >= 0")
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, record_dp: RecordDP | None = None) -> LocalTraining:
+        """What a client of the run does in a phase (DP-SGD when `record_dp` is given)."""
+        names = [f.name for f in fields(cls) if f.name != "record_dp"]
+        return cls(**{name: getattr(settings.local, name) for name in names}, record_dp=record_dp)
 
 
 @dataclass(frozen=True)

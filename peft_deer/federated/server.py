@@ -23,7 +23,7 @@ from .schedule import MethodSpec, NoiseKind, Phase, method_spec
 from .server_optimizer import ServerOptimizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FederatedServer:
     """Global adapter and privacy state of one federated run of `method` over `num_clients` clients.
 
@@ -82,7 +82,7 @@ class FederatedServer:
     def accounting_rate(self) -> float:
         """q of every accountant step: `sample_rate`, or 1.0 (no amplification) with Poisson client sampling,
         distributed noise and t >= 1 (`collusion.accounting_sample_rate`: the total noise reveals k)."""
-        distributed = self.dp is not None and self.dp.placement == "distributed"
+        distributed = self.dp is not None and self.dp.noise_placement == "distributed"
         return accounting_sample_rate(self.sample_rate, distributed, self.collusion_threshold)
 
     def participants(self, phase: Phase) -> list[int]:
@@ -104,7 +104,7 @@ class FederatedServer:
         if self.spec.noise != NoiseKind.REFERENCE:
             return self.dp.noise_multiplier
         keys = self.trained_keys(phase)
-        whiteners = build_whiteners(self.layout, self.global_state, keys, NoiseKind.REFERENCE, self.dp.ridge)
+        whiteners = build_whiteners(self.layout, self.global_state, keys, NoiseKind.REFERENCE, self.dp.regulator_ridge)
         return reference_effective_multiplier(self.dp.noise_multiplier, whiteners)
 
     def check_budget(self, phase: Phase) -> None:
@@ -136,7 +136,7 @@ class FederatedServer:
         the simulation adds the shares itself, k = len(updates).
         """
         shares = None
-        if self.dp is not None and self.dp.placement == "distributed":  # >= k shares of variance sigma^2 C^2 / d
+        if self.dp is not None and self.dp.noise_placement == "distributed":  # >= k shares of variance sigma^2 C^2 / d
             k = privatized_shares if privatized_shares is not None else len(updates)
             shares = (k, self.share_divisor(k))
         release = aggregate_phase(
@@ -181,7 +181,7 @@ class FederatedServer:
         holds; with `noise_shares` = k - t (`share_divisor`) t colluding sites still face sigma. Under
         record-level DP `self.record` must take the sites' own reports
         (`account_clients`). ValueError, nothing applied or accounted, if the sum cannot be released."""
-        if self.dp is None or self.dp.placement != "distributed":
+        if self.dp is None or self.dp.noise_placement != "distributed":
             raise ValueError("a summed release needs client-level DP with the distributed noise placement")
         floor = noise_shares if noise_floor is None else noise_floor
         if len(participants) < floor:
@@ -236,7 +236,7 @@ class FederatedServer:
         """epsilon (RDP and PRV, at the run's delta) against each adversary of a distributed-noise run:
         outsiders (public; the server under secure aggregation), one participating site, t colluding sites
         (inf where they knew every share of a release); {} without distributed noise (`collusion.py`)."""
-        if self.dp is None or self.dp.placement != "distributed":
+        if self.dp is None or self.dp.noise_placement != "distributed":
             return {}
         out = {}
         for who, label in _ADVERSARIES.items():
@@ -304,8 +304,8 @@ class FederatedServer:
                 NoiseKind.PLAIN: "gaussian (factor-space clipping, isotropic noise)",
                 NoiseKind.REFERENCE: "authors' mechanism (per-matrix clipping, unscaled (Y^T Y)^-1 noise)",
             }[self.spec.noise],
-            "trust_model": self.dp.placement,
-            "trust_model_description": TRUST_MODELS[self.dp.placement],
+            "trust_model": self.dp.noise_placement,
+            "trust_model_description": TRUST_MODELS[self.dp.noise_placement],
             "neighbouring_relation": (
                 "add/remove one client's entire data (client-level); Poisson sampling of clients at rate q "
                 "(q = 1: every client in every release); the total noise does not depend on who takes part, "
@@ -313,7 +313,7 @@ class FederatedServer:
             ),
             "noise_multiplier": self.dp.noise_multiplier,
             "clip_norm": self.dp.clip_norm,
-            "regulator_ridge": self.dp.ridge,
+            "regulator_ridge": self.dp.regulator_ridge,
             "sample_rate": self.sample_rate,
             "sampling": "all clients" if self.sample_rate == 1 else "poisson",
             "accounting_sample_rate": self.accounting_rate,
@@ -327,7 +327,7 @@ class FederatedServer:
             "'epsilon'); RDP and PRV (PRV: its upper bound, eps_error included) both shown",
             "effective_noise_multipliers": [r["effective_noise_multiplier"] for r in self.releases],
         }
-        if self.dp.placement == "distributed":
+        if self.dp.noise_placement == "distributed":
             ledger["collusion_threshold"] = self.collusion_threshold
             ledger["epsilon_against"] = self.adversary_epsilons()
             ledger["distributed_noise_note"] = (

@@ -153,7 +153,7 @@ def _released_statistics(exp: Experiment, hospitals, projection, num_classes: in
     server, privacy = exp.server, exp.settings.privacy
     m = refit_multiplier(exp.settings)
     client, record = privacy.client_level, privacy.record_level
-    distributed = client and server.dp is not None and server.dp.placement == "distributed"
+    distributed = client and server.dp is not None and server.dp.noise_placement == "distributed"
     total = None
     for c, (x, y) in enumerate(hospitals):
         if client and record:  # public weight 1 / s_h, clipped to the client bound
@@ -182,7 +182,7 @@ def _released_statistics(exp: Experiment, hospitals, projection, num_classes: in
             "sensitivity_derivation": "each hospital's vector [p_c, p_c mu_c, p_c M_c]_c has norm^2 <= "
             "3 sum_c p_c^2 <= 3 (clipped to sqrt(3) with public weights): add/remove one hospital",
             "noise_std_on_sum": m * CLIENT_SENSITIVITY,
-            "noise_placement": server.dp.placement,
+            "noise_placement": server.dp.noise_placement,
             "accounting": "one more release (noise multiplier m, q = 1) in the client-level accountant",
             "epsilon_of_this_release": gaussian_epsilon([(m, 1.0, 1)], server.dp.delta),
         }
