@@ -68,13 +68,9 @@ def test_settings_config_and_client_dp_state_one_mechanism(argv):
     for f in fields(ClientDP):
         assert getattr(via_config, f.name) == getattr(direct, f.name), f.name
     privacy = settings.privacy
-    assert (direct.noise_multiplier, direct.clip_norm, direct.regulator_ridge, direct.noise_placement, direct.delta) == (
-        sigma,
-        privacy.clip_norm,
-        privacy.regulator_ridge,
-        privacy.noise_placement,
-        privacy.delta,
-    )
+    names = ("clip_norm", "regulator_ridge", "noise_placement", "delta")
+    assert direct.noise_multiplier == sigma
+    assert [getattr(direct, n) for n in names] == [getattr(privacy, n) for n in names]
     enforced = settings.federation.method != "deer-reference"  # the authors' nominal target is no budget
     assert direct.target_epsilon == (privacy.epsilon if enforced else None)
     assert config.target_epsilon == privacy.epsilon and config.dp_delta == privacy.delta
@@ -183,3 +179,49 @@ def test_each_dp_default_has_one_home():
     declared = {k: flower[k] for k in ("delta", "record-delta", "clip-norm", "record-clip-norm", "regulator-ridge")}
     assert declared == {"delta": defaults.DELTA, "record-delta": defaults.DELTA, "clip-norm": defaults.CLIP_NORM,
                         "record-clip-norm": defaults.CLIP_NORM, "regulator-ridge": defaults.RIDGE}  # fmt: skip
+
+
+def test_run_progress_reads_and_writes_the_checkpoint_schema_of_earlier_versions(tmp_path):
+    """A checkpoint written before `RunProgress` had a `state_dict` (plain dicts under the same keys) resumes: it
+    loads into typed progress, and saving it again writes the very same keys and values."""
+    from peft_deer.run.checkpoint import load_checkpoint, save_checkpoint
+    from peft_deer.run.files import CHECKPOINT_KEYS, PROGRESS_KEYS, checkpoint_payload
+    from peft_deer.run.progress import BestRound, RoundTotals, RunProgress
+
+    state = {"lora_A": torch.ones(2, 3), "lora_B": torch.zeros(3, 2)}
+    old = {  # what main's phase loop wrote before this change (tests/test_run_dir_safety.py's payload)
+        "fingerprint": {"lr": 0.1},
+        "data_sha256": {"train": "ab" * 32},
+        "server": {"global_state": state, "releases": [{"sigma": 1.0}]},
+        "next_phase": (1, 0),
+        "rows": [{"round": 0, "val_auc": 0.75, "epsilon": None}],
+        "best": {"score": 0.75, "round": 0, "state": dict(state)},
+        "round_acc": {"loss": 1.5, "images": 7, "seconds": 2.0, "update_norms": [0.3], "participants": [3]},
+        "private_rows": [{"round": 0, "train_loss": None, "participants_per_phase": [3]}],
+    }
+    save_checkpoint(tmp_path / "old.pt", old)
+    progress = RunProgress.from_state_dict(load_checkpoint(tmp_path / "old.pt"))
+    assert progress.next_phase == (1, 0) and isinstance(progress.best, BestRound) and progress.best.round == 0
+    assert progress.round_totals == RoundTotals(loss=1.5, images=7, seconds=2.0, update_norms=[0.3], participants=[3])
+    assert torch.equal(progress.best.state["lora_A"], state["lora_A"])
+    again = checkpoint_payload(old["fingerprint"], old["data_sha256"], old["server"], progress.state_dict())
+    assert set(again) == set(old) and set(CHECKPOINT_KEYS) <= set(again) and set(PROGRESS_KEYS) < set(again)
+    save_checkpoint(tmp_path / "new.pt", again)
+    back = load_checkpoint(tmp_path / "new.pt")
+    for key in ("next_phase", "rows", "round_acc", "private_rows", "fingerprint", "data_sha256"):
+        assert back[key] == old[key], key
+    assert (back["best"]["score"], back["best"]["round"]) == (0.75, 0)
+    assert torch.equal(back["best"]["state"]["lora_B"], state["lora_B"])
+    # the progress mutates through its own methods, and its state stays the schema's
+    progress.round_totals.add([], _release(participants=[0, 1]), seconds=1.0)
+    assert progress.state_dict()["round_acc"]["participants"] == [3, 2]
+    with pytest.raises(ValueError, match="progress state keys"):
+        checkpoint_payload({}, {}, {}, {"rows": []})
+
+
+def _release(participants: list[int]):
+    from peft_deer.federated import PhaseRelease
+
+    return PhaseRelease(
+        delta={}, participants=participants, effective_noise_multiplier=None, mean_update_norm=0.1, clipped_fraction=0
+    )
