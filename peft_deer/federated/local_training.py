@@ -101,20 +101,39 @@ def set_phase_trainability(model: PeftModel, phase: Phase) -> None:
         model.base_model.set_deer_phase(phase.config_phase)
 
 
-def begin_local_training(
-    model: PeftModel, layout: AdapterLayout, global_state: AdapterState, phase: Phase
-) -> tuple[list[str], dict[str, torch.nn.Parameter]]:
+@dataclass(frozen=True)
+class PhaseContext:
+    """What every trainer of a phase shares: the process's model, its adapter layout, the global adapter
+    state the phase starts from, and the phase (which factor(s) train)."""
+
+    model: PeftModel
+    layout: AdapterLayout
+    global_state: AdapterState
+    phase: Phase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def delta(self, params: dict[str, torch.Tensor], keys: list[str]) -> AdapterState:
+        """The trained parameters `keys` minus the global state, as fp32 CPU tensors (a client's update)."""
+        return {k: params[k].detach().to("cpu", torch.float32) - self.global_state[k] for k in keys}
+
+
+def begin_local_training(ctx: PhaseContext) -> tuple[list[str], dict[str, torch.nn.Parameter]]:
     """Load the global adapter, make exactly the phase's factor(s) and head trainable.
 
     Returns the trained parameter names and the model's parameters by name (every trainer starts here).
     """
-    load_adapter_state(model, global_state)
-    set_phase_trainability(model, phase)
-    keys = layout.trained_keys(phase.factors)
-    params = dict(model.named_parameters())
+    load_adapter_state(ctx.model, ctx.global_state)
+    set_phase_trainability(ctx.model, ctx.phase)
+    keys = ctx.layout.trained_keys(ctx.phase.factors)
+    params = dict(ctx.model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if trainable != set(keys):
-        raise RuntimeError(f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}")
+        raise RuntimeError(
+            f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {ctx.phase}"
+        )
     return keys, params
 
 
