@@ -10,6 +10,7 @@ settings -> `ClientDP.from_settings`, agree field by field (tests/test_run_lifec
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from .. import defaults
@@ -50,11 +51,6 @@ class ClientDP:
         if self.noise_placement not in ("central", "distributed"):
             raise ValueError(f"noise placement {self.noise_placement!r} is not 'central' or 'distributed'")
 
-    @property
-    def distributed(self) -> bool:
-        """Each client adds its share of the noise (`noise_placement == "distributed"`)."""
-        return self.noise_placement == "distributed"
-
     @classmethod
     def from_config(cls, config: Any) -> ClientDP | None:
         """The mechanism a `DeerLoraConfig` states (None: noise multiplier 0, no client-level DP).
@@ -74,7 +70,8 @@ class ClientDP:
         without client-level DP): the same object `from_config` reads back from the run's adapter config."""
         if not settings.privacy.client_level or noise_multiplier == 0:
             return None
-        return cls.from_config(_ConfigView(settings, noise_multiplier))
+        fields_ = cls.config_fields(settings, noise_multiplier)
+        return cls.from_config(SimpleNamespace(**fields_, method=settings.federation.method))  # the config's view
 
     @staticmethod
     def config_fields(settings: RunSettings, noise_multiplier: float) -> dict[str, Any]:
@@ -84,10 +81,3 @@ class ClientDP:
         values = {f.name: getattr(privacy, f.name) for f in fields(ClientDP) if hasattr(privacy, f.name)}
         values.update(noise_multiplier=noise_multiplier, target_epsilon=privacy.epsilon)
         return {CONFIG_NAMES[name]: value for name, value in values.items()}
-
-
-class _ConfigView:
-    """The adapter config's view of a run's settings (`ClientDP.config_fields` plus the method)."""
-
-    def __init__(self, settings: RunSettings, noise_multiplier: float) -> None:
-        self.__dict__.update(ClientDP.config_fields(settings, noise_multiplier), method=settings.federation.method)
