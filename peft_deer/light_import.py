@@ -35,6 +35,7 @@ LIGHT_MODULES: tuple[str, ...] = (
     "peft_deer.commands",
     "peft_deer.commands.fed",
     "peft_deer.run",  # its names load on first use
+    "peft_deer.run.files",
     "peft_deer.run.io",
     "peft_deer.run.run_dir",
     "peft_deer.evaluation",

@@ -30,7 +30,14 @@ def toy_server(method: str, dp: ClientDP | None, num_clients: int = 4, per_phase
         "h": torch.zeros(3),
     }
     return FederatedServer(  # RDP: these tests compare with opacus RDP (the default accountant is PRV)
-        method, layout, state, num_clients, per_phase, dp, DPRandomness.from_seed(0), budget_accountant="rdp"
+        method=method,
+        layout=layout,
+        global_state=state,
+        num_clients=num_clients,
+        clients_per_phase=per_phase,
+        dp=dp,
+        randomness=DPRandomness.from_seed(0),
+        budget_accountant="rdp",
     )
 
 
@@ -196,7 +203,16 @@ def test_budget_stop_uses_the_calibration_accountant_and_the_ledger_shows_both()
     counts = {}
     for kind in ("rdp", "prv"):
         randomness = DPRandomness.from_seed(0)
-        server = FederatedServer("lora", layout, dict(state), 4, 4, dp, randomness, budget_accountant=kind)
+        server = FederatedServer(
+            method="lora",
+            layout=layout,
+            global_state=dict(state),
+            num_clients=4,
+            clients_per_phase=4,
+            dp=dp,
+            randomness=randomness,
+            budget_accountant=kind,
+        )
         with pytest.raises(PrivacyBudgetExceeded, match=kind.upper()):
             run(server, rounds=60)
         ledger = server.ledger()
@@ -210,7 +226,15 @@ def test_budget_stop_uses_the_calibration_accountant_and_the_ledger_shows_both()
         assert accountant.get_epsilon(1e-3) > 2.5
     assert counts["prv"] > counts["rdp"]  # the tight accountant allows more releases at the same budget
     with pytest.raises(ValueError, match="accountant"):
-        FederatedServer("lora", layout, dict(state), 4, 4, dp, budget_accountant="exact")
+        FederatedServer(
+            method="lora",
+            layout=layout,
+            global_state=dict(state),
+            num_clients=4,
+            clients_per_phase=4,
+            dp=dp,
+            budget_accountant="exact",
+        )
 
 
 def test_the_accountant_setting_defaults_to_prv_drives_client_calibration_and_refuses_resume():
@@ -241,7 +265,7 @@ def test_record_calibration_and_ledger_use_the_accountant_and_show_both():
     prv = calibrate_record_sigmas(target, 1e-5, sizes, batch, epochs, updates, accountant="prv")
     rdp = calibrate_record_sigmas(target, 1e-5, sizes, batch, epochs, updates, accountant="rdp")
     assert all(p < r for p, r in zip(prv, rdp, strict=True))
-    record = RecordLevel(RecordDP(prv, 1.0, 1e-5, accountant="prv"), batch, epochs)
+    record = RecordLevel(RecordDP(noise_multipliers=prv, clip_norm=1.0, delta=1e-5, accountant="prv"), batch, epochs)
     for _ in range(updates):
         record.account([ClientUpdate(c, {}, n) for c, n in enumerate(sizes)])
     ledger = record.ledger()
@@ -254,7 +278,7 @@ def test_record_calibration_and_ledger_use_the_accountant_and_show_both():
     assert ledger["epsilon_max"] == record.epsilon_max() == max(ledger["epsilon_per_client"].values())
     assert ledger["accountant"].startswith("opacus PRV")
     with pytest.raises(ValueError, match="accountant 'exact'"):
-        RecordDP(prv, 1.0, 1e-5, accountant="exact")
+        RecordDP(noise_multipliers=prv, clip_norm=1.0, delta=1e-5, accountant="exact")
 
 
 @pytest.mark.parametrize("epsilon,q,steps", [(2.0, 0.5, 20), (8.0, 0.25, 36)])

@@ -57,15 +57,17 @@ def test_bound_uses_a_threshold_from_the_first_half_only():
 def test_ledger_is_the_servers_own_epsilon():
     """The audit's epsilon_ledger equals `FederatedServer.epsilon()['rdp']` after the same release."""
     for method in ("deer", "deer-reference"):
-        result = run_client_audit(method, noise_multiplier=2.0, trials=40, delta=1e-5, num_clients=4, noise_seed=0)
+        result = run_client_audit(
+            method=method, noise_multiplier=2.0, trials=40, delta=1e-5, num_clients=4, noise_seed=0
+        )
         _, layout, state = build_audit_adapter(method, 2, 4, 3.0)
         server = FederatedServer(  # RDP: the audit's ledger epsilon is opacus RDP
-            method,
-            layout,
-            state,
-            4,
-            4,
-            dp=ClientDP(2.0, 1.0, delta=1e-5),
+            method=method,
+            layout=layout,
+            global_state=state,
+            num_clients=4,
+            clients_per_phase=4,
+            dp=ClientDP(noise_multiplier=2.0, clip_norm=1.0, delta=1e-5),
             randomness=DPRandomness.from_seed(0),
             budget_accountant="rdp",
         )
@@ -81,7 +83,7 @@ def test_ledger_is_the_servers_own_epsilon():
 def test_real_deer_is_sound_and_the_audit_is_not_vacuous():
     # sigma = 1, one release, q = 1: exact epsilon 1.57 at delta 0.05. With 16000 trials the bound is
     # >= 0.5 * exact for > 99.9 % of seeds (simulated) and exceeds the ledger (RDP 2.04) for none.
-    r = run_client_audit("deer", noise_multiplier=1.0, trials=16000, delta=DELTA, num_clients=2, noise_seed=1)
+    r = run_client_audit(method="deer", noise_multiplier=1.0, trials=16000, delta=DELTA, num_clients=2, noise_seed=1)
     assert r.epsilon_tight == pytest.approx(gaussian_epsilon(1.0, DELTA))
     assert r.epsilon_tight < r.epsilon_ledger
     assert r.epsilon_lower <= r.epsilon_tight
@@ -124,7 +126,7 @@ def test_planted_noise_factor_is_detected_and_honest_noise_is_not(level):
     # every seed; F = 1 is flagged with probability < 5 %
     audit = run_client_audit if level == "client" else run_record_audit
     got = {
-        f: audit("deer", noise_multiplier=1.0, trials=600, delta=1e-5, noise_seed=5, plant_noise_factor=f)
+        f: audit(method="deer", noise_multiplier=1.0, trials=600, delta=1e-5, noise_seed=5, plant_noise_factor=f)
         for f in (1.0, 0.25)
     }
     assert not got[1.0].detected and got[0.25].detected
@@ -137,7 +139,7 @@ def test_planted_noise_factor_is_detected_and_honest_noise_is_not(level):
 
 
 def test_reproducible_noise_voids_the_guarantee():
-    r = run_client_audit("deer", noise_multiplier=2.0, trials=1000, delta=1e-5, reproducible_noise=True)
+    r = run_client_audit(method="deer", noise_multiplier=2.0, trials=1000, delta=1e-5, reproducible_noise=True)
     assert r.fpr == 0 and r.fnr == 0  # rerun and subtract: the canary's contribution or exactly 0
     assert r.epsilon_lower > r.epsilon_ledger  # 4.2 (limited by 1000 trials) > 2.17
 
@@ -145,7 +147,13 @@ def test_reproducible_noise_voids_the_guarantee():
 def test_deer_reference_breaks_its_nominal_claim():
     # frozen factors with sigma_max 3 on two modules: true multiplier 4 / sqrt(18) = 0.94
     r = run_client_audit(
-        "deer-reference", noise_multiplier=4.0, trials=6000, delta=DELTA, num_clients=2, frozen_scale=3.0, noise_seed=3
+        method="deer-reference",
+        noise_multiplier=4.0,
+        trials=6000,
+        delta=DELTA,
+        num_clients=2,
+        frozen_scale=3.0,
+        noise_seed=3,
     )
     assert r.details["effective_noise_multipliers"][0] == pytest.approx(4 / math.sqrt(18), rel=1e-3)
     assert r.epsilon_lower > r.epsilon_nominal  # bound ~ 1.0-1.3 > nominal 0.24: the published claim fails
@@ -153,10 +161,10 @@ def test_deer_reference_breaks_its_nominal_claim():
 
 
 def test_record_level_dp_sgd():
-    leaked = run_record_audit("deer", noise_multiplier=3.0, trials=400, delta=1e-5, reproducible_noise=True)
+    leaked = run_record_audit(method="deer", noise_multiplier=3.0, trials=400, delta=1e-5, reproducible_noise=True)
     assert leaked.fpr == 0  # without the canary the rerun is bit-identical
     assert leaked.epsilon_lower > leaked.epsilon_ledger
-    real = run_record_audit("deer", noise_multiplier=1.0, trials=1500, delta=DELTA, noise_seed=4)
+    real = run_record_audit(method="deer", noise_multiplier=1.0, trials=1500, delta=DELTA, noise_seed=4)
     assert real.epsilon_lower <= real.epsilon_ledger
     assert real.epsilon_lower > 0  # the canary is visible: the audit is not vacuous here either
     assert real.details["steps"] == 2 and real.details["record_sample_rate"] == 0.5
@@ -217,12 +225,12 @@ def _client_run(tmp_path, sample_rate_clients=4):
     """A real client-level ledger: one release of a FederatedServer, written as a run's privacy.json."""
     _, layout, state = build_audit_adapter("rolora", 2, 4, 3.0)
     server = FederatedServer(
-        "rolora",
-        layout,
-        state,
-        6,
-        sample_rate_clients,
-        dp=ClientDP(1.5, 0.5, delta=0.01),
+        method="rolora",
+        layout=layout,
+        global_state=state,
+        num_clients=6,
+        clients_per_phase=sample_rate_clients,
+        dp=ClientDP(noise_multiplier=1.5, clip_norm=0.5, delta=0.01),
         randomness=DPRandomness.from_seed(0),
     )
     phase = next(iter_phases("rolora", 1))
@@ -298,7 +306,7 @@ def test_a_clipping_bug_is_detected(level, monkeypatch):
     clip_norm = 1.0 if level == "client" else 2000.0  # record: 2C > the unscaled canary gradient (~2500)
 
     def run() -> object:
-        return audit("deer", noise_multiplier=1.0, clip_norm=clip_norm, trials=trials, delta=1e-5, noise_seed=7)
+        return audit(method="deer", noise_multiplier=1.0, clip_norm=clip_norm, trials=trials, delta=1e-5, noise_seed=7)
 
     honest = run()
     if level == "client":
@@ -318,3 +326,22 @@ def test_a_clipping_bug_is_detected(level, monkeypatch):
     buggy = run()
     assert not honest.detected and buggy.detected
     assert buggy.epsilon_tight == pytest.approx(honest.epsilon_tight)  # the claim is the same
+
+
+def test_one_audit_settings_object_drives_both_levels():
+    """An `AuditSettings` gives the same audit as the same fields by name; unknown or positional ones are refused."""
+    from peft_deer.audit import AuditSettings
+
+    settings = AuditSettings(method="deer", noise_multiplier=2.0, trials=40, delta=1e-3, num_clients=3, noise_seed=5)
+    by_object = run_client_audit(settings)
+    by_name = run_client_audit(method="deer", noise_multiplier=2.0, trials=40, delta=1e-3, num_clients=3, noise_seed=5)
+    assert (by_object.trials, by_object.details["num_clients"]) == (40, 3)
+    same = ("fpr", "fnr", "epsilon_ledger", "epsilon_lower")
+    assert [getattr(by_object, k) for k in same] == [getattr(by_name, k) for k in same]
+    record = run_record_audit(settings, trials=20, num_examples=4, batch_size=2)  # the client fields are ignored
+    assert (record.trials, record.details["record_examples"], record.noise_multiplier) == (20, 4, 2.0)
+    assert run_client_audit(AuditSettings(noise_seed=1, num_clients=2, delta=1e-3), trials=20).trials == 20
+    with pytest.raises(TypeError, match="unknown audit settings"):
+        run_client_audit(settings, ridge=1e-3)  # the one spelling is regulator_ridge
+    with pytest.raises(TypeError, match="must be an AuditSettings"):
+        run_client_audit("deer")

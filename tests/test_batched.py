@@ -37,7 +37,15 @@ def make(method: str, sizes=(7, 12, 20), seed=0):
 def run(method, engine_cls, training, dp=None, rounds=1):
     model, layout, tasks = make(method)
     state = get_adapter_state(model, layout)
-    server = FederatedServer(method, layout, state, len(tasks), len(tasks), dp, DPRandomness.from_seed(3))
+    server = FederatedServer(
+        method=method,
+        layout=layout,
+        global_state=state,
+        num_clients=len(tasks),
+        clients_per_phase=len(tasks),
+        dp=dp,
+        randomness=DPRandomness.from_seed(3),
+    )
     engine = engine_cls(training)
     per_phase = []
     for phase in iter_phases(method, rounds):
@@ -74,7 +82,7 @@ def test_batched_equals_sequential_with_unequal_clients(method):
 
 @pytest.mark.parametrize("method", ["deer", "lora"])
 def test_batched_equals_sequential_with_client_dp(method):
-    dp = ClientDP(noise_multiplier=1.0, clip_norm=0.05, ridge=1e-6, delta=1e-3)
+    dp = ClientDP(noise_multiplier=1.0, clip_norm=0.05, regulator_ridge=1e-6, delta=1e-3)
     seq, seq_state = run(method, SequentialEngine, SGD, dp)
     bat, bat_state = run(method, BatchedEngine, SGD, dp)
     assert_close_updates(seq, bat)

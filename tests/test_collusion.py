@@ -41,8 +41,17 @@ def test_share_divisor_refuses_colluders_who_would_know_every_share():
 def _server(t: int, k: int = 2) -> FederatedServer:
     layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
     state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
-    dp = ClientDP(0.8, 1.0, placement="distributed", delta=1e-3)
-    return FederatedServer("lora", layout, state, k, k, dp, DPRandomness.from_seed(0), collusion_threshold=t)
+    dp = ClientDP(noise_multiplier=0.8, clip_norm=1.0, noise_placement="distributed", delta=1e-3)
+    return FederatedServer(
+        method="lora",
+        layout=layout,
+        global_state=state,
+        num_clients=k,
+        clients_per_phase=k,
+        dp=dp,
+        randomness=DPRandomness.from_seed(0),
+        collusion_threshold=t,
+    )
 
 
 def _rdp(sigma: float, releases: int) -> float:
@@ -95,9 +104,16 @@ def test_colluders_who_know_every_share_get_no_guarantee_and_too_few_shares_are_
 def _simulated(t: int, clients: int = 3) -> FederatedServer:
     layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
     state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
-    dp = ClientDP(0.8, 1.0, placement="distributed", delta=1e-3)
+    dp = ClientDP(noise_multiplier=0.8, clip_norm=1.0, noise_placement="distributed", delta=1e-3)
     return FederatedServer(
-        "lora", layout, state, clients, clients, dp, DPRandomness.from_seed(0), collusion_threshold=t
+        method="lora",
+        layout=layout,
+        global_state=state,
+        num_clients=clients,
+        clients_per_phase=clients,
+        dp=dp,
+        randomness=DPRandomness.from_seed(0),
+        collusion_threshold=t,
     )
 
 
@@ -149,8 +165,17 @@ def test_poisson_sampled_distributed_noise_with_colluders_is_accounted_without_a
 
     layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
     state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
-    dp = ClientDP(0.9, 1.0, placement="distributed", delta=1e-4)
-    server = FederatedServer("lora", layout, state, 6, 3, dp, DPRandomness.from_seed(1), collusion_threshold=1)
+    dp = ClientDP(noise_multiplier=0.9, clip_norm=1.0, noise_placement="distributed", delta=1e-4)
+    server = FederatedServer(
+        method="lora",
+        layout=layout,
+        global_state=state,
+        num_clients=6,
+        clients_per_phase=3,
+        dp=dp,
+        randomness=DPRandomness.from_seed(1),
+        collusion_threshold=1,
+    )
     assert server.sample_rate == 0.5 and server.accounting_rate == 1.0
     ks = []
     for phase in iter_phases("lora", 12):
@@ -185,8 +210,26 @@ def test_sigma_is_calibrated_at_the_q_the_server_accounts_with():
     from peft_deer.run.privacy import client_sigma
     from peft_deer.settings import parse_args
 
-    base = ["--num-clients", "6", "--clients-per-round", "3", "--rounds", "2", "--method", "lora", "--dp", "client",
-            "--epsilon", "8", "--delta", "1e-4", "--noise-placement", "distributed", "--accountant", "rdp"]
+    base = [
+        "--num-clients",
+        "6",
+        "--clients-per-round",
+        "3",
+        "--rounds",
+        "2",
+        "--method",
+        "lora",
+        "--dp",
+        "client",
+        "--epsilon",
+        "8",
+        "--delta",
+        "1e-4",
+        "--noise-placement",
+        "distributed",
+        "--accountant",
+        "rdp",
+    ]
     sigma = client_sigma(parse_args([*base, "--collusion-threshold", "1"]))
     assert sigma == pytest.approx(calibrate_noise_multiplier(8, 1e-4, 1.0, 2, "rdp"))
     sigma0 = client_sigma(parse_args([*base, "--collusion-threshold", "0"]))

@@ -27,7 +27,15 @@ def setup(method: str, dp: ClientDP | None = None, sizes=(7, 12, 20), seed=0):
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
     tasks = random_client_tasks(sizes, torch.Generator().manual_seed(seed + 1))
-    server = FederatedServer(method, layout, state, len(sizes), len(sizes), dp, DPRandomness.from_seed(seed))
+    server = FederatedServer(
+        method=method,
+        layout=layout,
+        global_state=state,
+        num_clients=len(sizes),
+        clients_per_phase=len(sizes),
+        dp=dp,
+        randomness=DPRandomness.from_seed(seed),
+    )
     engine = SequentialEngine(LocalTraining(local_epochs=1, batch_size=4, lr=0.5, momentum=0.9))
     return model, layout, server, engine, tasks
 
@@ -97,7 +105,7 @@ def test_client_training_is_deterministic_and_leaves_frozen_factor_untouched():
 
 
 def test_dp_run_end_to_end_clips_in_the_metric_and_ledger_counts_releases():
-    dp = ClientDP(noise_multiplier=0.8, clip_norm=0.05, ridge=1e-6, delta=1e-3)
+    dp = ClientDP(noise_multiplier=0.8, clip_norm=0.05, regulator_ridge=1e-6, delta=1e-3)
     model, layout, server, engine, tasks = setup("deer", dp)
     for phase in iter_phases("deer", 2):
         updates = engine.train_clients(model, layout, server.global_state, phase, tasks)
@@ -129,7 +137,7 @@ def test_server_state_dict_round_trip_continues_identically():
 def test_distributed_noise_has_the_same_total_variance_as_central():
     totals = {}
     for placement in ("central", "distributed"):
-        dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3, placement=placement)
+        dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3, noise_placement=placement)
         model, layout, server, engine, tasks = setup("ffa", dp)
         server.collusion_threshold = 0  # shares of sigma^2 C^2 / k (the default t = 1 sizes them for a colluder)
         phase = next(iter_phases("ffa", 1))

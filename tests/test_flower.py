@@ -49,6 +49,7 @@ def _stream(seed: int):
     """A public (test-only) noise stream."""
     return DPRandomness.from_seed(seed).stream("t")
 
+
 def flower_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
@@ -128,8 +129,24 @@ def phase_setup(num_clients: int, dp: ClientDP | None = None, min_clients: int =
     model = tiny_deer_model("deer")
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
-    server = FederatedServer("deer", layout, state, num_clients, num_clients, dp, collusion_threshold=t)
-    reference = FederatedServer("deer", layout, dict(state), num_clients, num_clients, dp, collusion_threshold=t)
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=state,
+        num_clients=num_clients,
+        clients_per_phase=num_clients,
+        dp=dp,
+        collusion_threshold=t,
+    )
+    reference = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=dict(state),
+        num_clients=num_clients,
+        clients_per_phase=num_clients,
+        dp=dp,
+        collusion_threshold=t,
+    )
     strategy = DeerStrategy(server, {c: 1000 + c for c in range(num_clients)}, 1, DeploymentOptions(min_clients))
     phase = next(iter_phases("deer", 1))
     tasks = random_client_tasks((8,) * num_clients, torch.Generator().manual_seed(0))
@@ -187,11 +204,11 @@ def test_a_phase_with_too_few_valid_updates_releases_nothing(flower_task_identit
 def test_distributed_noise_drops_an_unclipped_update_and_keeps_the_noise_floor(flower_task_identity):
     """min-clients-per-phase = 2 of 3 sampled: each client is asked for 1/2 of the noise variance, so the two
     valid updates left after a drop still carry the full noise, and the release is accounted at sigma."""
-    dp = ClientDP(noise_multiplier=1.0, clip_norm=0.01, delta=1e-3, placement="distributed")
+    dp = ClientDP(noise_multiplier=1.0, clip_norm=0.01, delta=1e-3, noise_placement="distributed")
     server, _, strategy, phase, updates, messages = phase_setup(3, dp, min_clients=2, t=0)  # d = k = 2
     assert {read_train_message(m).num_shares for m in messages} == {2}
     keys = server.trained_keys(phase)
-    whiteners = build_whiteners(server.layout, server.global_state, keys, "regulated", dp.ridge)
+    whiteners = build_whiteners(server.layout, server.global_state, keys, "regulated", dp.regulator_ridge)
     private = [
         with_delta(u, privatize_update(u.delta, whiteners, "regulated", dp, 2, _stream(i))[0])
         for i, u in enumerate(updates)
@@ -218,13 +235,13 @@ def test_the_train_instruction_carries_the_mechanism_and_sites_check_it(flower_t
     from peft_deer.flower.site import Site
     from peft_deer.settings import RunSettings
 
-    dp = ClientDP(noise_multiplier=1.7, clip_norm=0.5, ridge=1e-4, delta=1e-3, placement="distributed")
+    dp = ClientDP(noise_multiplier=1.7, clip_norm=0.5, regulator_ridge=1e-4, delta=1e-3, noise_placement="distributed")
     *_, messages = phase_setup(2, dp)
     terms = {read_train_message(m).noise for m in messages}
     assert terms == {NoiseTerms(1.7, 0.5, 1e-4, NoiseKind.REGULATED)}
-    assert {read_train_message(m).noise for m in phase_setup(2, dataclasses.replace(dp, placement="central"))[-1]} == {
-        None
-    }
+    assert {
+        read_train_message(m).noise for m in phase_setup(2, dataclasses.replace(dp, noise_placement="central"))[-1]
+    } == {None}
     assert {read_train_message(m).noise for m in phase_setup(2)[-1]} == {None}
     config = messages[0].content.config_records["config"]
     for key, bad in (("noise-multiplier", 0.0), ("clip-norm", math.inf), ("ridge", -1.0), ("noise-kind", "loud")):

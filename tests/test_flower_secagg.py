@@ -60,7 +60,7 @@ from peft_deer.flower.secagg_protocol import fit_res_content, read_fit_ins  # no
 from peft_deer.methods import NoiseKind  # noqa: E402
 from peft_deer_clientapp import secagg_when_asked  # noqa: E402
 
-DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, placement="distributed")
+DP = ClientDP(noise_multiplier=0.8, clip_norm=0.05, delta=1e-3, noise_placement="distributed")
 
 
 def _stream(seed: int):
@@ -81,7 +81,7 @@ def phase_b_setup(num_clients: int = 3):
 
 def privatized(layout, state, phase, updates, k: int, dp: ClientDP = DP) -> list[ClientUpdate]:
     keys = layout.trained_keys(phase.factors)
-    whiteners = build_whiteners(layout, state, keys, "regulated", dp.ridge)
+    whiteners = build_whiteners(layout, state, keys, "regulated", dp.regulator_ridge)
     return [
         dataclasses.replace(
             u,
@@ -97,7 +97,7 @@ def privatized(layout, state, phase, updates, k: int, dp: ClientDP = DP) -> list
 def test_the_clipping_range_bounds_clipped_updates_and_their_noise_share():
     layout, state, phase, updates = phase_b_setup(1)
     keys = layout.trained_keys(phase.factors)
-    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.regulator_ridge)
     shapes = {k: state[k].shape for k in keys}
     inv = max(inverse_cholesky_norm(whiteners[k]) for k in keys)
     assert inv > 1.0  # a real metric: the range is not C
@@ -123,7 +123,7 @@ def test_the_clipping_range_bounds_clipped_updates_and_their_noise_share():
         largest = max(largest, max(float(v.abs().max()) for v in private.values()))
     assert largest < rho
     # A plain (identity-metric) mechanism: rho = C (1 + t sigma / sqrt(k)).
-    plain = build_whiteners(layout, state, keys, "plain", DP.ridge)
+    plain = build_whiteners(layout, state, keys, "plain", DP.regulator_ridge)
     assert clipping_range(plain, shapes, "plain", DP, 2) == pytest.approx(DP.clip_norm * (1 + t * 0.8 / math.sqrt(2)))
 
 
@@ -143,10 +143,14 @@ def test_privatized_sum_releases_what_the_per_update_path_releases():
     layout, state, phase, updates = phase_b_setup(3)
     keys = layout.trained_keys(phase.factors)
     private = privatized(layout, state, phase, updates, k=2)
-    per_update = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    per_update = FederatedServer(
+        method="deer", layout=layout, global_state=dict(state), num_clients=3, clients_per_phase=3, dp=DP
+    )
     expected = per_update.finish_phase(phase, private, privatized_shares=2)
     total = {k: sum(u.delta[k] for u in private) for k in keys}
-    summed = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    summed = FederatedServer(
+        method="deer", layout=layout, global_state=dict(state), num_clients=3, clients_per_phase=3, dp=DP
+    )
     release = summed.finish_summed_phase(phase, total, [2, 0, 1], 2, {"secure_aggregation": {"survivors": 3}})
     assert release.participants == [0, 1, 2] and release.effective_noise_multiplier == 0.8
     for k in keys:
@@ -165,7 +169,7 @@ def test_privatized_sum_refuses_below_the_noise_floor_or_an_impossible_sum():
     args = (layout, state, keys, "regulated", DP, 3.0)
     with pytest.raises(ValueError, match="carry less noise than sigma"):
         privatized_sum(total, [0, 1], *args, noise_shares=3)
-    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.regulator_ridge)
     garbled = {k: v + 1e3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in total.items()}
     assert metric_norm(garbled, whiteners) > 100 * metric_norm(total, whiteners)
     with pytest.raises(ValueError, match="garbled unmasking or an unclipped update"):
@@ -173,7 +177,14 @@ def test_privatized_sum_refuses_below_the_noise_floor_or_an_impossible_sum():
     with pytest.raises(ValueError, match="non-finite"):
         privatized_sum({k: v * math.nan for k, v in total.items()}, [0, 1, 2], *args, noise_shares=3)
     assert privatized_sum(total, [0, 1, 2], *args, noise_shares=3).participants == [0, 1, 2]
-    server = FederatedServer("deer", layout, dict(state), 3, 3, dataclasses.replace(DP, placement="central"))
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=dict(state),
+        num_clients=3,
+        clients_per_phase=3,
+        dp=dataclasses.replace(DP, noise_placement="central"),
+    )
     with pytest.raises(ValueError, match="distributed noise placement"):
         server.finish_summed_phase(phase, total, [0, 1, 2], 3)
     assert server.releases == [] and server.accountant.history == []
@@ -291,7 +302,15 @@ def secagg_setup(
 ):
     layout, state, phase, updates = phase_b_setup(num_clients)
     private = privatized(layout, state, phase, updates, k - t)  # each site's share: sigma^2 C^2 / (k - t)
-    server = FederatedServer("deer", layout, dict(state), num_clients, num_clients, DP, collusion_threshold=t)
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=dict(state),
+        num_clients=num_clients,
+        clients_per_phase=num_clients,
+        dp=DP,
+        collusion_threshold=t,
+    )
     nodes = {c: 500 + c for c in range(num_clients)}
     deer = DeerStrategy(
         server,
@@ -332,7 +351,9 @@ def test_the_server_holds_only_the_unmasked_sum_which_matches_the_non_secure_rel
         for u in private:  # the sum is not any one update
             assert float((torch.from_numpy(value) * 3 - u.delta[key].double()).abs().max()) > 100 * bound
     # The release equals the non-secure distributed path's (same privatized updates) up to that error.
-    reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    reference = FederatedServer(
+        method="deer", layout=layout, global_state=dict(state), num_clients=3, clients_per_phase=3, dp=DP
+    )
     expected = reference.finish_phase(phase, private, privatized_shares=2)
     for key in expected.delta:
         diff = float((out.delta[key] - expected.delta[key]).abs().max())
@@ -349,7 +370,9 @@ def test_a_coarse_quantization_shows_in_the_error_and_stays_within_its_bound(flo
     """With Q = 2^10 the quantization error is visible, and still within n * 2 rho / Q: the bound is not vacuous."""
     layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=3, quantization_range=2**10)
     _, out = release(phase, server.participants(phase))
-    reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    reference = FederatedServer(
+        method="deer", layout=layout, global_state=dict(state), num_clients=3, clients_per_phase=3, dp=DP
+    )
     expected = reference.finish_phase(phase, private, privatized_shares=3)
     bound = server.releases[0]["secure_aggregation"]["sum_error_bound"] / 3
     worst = max(float((out.delta[k] - expected.delta[k]).abs().max()) for k in expected.delta)
@@ -365,7 +388,9 @@ def test_a_site_dropping_out_mid_protocol_leaves_a_correctly_accounted_release(f
     _, out = release(phase, server.participants(phase))
     survivors, _ = secagg.last_summed
     assert survivors == [0, 2] and out.participants == [0, 2]
-    reference = FederatedServer("deer", layout, dict(state), 3, 3, DP)
+    reference = FederatedServer(
+        method="deer", layout=layout, global_state=dict(state), num_clients=3, clients_per_phase=3, dp=DP
+    )
     expected = reference.finish_phase(phase, [private[0], private[2]], privatized_shares=2)
     bound = server.releases[0]["secure_aggregation"]["sum_error_bound"]
     for key in expected.delta:
@@ -385,7 +410,9 @@ def test_fewer_survivors_than_k_release_nothing_and_say_why(flower_task_identity
 
 def test_a_sampled_site_without_a_supernode_below_the_floor_releases_nothing(flower_task_identity):
     layout, state, phase, updates = phase_b_setup(2)
-    server = FederatedServer("deer", layout, dict(state), 2, 2, DP)
+    server = FederatedServer(
+        method="deer", layout=layout, global_state=dict(state), num_clients=2, clients_per_phase=2, dp=DP
+    )
     deer = DeerStrategy(server, {0: 500}, 1, DeploymentOptions(2))  # client 1 has no SuperNode
     secagg = SecAggDeerStrategy(deer, LoopbackGrid({}), run_id=1)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -533,7 +560,7 @@ def test_shares_sized_for_a_colluding_site_travel_to_the_sites_and_the_release_i
     _, out = release(phase, server.participants(phase))
     assert {w.num_shares for w in grid.instructions.values()} == {1}
     keys = server.trained_keys(phase)
-    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.regulator_ridge)
     shapes = {key: state[key].shape for key in keys}
     rho = server.releases[0]["secure_aggregation"]["clipping_range"]
     assert rho == pytest.approx(clipping_range(whiteners, shapes, "regulated", DP, num_shares=1))
@@ -556,12 +583,20 @@ def test_skellam_shares_pass_secagg_exactly_and_the_ledger_states_their_skellam_
     layout, state, phase, updates = phase_b_setup(3)
     keys = layout.trained_keys(phase.factors)
     plan = plan_skellam(DP.noise_multiplier, DP.clip_norm, sum(state[k].numel() for k in keys), 2, 3)
-    whiteners = build_whiteners(layout, state, keys, "regulated", DP.ridge)
+    whiteners = build_whiteners(layout, state, keys, "regulated", DP.regulator_ridge)
     messages = [
         dataclasses.replace(u, delta=skellam_message(u.delta, whiteners, DP.clip_norm, plan, _stream(300 + i)))
         for i, u in enumerate(updates)
     ]
-    server = FederatedServer("deer", layout, dict(state), 3, 3, DP, collusion_threshold=0)  # d = k = 2
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=dict(state),
+        num_clients=3,
+        clients_per_phase=3,
+        dp=DP,
+        collusion_threshold=0,
+    )  # d = k = 2
     nodes = {c: 500 + c for c in range(3)}
     deer = DeerStrategy(server, nodes, 1, DeploymentOptions(2, reply_timeout_s=5, secagg_noise="skellam"))
     grid = LoopbackGrid({nodes[c]: messages[c] for c in range(3)})
@@ -623,7 +658,7 @@ def test_a_site_sends_its_skellam_message_from_public_terms_and_refuses_another_
     seed = site.settings.federation.seed
     task = ClientTask(1, site.train_data, derive_seed(seed, *phase.step, 1, "train"))
     raw = train_client(site.model, site.layout, state, phase, task, local_training(site.settings))
-    whiteners = build_whiteners(site.layout, state, list(raw.delta), NoiseKind.PLAIN, dp.ridge)
+    whiteners = build_whiteners(site.layout, state, list(raw.delta), NoiseKind.PLAIN, dp.regulator_ridge)
     stream = DPRandomness.from_seed(seed).stream(*phase.step, 1, "noise")
     expected = skellam_message(raw.delta, whiteners, 0.5, plan, stream)
     assert update.delta.keys() == expected.keys()
@@ -673,7 +708,14 @@ def test_the_budget_stop_of_a_skellam_run_uses_the_skellam_epsilon(flower_task_i
     gaussian.step(DP.noise_multiplier, 1.0)
     target = (skellam + gaussian.epsilon(DP.delta, "prv")) / 2
     assert gaussian.epsilon(DP.delta, "prv") < target < skellam
-    server = FederatedServer("deer", layout, dict(state), 2, 2, dataclasses.replace(DP, target_epsilon=target))
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=dict(state),
+        num_clients=2,
+        clients_per_phase=2,
+        dp=dataclasses.replace(DP, target_epsilon=target),
+    )
     deer = DeerStrategy(server, {0: 500, 1: 501}, 1, DeploymentOptions(2))
     SecAggDeerStrategy(deer, LoopbackGrid({}), run_id=1)
     assert server.budget_probe(phase) == (pytest.approx(skellam), "Skellam")

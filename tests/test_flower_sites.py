@@ -66,7 +66,7 @@ def tiny_run_config(**overrides) -> dict:
 
 
 def record_level(sigma: float = 1.1, clients: int = 2) -> RecordLevel:
-    return RecordLevel(RecordDP((sigma,) * clients, delta=1e-5), batch_size=8, local_epochs=1)
+    return RecordLevel(RecordDP(noise_multipliers=(sigma,) * clients, delta=1e-5), batch_size=8, local_epochs=1)
 
 
 def test_a_site_accountant_survives_a_restart_and_matches_the_simulation_accountant(tmp_path):
@@ -119,7 +119,15 @@ def test_a_record_level_reply_without_its_accountant_is_dropped(flower_task_iden
     model = tiny_deer_model("deer")
     layout = adapter_layout(model)
     state = get_adapter_state(model, layout)
-    server = FederatedServer("deer", layout, state, 2, 2, None, record=record_level())
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=state,
+        num_clients=2,
+        clients_per_phase=2,
+        dp=None,
+        record=record_level(),
+    )
     strategy = DeerStrategy(server, {0: 1000, 1: 1001}, 1, DeploymentOptions(1), RUN_KEY)
     assert isinstance(server.record, SiteRecordLevel)
     phase = next(iter_phases("deer", 1))

@@ -193,15 +193,22 @@ def test_privatized_releases_keep_the_noise_floor_whatever_arrives():
 
     model = tiny_deer_model("deer")
     layout = adapter_layout(model)
-    dp = ClientDP(noise_multiplier=1.2, clip_norm=1.0, delta=1e-3, placement="distributed")
-    server = FederatedServer("deer", layout, get_adapter_state(model, layout), 3, 3, dp)
+    dp = ClientDP(noise_multiplier=1.2, clip_norm=1.0, delta=1e-3, noise_placement="distributed")
+    server = FederatedServer(
+        method="deer",
+        layout=layout,
+        global_state=get_adapter_state(model, layout),
+        num_clients=3,
+        clients_per_phase=3,
+        dp=dp,
+    )
     phase = next(iter_phases("deer", 1))
     tasks = random_client_tasks((6, 6, 6), torch.Generator().manual_seed(0))
     updates = SequentialEngine(LocalTraining(batch_size=3)).train_clients(
         model, layout, server.global_state, phase, tasks
     )
     keys = server.trained_keys(phase)
-    whiteners = build_whiteners(layout, server.global_state, keys, "regulated", dp.ridge)
+    whiteners = build_whiteners(layout, server.global_state, keys, "regulated", dp.regulator_ridge)
     for u in updates:
         u.delta, _ = privatize_update(
             u.delta, whiteners, "regulated", dp, 3, DPRandomness.from_seed(u.client_id).stream("t")

@@ -358,7 +358,15 @@ def test_honoured_options_run_a_deer_round_with_identical_engines_and_only_the_p
         layout = adapter_layout(model)
         state = get_adapter_state(model, layout)
         tasks = random_client_tasks((6, 9), torch.Generator().manual_seed(1))
-        server = FederatedServer("deer", layout, state, len(tasks), len(tasks), None, DPRandomness.from_seed(3))
+        server = FederatedServer(
+            method="deer",
+            layout=layout,
+            global_state=state,
+            num_clients=len(tasks),
+            clients_per_phase=len(tasks),
+            dp=None,
+            randomness=DPRandomness.from_seed(3),
+        )
         engine, states = engine_cls(LocalTraining(batch_size=4, lr=0.1)), [state]
         for phase in iter_phases("deer", 1):
             server.finish_phase(phase, engine.train_clients(model, layout, server.global_state, phase, tasks))

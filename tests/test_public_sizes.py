@@ -40,7 +40,7 @@ def test_public_size_floors_to_two_significant_figures_on_a_grid_at_least_ten_wi
 
 
 def test_the_ledger_depends_on_declared_sizes_not_exact_counts():
-    dp = RecordDP((1.1, 0.9), 1.0, 1e-5, public_sizes=(110, 40))
+    dp = RecordDP(noise_multipliers=(1.1, 0.9), clip_norm=1.0, delta=1e-5, public_sizes=(110, 40))
     ledgers = []
     for exact in ((117, 43), (118, 44), (110, 49)):  # one record more, another, ... all with the same declarations
         level = RecordLevel(dp, batch_size=16, local_epochs=2)
@@ -51,11 +51,11 @@ def test_the_ledger_depends_on_declared_sizes_not_exact_counts():
     assert ledgers[0]["public_sizes"] == {"0": 110, "1": 40}
     assert level.accountants.history[0] == [(1.1, record_sample_rate(110, 16), 3 * record_steps(110, 16, 2))]
     # Without declared sizes the exact count is used as if public (tests and the audit): then it does move.
-    exact = RecordLevel(RecordDP((1.1,), 1.0, 1e-5), 16, 1)
+    exact = RecordLevel(RecordDP(noise_multipliers=(1.1,), clip_norm=1.0, delta=1e-5), 16, 1)
     exact.account([ClientUpdate(0, {}, 117)])
     assert exact.accountants.history[0][0][1] == 16 / 117
     with pytest.raises(ValueError, match="integers >= 1"):
-        RecordDP((1.0,), public_sizes=(0,))
+        RecordDP(noise_multipliers=(1.0,), public_sizes=(0,))
 
 
 # ----------------------------------------------------------------------------------------- the trust model

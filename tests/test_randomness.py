@@ -138,11 +138,16 @@ def _secret_draws_of_a_run(public_seed: int, install_spy) -> _SeedSpy:
     updates = [ClientUpdate(c, {k: torch.ones_like(state[k]) for k in keys}, 10) for c in range(3)]
     spy = install_spy()
     for placement in ("central", "distributed"):
-        dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, placement=placement)
+        dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, noise_placement=placement)
         aggregate_phase(updates, layout, state, keys, "regulated", dp, 3.0, randomness, (0, 0))
     load_adapter_state(model, state)
     data = TensorDataset(torch.zeros(8, 1, 28, 28), torch.tensor([0, 1] * 4))
-    training = LocalTraining(1, 4, 0.05, record_dp=RecordDP((1.0,), 1.0, 1e-5, "regulated"))
+    training = LocalTraining(
+        local_epochs=1,
+        batch_size=4,
+        lr=0.05,
+        record_dp=RecordDP(noise_multipliers=(1.0,), clip_norm=1.0, delta=1e-5, noise="regulated"),
+    )
     task = ClientTask(0, data, public_seed, dp_randomness=randomness.child(0, 0, 0, "record-dp"))
     train_client(model, layout, state, Phase(0, 0, ("B",)), task, training)
     return spy

@@ -197,7 +197,7 @@ def test_record_noise_covariance_is_sigma2_c2_m_inverse(side):
 def test_epsilon_per_client_equals_a_fresh_opacus_rdp_accountant():
     sizes, batch, epochs = [40, 13, 100], 8, 2
     sigmas = (1.1, 0.9, 1.3)
-    level = RecordLevel(RecordDP(sigmas, 1.0, 1e-5), batch, epochs)
+    level = RecordLevel(RecordDP(noise_multipliers=sigmas, clip_norm=1.0, delta=1e-5), batch, epochs)
     phases = [[0, 1, 2], [0, 2], [1, 2]]  # client 1 skips a phase
     for ids in phases:
         level.account([ClientUpdate(c, {}, sizes[c]) for c in ids])
@@ -217,7 +217,7 @@ def test_epsilon_per_client_equals_a_fresh_opacus_rdp_accountant():
     target = 3.0
     cal = calibrate_record_sigmas(target, 1e-5, [40, 13, 40], batch, epochs, updates_per_client=4)
     assert cal[0] == cal[2] != cal[1]  # per client (same size, same sigma)
-    planned = RecordLevel(RecordDP(cal, 1.0, 1e-5), batch, epochs)
+    planned = RecordLevel(RecordDP(noise_multipliers=cal, clip_norm=1.0, delta=1e-5), batch, epochs)
     for _ in range(4):
         planned.account([ClientUpdate(c, {}, [40, 13, 40][c]) for c in range(2)])
     for eps in planned.ledger()["epsilon_per_client"].values():
@@ -227,14 +227,14 @@ def test_epsilon_per_client_equals_a_fresh_opacus_rdp_accountant():
 def test_server_state_round_trip_keeps_record_epsilon():
     model, layout, state, _ = setup("deer")
     make = lambda: FederatedServer(  # noqa: E731
-        "deer",
-        layout,
-        state,
-        3,
-        3,
-        None,
-        DPRandomness.from_seed(0),
-        record=RecordLevel(RecordDP((1.0, 1.2, 0.8), 1.0, 1e-5), 8, 1),
+        method="deer",
+        layout=layout,
+        global_state=state,
+        num_clients=3,
+        clients_per_phase=3,
+        dp=None,
+        randomness=DPRandomness.from_seed(0),
+        record=RecordLevel(RecordDP(noise_multipliers=(1.0, 1.2, 0.8), clip_norm=1.0, delta=1e-5), 8, 1),
     )
     server = make()
     zero = {k: torch.zeros_like(state[k]) for k in layout.trained_keys(("B",))}
@@ -267,8 +267,8 @@ def _hooks(model) -> int:
 def test_phase_switch_b_then_a_trains_under_opacus_and_cleans_up():
     model, layout, state, data = setup("deer")
     hooks = _hooks(model)
-    record = RecordDP((1.0,), 1.0, 1e-5, "regulated")
-    training = LocalTraining(1, 8, 0.05, record_dp=record)
+    record = RecordDP(noise_multipliers=(1.0,), clip_norm=1.0, delta=1e-5, noise="regulated")
+    training = LocalTraining(local_epochs=1, batch_size=8, lr=0.05, record_dp=record)
     task = ClientTask(0, data, 7, dp_randomness=DPRandomness.from_seed(7))
     for phase in (Phase(0, 0, ("B",)), Phase(0, 1, ("A",)), Phase(1, 0, ("B",))):  # no IndexError: pop from empty
         update = train_client(model, layout, state, phase, task, training)
@@ -293,12 +293,12 @@ def test_empty_poisson_batches_are_noise_only_steps():
     from peft_deer.federated.dp_sgd import SecurePoissonSampler
 
     model, layout, state, data = setup("rolora")
-    record = RecordDP((1.0,), 1.0, 1e-5, "plain")
+    record = RecordDP(noise_multipliers=(1.0,), clip_norm=1.0, delta=1e-5, noise="plain")
     # q = 1/40, 40 steps: about a third of the Poisson draws are empty (the same draws as in training)
     sampler = SecurePoissonSampler(40, 1 / 40, 40, DPRandomness.from_seed(3).stream("poisson"))
     batches = list(sampler)
     assert any(len(b) == 0 for b in batches)
-    training = LocalTraining(1, 1, 0.01, record_dp=record)
+    training = LocalTraining(local_epochs=1, batch_size=1, lr=0.01, record_dp=record)
     task = ClientTask(0, data, 3, dp_randomness=DPRandomness.from_seed(3))
     update = train_client(model, layout, state, Phase(0, 0, ("B",)), task, training)
     assert update.images_seen == sum(len(b) for b in batches)
@@ -311,9 +311,14 @@ def test_batch_memory_manager_gives_the_same_update_and_bf16_runs():
 
     def run(**kw):
         mp = kw.pop("mixed_precision", "no")
-        record = RecordDP((0.8, 0.8), 1.0, 1e-5, "regulated", **kw)
+        record = RecordDP(noise_multipliers=(0.8, 0.8), clip_norm=1.0, delta=1e-5, noise="regulated", **kw)
         return train_client(
-            model, layout, state, phase, task, LocalTraining(1, 16, 0.05, mixed_precision=mp, record_dp=record)
+            model,
+            layout,
+            state,
+            phase,
+            task,
+            LocalTraining(local_epochs=1, batch_size=16, lr=0.05, mixed_precision=mp, record_dp=record),
         )
 
     whole, split = run(), run(max_physical_batch_size=3)

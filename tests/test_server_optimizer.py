@@ -153,7 +153,16 @@ def server_setup(method: str, dp: ClientDP | None, optimizer: ServerOptimizer | 
     state = get_adapter_state(model, layout)
     tasks = random_client_tasks(sizes, torch.Generator().manual_seed(1))
     n, randomness = len(sizes), DPRandomness.from_seed(0)
-    server = FederatedServer(method, layout, state, n, n, dp, randomness, optimizer=optimizer or ServerOptimizer())
+    server = FederatedServer(
+        method=method,
+        layout=layout,
+        global_state=state,
+        num_clients=n,
+        clients_per_phase=n,
+        dp=dp,
+        randomness=randomness,
+        optimizer=optimizer or ServerOptimizer(),
+    )
     engine = SequentialEngine(LocalTraining(local_epochs=1, batch_size=4, lr=0.5, momentum=0.9))
     return state, layout, server, engine, tasks, model
 

@@ -68,6 +68,7 @@ _EXPORTS = {
     **dict.fromkeys(
         ("CONFIDENCE", "AuditResult", "Bound", "clopper_pearson_upper", "epsilon_from_rates", "epsilon_lower_bound",
          "gaussian_epsilon"), "bounds"),
+    "AuditSettings": "audit_settings",
     **dict.fromkeys(("build_parser", "main"), "cli"),
     **dict.fromkeys(("canary_update", "run_client_audit"), "client_level"),
     "run_record_audit": "record_level",
@@ -85,6 +86,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CONFIDENCE",
     "AuditResult",
+    "AuditSettings",
     "Bound",
     "Verdict",
     "build_audit_adapter",

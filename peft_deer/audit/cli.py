@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trials, half with the canary (None: 20000 / releases at client level, 10000 at record level for "
         "2 DP-SGD steps, fewer for more steps; at least 2000)",
     )
-    p.add_argument(
-        "--delta", type=float, default=DELTA, help="delta of the audited (epsilon, delta) guarantee"
-    )
+    p.add_argument("--delta", type=float, default=DELTA, help="delta of the audited (epsilon, delta) guarantee")
     p.add_argument("--num-clients", type=int, default=10, help="client level: clients N (delta must be < 1/N)")
     p.add_argument(
         "--reproducible-noise",
@@ -147,6 +145,7 @@ def _format_table(result: AuditResult) -> str:
 def _audit(args: argparse.Namespace, progress: bool) -> AuditResult:
     # The audit itself needs torch and scipy: imported once the flags are parsed (`peft_deer.light_import`).
     from ..federated.record_dp import record_steps
+    from .audit_settings import AuditSettings
     from .client_level import run_client_audit
     from .record_level import run_record_audit
 
@@ -171,32 +170,23 @@ def _audit(args: argparse.Namespace, progress: bool) -> AuditResult:
         run_claim = settings.pop("run_claim")
     elif args.level == "record" and (args.releases != 1 or args.sample_rate != 1.0):
         raise ValueError("--releases and --sample-rate apply to --level client only")
-    shared = {k: settings[k] for k in ("method", "noise_multiplier", "clip_norm", "delta", "reproducible_noise")} | {
-        "seed": args.seed,
-        "rank": args.rank,
-        "dim": args.dim,
-        "frozen_scale": args.frozen_scale,
-        "progress": progress,
-        "plant_noise_factor": args.plant_noise_factor,
-    }
+    mechanism = ("method", "noise_multiplier", "clip_norm", "delta", "reproducible_noise", "num_clients", "sample_rate",
+                 "releases", "num_examples", "batch_size", "local_epochs")  # fmt: skip
+    audit = AuditSettings(
+        **{k: settings[k] for k in mechanism},
+        trials=args.trials,
+        seed=args.seed,
+        rank=args.rank,
+        dim=args.dim,
+        frozen_scale=args.frozen_scale,
+        progress=progress,
+        plant_noise_factor=args.plant_noise_factor,
+    )
     if settings["level"] == "client":
-        trials = args.trials or max(2000, 20000 // settings["releases"])
-        result = run_client_audit(
-            sample_rate=settings["sample_rate"],
-            releases=settings["releases"],
-            trials=trials,
-            num_clients=settings["num_clients"],
-            **shared,
-        )
+        result = run_client_audit(audit, trials=args.trials or max(2000, 20000 // audit.releases))
     else:
-        steps = record_steps(settings["num_examples"], settings["batch_size"], settings["local_epochs"])
-        result = run_record_audit(
-            trials=args.trials or max(2000, 20000 // steps),
-            num_examples=settings["num_examples"],
-            batch_size=settings["batch_size"],
-            local_epochs=settings["local_epochs"],
-            **shared,
-        )
+        steps = record_steps(audit.num_examples, audit.batch_size, audit.local_epochs)
+        result = run_record_audit(audit, trials=args.trials or max(2000, 20000 // steps))
     if run_claim is not None:
         result.details["run"] = run_claim
     return result

@@ -7,12 +7,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import defaults
 from ..federated.accountant import check_delta
 from ..federated.adapter_state import AdapterLayout, AdapterState
 from ..federated.aggregate import ClientDP
@@ -22,6 +22,7 @@ from ..federated.randomness import DPRandomness
 from ..federated.schedule import NoiseKind, Phase, iter_phases, method_spec
 from ..federated.seeding import derive_seed
 from ..federated.server import FederatedServer
+from .audit_settings import CLIENT_TRIALS, AuditSettings
 from .bounds import AuditResult
 from .game import audit_context, balanced_worlds, check_common, dot, whitened
 from .setting import build_audit_adapter
@@ -101,11 +102,11 @@ class _Release:
 def _run_releases(setup: _ClientSetup, canary_in: bool, randomness: DPRandomness) -> list[_Release]:
     """One trial: `releases` releases of a fresh `FederatedServer`; client 0 is the canary when `canary_in`."""
     server = FederatedServer(
-        setup.method,
-        setup.layout,
-        dict(setup.state),  # add_delta never writes into these tensors: a shallow copy suffices
-        setup.num_clients,
-        setup.clients_per_phase,
+        method=setup.method,
+        layout=setup.layout,
+        global_state=dict(setup.state),  # add_delta never writes into these tensors: a shallow copy suffices
+        num_clients=setup.num_clients,
+        clients_per_phase=setup.clients_per_phase,
         dp=setup.dp,
         randomness=randomness,
     )
@@ -113,7 +114,8 @@ def _run_releases(setup: _ClientSetup, canary_in: bool, randomness: DPRandomness
     out = []
     for phase in setup.phases:
         keys = server.trained_keys(phase)
-        whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, setup.dp.ridge)
+        noise, ridge = server.spec.noise, setup.dp.regulator_ridge
+        whiteners = build_whiteners(server.layout, server.global_state, keys, noise, ridge)
         canary = canary_update(keys, whiteners, server.spec.noise, server.global_state, setup.dp.clip_norm, setup.seed)
         zero = {k: torch.zeros_like(v) for k, v in canary.items()}
         updates = [
@@ -152,26 +154,9 @@ def _difference_statistic(real: list[_Release], rerun: list[_Release], sigma_c: 
     return total
 
 
-def run_client_audit(
-    method: str = "deer",
-    noise_multiplier: float = 1.0,
-    clip_norm: float = 1.0,
-    sample_rate: float = 1.0,
-    releases: int = 1,
-    trials: int = 20000,
-    delta: float = defaults.DELTA,
-    num_clients: int = 10,
-    reproducible_noise: bool = False,
-    seed: int = 0,
-    rank: int = 2,
-    dim: int = 4,
-    frozen_scale: float = 3.0,
-    ridge: float = defaults.RIDGE,
-    progress: bool = False,
-    noise_seed: int | None = None,
-    plant_noise_factor: float = 1.0,
-) -> AuditResult:
-    """Client-level audit of `method`'s mechanism through `FederatedServer` (module doc, 2-5).
+def run_client_audit(settings: AuditSettings | None = None, /, **overrides: Any) -> AuditResult:
+    """Client-level audit of `method`'s mechanism through `FederatedServer` (module doc, 2-5): `settings`
+    (an `AuditSettings`; default: its defaults, `CLIENT_TRIALS` trials) with `overrides` by field name.
 
     `plant_noise_factor` F: the server adds noise with multiplier sigma * F (its real noise path), while
     the claimed epsilons keep sigma: F < 1 plants a bug that the verdict (`detected`) should catch.
@@ -180,6 +165,12 @@ def run_client_audit(
     derived from it, which the adversary does NOT use -- statistically the same as secret noise, but the
     audit is deterministic. Without it (and without `reproducible_noise`) every trial draws a fresh secret.
     """
+    audit = AuditSettings.of(settings, CLIENT_TRIALS, **overrides)
+    method, noise_multiplier, clip_norm, delta = audit.method, audit.noise_multiplier, audit.clip_norm, audit.delta
+    trials, seed, noise_seed, reproducible_noise = audit.trials, audit.seed, audit.noise_seed, audit.reproducible_noise
+    num_clients, sample_rate, releases = audit.num_clients, audit.sample_rate, audit.releases
+    rank, dim, frozen_scale, ridge = audit.rank, audit.dim, audit.frozen_scale, audit.regulator_ridge
+    plant_noise_factor, progress = audit.plant_noise_factor, audit.progress
     check_common(method, noise_multiplier, clip_norm, trials, delta)
     check_plant(plant_noise_factor)
     if num_clients < 1:
@@ -208,7 +199,12 @@ def run_client_audit(
             state,
             num_clients,
             clients_per_phase,
-            ClientDP(noise_multiplier * plant_noise_factor, clip_norm, ridge=ridge, delta=delta),
+            ClientDP(
+                noise_multiplier=noise_multiplier * plant_noise_factor,
+                clip_norm=clip_norm,
+                regulator_ridge=ridge,
+                delta=delta,
+            ),
             list(itertools.islice(iter_phases(method, rounds), releases)),
             seed,
         )

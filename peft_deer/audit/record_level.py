@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from .. import defaults
 from ..federated.adapter_state import AdapterLayout, AdapterState, load_adapter_state
 from ..federated.client import train_client
 from ..federated.local_training import ClientTask, LocalTraining, set_phase_trainability
@@ -20,6 +20,7 @@ from ..federated.randomness import DPRandomness
 from ..federated.record_dp import RecordDP, record_sample_rate, record_steps
 from ..federated.schedule import Phase, iter_phases, method_spec
 from ..federated.seeding import derive_seed
+from .audit_settings import RECORD_TRIALS, AuditSettings
 from .bounds import AuditResult
 from .game import audit_context, balanced_worlds, check_common, dot, whitened
 from .setting import build_audit_adapter
@@ -39,32 +40,20 @@ def _canary_gradient(
     return {k: g.detach().float() for k, g in zip(keys, grads, strict=True)}
 
 
-def run_record_audit(
-    method: str = "deer",
-    noise_multiplier: float = 1.0,
-    clip_norm: float = 1.0,
-    trials: int = 5000,
-    delta: float = defaults.DELTA,
-    num_examples: int = 16,
-    batch_size: int = 8,
-    lr: float = 0.01,
-    reproducible_noise: bool = False,
-    seed: int = 0,
-    rank: int = 2,
-    dim: int = 4,
-    frozen_scale: float = 3.0,
-    ridge: float = defaults.RIDGE,
-    progress: bool = False,
-    noise_seed: int | None = None,
-    plant_noise_factor: float = 1.0,
-    local_epochs: int = 1,
-) -> AuditResult:
-    """Record-level audit: one client update of DP-SGD (`train_client` + `RecordDP`) with a canary record.
+def run_record_audit(settings: AuditSettings | None = None, /, **overrides: Any) -> AuditResult:
+    """Record-level audit: one client update of DP-SGD (`train_client` + `RecordDP`) with a canary record:
+    `settings` (an `AuditSettings`; default: its defaults, `RECORD_TRIALS` trials) with `overrides` by field name.
 
     `noise_seed` (tests only): `dp_seed`s derived from it, unused by the adversary (see `run_client_audit`).
     `plant_noise_factor` F: DP-SGD runs with multiplier sigma * F (`RecordDP`, its real noise path) while the
     claimed epsilons keep sigma. `local_epochs` (default 1) sets the steps: local_epochs * int(1 / q).
     """
+    audit = AuditSettings.of(settings, RECORD_TRIALS, **overrides)
+    method, noise_multiplier, clip_norm, delta = audit.method, audit.noise_multiplier, audit.clip_norm, audit.delta
+    trials, seed, noise_seed, reproducible_noise = audit.trials, audit.seed, audit.noise_seed, audit.reproducible_noise
+    num_examples, batch_size, lr, local_epochs = audit.num_examples, audit.batch_size, audit.lr, audit.local_epochs
+    rank, dim, frozen_scale, ridge = audit.rank, audit.dim, audit.frozen_scale, audit.regulator_ridge
+    plant_noise_factor, progress = audit.plant_noise_factor, audit.progress
     check_common(method, noise_multiplier, clip_norm, trials, delta)
     check_plant(plant_noise_factor)
     if local_epochs < 1:
@@ -85,7 +74,7 @@ def run_record_audit(
         clip_norm=clip_norm,
         delta=delta,
         noise=noise,
-        ridge=ridge,
+        regulator_ridge=ridge,
     )
     training = LocalTraining(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0, record_dp=record

@@ -13,7 +13,6 @@ from .adapter_state import (
     load_adapter_state,
 )
 from .aggregate import (
-    ClientDP,
     InvalidClientUpdate,
     PhaseRelease,
     aggregate_phase,
@@ -24,7 +23,8 @@ from .aggregate import (
 )
 from .batched import BatchedEngine
 from .client import ClientEngine, SequentialEngine, train_client
-from .local_training import ClientTask, ClientUpdate, LocalTraining
+from .client_dp import ClientDP
+from .local_training import ClientTask, ClientUpdate, LocalTraining, PhaseContext
 from .mechanism import Whitener, build_whiteners, clip_update, factor_metric, metric_norm, sample_noise
 from .randomness import DPRandomness
 from .schedule import METHOD_SPECS, MethodSpec, Phase, iter_phases, method_spec
@@ -49,6 +49,7 @@ __all__ = [
     "LoraFactors",
     "MethodSpec",
     "Phase",
+    "PhaseContext",
     "PhaseRelease",
     "PrivacyBudgetExceeded",
     "ReleaseAccountant",

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import defaults
 from ..methods import NoiseKind
 from .adapter_state import AdapterLayout, AdapterState
+from .client_dp import ClientDP
 from .local_training import ClientUpdate
 from .mechanism import (
     Whitener,
@@ -40,28 +40,6 @@ class InvalidClientUpdate(ValueError):
     def __init__(self, client_id: int, message: str) -> None:
         super().__init__(f"client {client_id}: {message}")
         self.client_id = client_id
-
-
-@dataclass(frozen=True)
-class ClientDP:
-    """Client-level DP settings: sigma, clip norm C, ridge lambda, noise placement, delta, budget."""
-
-    noise_multiplier: float
-    clip_norm: float
-    ridge: float = defaults.RIDGE
-    placement: str = "central"
-    delta: float = defaults.DELTA
-    target_epsilon: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise ValueError(f"noise multiplier {self.noise_multiplier} must be > 0 with client-level DP")
-        if not self.clip_norm > 0:
-            raise ValueError(f"--clip-norm {self.clip_norm} must be > 0")
-        if self.ridge < 0:
-            raise ValueError(f"--regulator-ridge {self.ridge} must be >= 0")
-        if self.placement not in ("central", "distributed"):
-            raise ValueError(f"noise placement {self.placement!r} is not 'central' or 'distributed'")
 
 
 @dataclass
@@ -193,7 +171,7 @@ def aggregate_phase(
         norms = [_frobenius(u.delta) for u in updates]
         return PhaseRelease(delta, participants, None, _mean(norms), 0.0)
 
-    whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.ridge)
+    whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.regulator_ridge)
     total = {k: torch.zeros(s) for k, s in shapes.items()}
     norms, clipped = [], 0
     std = dp.noise_multiplier * dp.clip_norm
@@ -202,7 +180,7 @@ def aggregate_phase(
         if privatized_shares is not None:
             check_privatized_update(u, whiteners, noise_kind, dp, divisor)
             private, norm = u.delta, math.nan  # the norm before clipping stays with the client
-        elif dp.placement == "distributed":
+        elif dp.noise_placement == "distributed":
             # Simulate each client's own step: under secure aggregation only the sum is seen.
             stream = randomness.stream(*phase_step, u.client_id, "noise")
             private, norm = privatize_update(u.delta, whiteners, noise_kind, dp, divisor, stream)
@@ -212,7 +190,7 @@ def aggregate_phase(
         clipped += norm > dp.clip_norm
         for k in shapes:
             total[k] += private[k].float()
-    if dp.placement == "central" and privatized_shares is None:
+    if dp.noise_placement == "central" and privatized_shares is None:
         stream = randomness.stream(*phase_step, "noise")
         for k, n in sample_noise(whiteners, shapes, std, stream).items():
             total[k] += n
@@ -246,7 +224,7 @@ def privatized_sum(
         raise ValueError(f"the summed update does not have the phase's trained parameters {sorted(shapes)[:3]}")
     if not all(torch.isfinite(v).all() for v in total.values()):
         raise ValueError("the summed update has non-finite values; nothing released")
-    whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.ridge)
+    whiteners = build_whiteners(layout, global_state, trained_keys, noise_kind, dp.regulator_ridge)
     if noise_kind != NoiseKind.REFERENCE:
         bound = _privatized_norm_bound(total, dp, len(participants), noise_shares)
         norm = metric_norm(total, whiteners)

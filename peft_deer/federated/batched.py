@@ -45,6 +45,7 @@ from .local_training import (
     ClientTask,
     ClientUpdate,
     LocalTraining,
+    PhaseContext,
     autocast_for,
     begin_local_training,
     make_optimizer,
@@ -120,20 +121,13 @@ class BatchedEngine:
         size = self.clients_per_pass or max(len(tasks), 1)
         updates: list[ClientUpdate] = []
         for i in range(0, len(tasks), size):
-            updates += self._train_pass(model, layout, global_state, phase, tasks[i : i + size])
+            updates += self._train_pass(PhaseContext(model, layout, global_state, phase), tasks[i : i + size])
         return updates
 
-    def _train_pass(
-        self,
-        model: PeftModel,
-        layout: AdapterLayout,
-        global_state: AdapterState,
-        phase: Phase,
-        tasks: Sequence[ClientTask],
-    ) -> list[ClientUpdate]:
+    def _train_pass(self, ctx: PhaseContext, tasks: Sequence[ClientTask]) -> list[ClientUpdate]:
         start, training, k_clients = time.perf_counter(), self.training, len(tasks)
-        device = next(model.parameters()).device
-        keys, params = begin_local_training(model, layout, global_state, phase)
+        model, layout, global_state, device = ctx.model, ctx.layout, ctx.global_state, ctx.device
+        keys, params = begin_local_training(ctx)
         adapter_keys = [f.a_key for f in layout.lora] + [f.b_key for f in layout.lora] + list(layout.head_keys)
         # Frozen factors are the model's own (shared) parameters; trained ones get one row per client.
         weights = {k: params[k].detach() for k in adapter_keys}

@@ -24,6 +24,7 @@ from .local_training import (
     ClientTask,
     ClientUpdate,
     LocalTraining,
+    PhaseContext,
     autocast_for,
     begin_local_training,
     local_loss,
@@ -59,24 +60,21 @@ def train_client(
     """
     if loss_fn is None:
         loss_fn = local_loss(model, task, training)
+    ctx = PhaseContext(model, layout, global_state, phase)
     if training.record_dp is not None:
-        return train_client_record(model, layout, global_state, phase, task, training, loss_fn)
-    return _train_client_plain(model, layout, global_state, phase, task, training, loss_fn)
+        return train_client_record(ctx, task, training, loss_fn)
+    return _train_client_plain(ctx, task, training, loss_fn)
 
 
 def _train_client_plain(
-    model: PeftModel,
-    layout: AdapterLayout,
-    global_state: AdapterState,
-    phase: Phase,
+    ctx: PhaseContext,
     task: ClientTask,
     training: LocalTraining,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> ClientUpdate:
     """E epochs of shuffled mini-batch steps with `training`'s optimizer (no DP inside the client)."""
-    start = time.perf_counter()
-    device = next(model.parameters()).device
-    keys, params = begin_local_training(model, layout, global_state, phase)
+    start, model, device = time.perf_counter(), ctx.model, ctx.device
+    keys, params = begin_local_training(ctx)
     optimizer = make_optimizer([params[k] for k in keys], training)
     generator = torch.Generator().manual_seed(task.seed)
     loader = DataLoader(task.dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
@@ -95,9 +93,13 @@ def _train_client_plain(
             optimizer.step()
             loss_sum += float(loss.detach()) * len(labels)
             seen += len(labels)
-    delta = {k: params[k].detach().to("cpu", torch.float32) - global_state[k] for k in keys}
     return ClientUpdate(
-        task.client_id, delta, len(task.dataset), loss_sum / max(seen, 1), seen, time.perf_counter() - start
+        task.client_id,
+        ctx.delta(params, keys),
+        len(task.dataset),
+        loss_sum / max(seen, 1),
+        seen,
+        time.perf_counter() - start,
     )
 
 

@@ -23,13 +23,12 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from peft import PeftModel
 
-from .adapter_state import AdapterLayout, AdapterState
 from .local_training import (
     ClientTask,
     ClientUpdate,
     LocalTraining,
+    PhaseContext,
     autocast_for,
     begin_local_training,
     make_optimizer,
@@ -37,7 +36,6 @@ from .local_training import (
 from .mechanism import Whitener, build_whiteners
 from .randomness import DPRandomness, SecureStream
 from .record_dp import record_sample_rate
-from .schedule import Phase
 
 # ---------------------------------------------------------------------------------------------
 # The whitened DP optimizer
@@ -149,10 +147,7 @@ def per_sample_gradients(model: torch.nn.Module):
 
 
 def train_client_record(
-    model: PeftModel,
-    layout: AdapterLayout,
-    global_state: AdapterState,
-    phase: Phase,
+    ctx: PhaseContext,
     task: ClientTask,
     training: LocalTraining,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
@@ -166,6 +161,7 @@ def train_client_record(
     record = training.record_dp
     if record is None:
         raise ValueError("train_client_record needs LocalTraining.record_dp (record-level DP settings)")
+    model, layout = ctx.model, ctx.layout
     embedding = next((f.module for f in layout.lora if ".lora_embedding_A." in f.a_key), None)
     if embedding is not None:  # opacus hooks modules; an Embedding's LoRA factors are bare parameters
         raise ValueError(
@@ -173,9 +169,9 @@ def train_client_record(
             "remove it from target_modules or use client-level DP only"
         )
     start = time.perf_counter()
-    device = next(model.parameters()).device
-    keys, params = begin_local_training(model, layout, global_state, phase)
-    whiteners = build_whiteners(layout, global_state, keys, record.noise, record.ridge)
+    device = ctx.device
+    keys, params = begin_local_training(ctx)
+    whiteners = build_whiteners(layout, ctx.global_state, keys, record.noise, record.regulator_ridge)
     n = record.public_size(task.client_id, len(task.dataset))  # declared public size: q, steps, weight
     q = record_sample_rate(n, training.batch_size)
     sigma = record.noise_multiplier(task.client_id)
@@ -226,8 +222,9 @@ def train_client_record(
     for k in keys:  # opacus's optimizer attribute, not removed by the module cleanup
         if hasattr(params[k], "summed_grad"):
             del params[k].summed_grad
-    delta = {k: params[k].detach().to("cpu", torch.float32) - global_state[k] for k in keys}
-    return ClientUpdate(task.client_id, delta, n, loss_sum / max(seen, 1), seen, time.perf_counter() - start)
+    return ClientUpdate(
+        task.client_id, ctx.delta(params, keys), n, loss_sum / max(seen, 1), seen, time.perf_counter() - start
+    )
 
 
 __all__ = [

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -22,10 +23,16 @@ from .randomness import DPRandomness
 from .record_dp import RecordDP
 from .schedule import Phase, method_spec
 
+if TYPE_CHECKING:  # the settings are light; the core only reads their attributes
+    from ..settings import RunSettings
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class LocalTraining:
-    """Local optimisation of one client: E epochs of mini-batch SGD (momentum, weight decay) or AdamW."""
+    """Local optimisation of one client: E epochs of mini-batch SGD (momentum, weight decay) or AdamW.
+
+    Its fields are spelled as the settings' `LocalTrainingSettings` (`from_settings` copies them by name).
+    """
 
     local_epochs: int = 1
     batch_size: int = 32
@@ -52,6 +59,12 @@ class LocalTraining:
             )
         if not 0 <= self.logit_adjustment < float("inf"):
             raise ValueError(f"--logit-adjustment {self.logit_adjustment} must be a finite number >= 0")
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, record_dp: RecordDP | None = None) -> LocalTraining:
+        """What a client of the run does in a phase (DP-SGD when `record_dp` is given)."""
+        names = [f.name for f in fields(cls) if f.name != "record_dp"]
+        return cls(**{name: getattr(settings.local, name) for name in names}, record_dp=record_dp)
 
 
 @dataclass(frozen=True)
@@ -88,20 +101,39 @@ def set_phase_trainability(model: PeftModel, phase: Phase) -> None:
         model.base_model.set_deer_phase(phase.config_phase)
 
 
-def begin_local_training(
-    model: PeftModel, layout: AdapterLayout, global_state: AdapterState, phase: Phase
-) -> tuple[list[str], dict[str, torch.nn.Parameter]]:
+@dataclass(frozen=True)
+class PhaseContext:
+    """What every trainer of a phase shares: the process's model, its adapter layout, the global adapter
+    state the phase starts from, and the phase (which factor(s) train)."""
+
+    model: PeftModel
+    layout: AdapterLayout
+    global_state: AdapterState
+    phase: Phase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def delta(self, params: dict[str, torch.Tensor], keys: list[str]) -> AdapterState:
+        """The trained parameters `keys` minus the global state, as fp32 CPU tensors (a client's update)."""
+        return {k: params[k].detach().to("cpu", torch.float32) - self.global_state[k] for k in keys}
+
+
+def begin_local_training(ctx: PhaseContext) -> tuple[list[str], dict[str, torch.nn.Parameter]]:
     """Load the global adapter, make exactly the phase's factor(s) and head trainable.
 
     Returns the trained parameter names and the model's parameters by name (every trainer starts here).
     """
-    load_adapter_state(model, global_state)
-    set_phase_trainability(model, phase)
-    keys = layout.trained_keys(phase.factors)
-    params = dict(model.named_parameters())
+    load_adapter_state(ctx.model, ctx.global_state)
+    set_phase_trainability(ctx.model, ctx.phase)
+    keys = ctx.layout.trained_keys(ctx.phase.factors)
+    params = dict(ctx.model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if trainable != set(keys):
-        raise RuntimeError(f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {phase}")
+        raise RuntimeError(
+            f"trainable parameters {sorted(trainable - set(keys))[:3]} do not match the phase {ctx.phase}"
+        )
     return keys, params
 
 

@@ -82,7 +82,7 @@ def calibrate_record_sigmas(
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecordDP:
     """Record-level DP-SGD settings: per-client multipliers (indexed by client id), C, delta, noise kind.
 
@@ -98,7 +98,7 @@ class RecordDP:
     clip_norm: float = defaults.CLIP_NORM
     delta: float = defaults.DELTA
     noise: NoiseKind = NoiseKind.PLAIN
-    ridge: float = defaults.RIDGE
+    regulator_ridge: float = defaults.RIDGE
     max_physical_batch_size: int | None = None
     target_epsilon: float | None = None
     calibration: str = "per-client"
@@ -214,7 +214,7 @@ class RecordLevel:
             "noise_multipliers": {str(c): s for c, s in enumerate(self.dp.noise_multipliers)},
             "calibration": self.dp.calibration,
             "clip_norm": self.dp.clip_norm,
-            "regulator_ridge": self.dp.ridge if self.dp.noise == NoiseKind.REGULATED else None,
+            "regulator_ridge": self.dp.regulator_ridge if self.dp.noise == NoiseKind.REGULATED else None,
             "delta": self.dp.delta,
             "target_epsilon": self.dp.target_epsilon,
             "steps": {str(c): sum(n for _, _, n in h) for c, h in sorted(self.accountants.history.items())},

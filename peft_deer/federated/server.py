@@ -15,15 +15,16 @@ from .accountant import PrivacyBudgetExceeded, ReleaseAccountant, check_accounta
 from .adapter_state import AdapterLayout, AdapterState
 from .aggregate import ClientDP, PhaseRelease, aggregate_phase, privatized_sum
 from .collusion import accounting_sample_rate, adversary_multipliers, share_divisor
+from .ledger import privacy_ledger
 from .local_training import ClientUpdate
 from .mechanism import build_whiteners, reference_effective_multiplier
 from .randomness import DPRandomness
-from .record_dp import RecordLevel, merge_ledgers
+from .record_dp import RecordLevel
 from .schedule import MethodSpec, NoiseKind, Phase, method_spec
 from .server_optimizer import ServerOptimizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FederatedServer:
     """Global adapter and privacy state of one federated run of `method` over `num_clients` clients.
 
@@ -82,7 +83,7 @@ class FederatedServer:
     def accounting_rate(self) -> float:
         """q of every accountant step: `sample_rate`, or 1.0 (no amplification) with Poisson client sampling,
         distributed noise and t >= 1 (`collusion.accounting_sample_rate`: the total noise reveals k)."""
-        distributed = self.dp is not None and self.dp.placement == "distributed"
+        distributed = self.dp is not None and self.dp.noise_placement == "distributed"
         return accounting_sample_rate(self.sample_rate, distributed, self.collusion_threshold)
 
     def participants(self, phase: Phase) -> list[int]:
@@ -104,7 +105,7 @@ class FederatedServer:
         if self.spec.noise != NoiseKind.REFERENCE:
             return self.dp.noise_multiplier
         keys = self.trained_keys(phase)
-        whiteners = build_whiteners(self.layout, self.global_state, keys, NoiseKind.REFERENCE, self.dp.ridge)
+        whiteners = build_whiteners(self.layout, self.global_state, keys, NoiseKind.REFERENCE, self.dp.regulator_ridge)
         return reference_effective_multiplier(self.dp.noise_multiplier, whiteners)
 
     def check_budget(self, phase: Phase) -> None:
@@ -136,7 +137,7 @@ class FederatedServer:
         the simulation adds the shares itself, k = len(updates).
         """
         shares = None
-        if self.dp is not None and self.dp.placement == "distributed":  # >= k shares of variance sigma^2 C^2 / d
+        if self.dp is not None and self.dp.noise_placement == "distributed":  # >= k shares of variance sigma^2 C^2 / d
             k = privatized_shares if privatized_shares is not None else len(updates)
             shares = (k, self.share_divisor(k))
         release = aggregate_phase(
@@ -181,7 +182,7 @@ class FederatedServer:
         holds; with `noise_shares` = k - t (`share_divisor`) t colluding sites still face sigma. Under
         record-level DP `self.record` must take the sites' own reports
         (`account_clients`). ValueError, nothing applied or accounted, if the sum cannot be released."""
-        if self.dp is None or self.dp.placement != "distributed":
+        if self.dp is None or self.dp.noise_placement != "distributed":
             raise ValueError("a summed release needs client-level DP with the distributed noise placement")
         floor = noise_shares if noise_floor is None else noise_floor
         if len(participants) < floor:
@@ -236,7 +237,7 @@ class FederatedServer:
         """epsilon (RDP and PRV, at the run's delta) against each adversary of a distributed-noise run:
         outsiders (public; the server under secure aggregation), one participating site, t colluding sites
         (inf where they knew every share of a release); {} without distributed noise (`collusion.py`)."""
-        if self.dp is None or self.dp.placement != "distributed":
+        if self.dp is None or self.dp.noise_placement != "distributed":
             return {}
         out = {}
         for who, label in _ADVERSARIES.items():
@@ -258,100 +259,9 @@ class FederatedServer:
         }
 
     def ledger(self) -> dict:
-        """The privacy ledger (`privacy.json`): what was released, under which mechanism, and its epsilon.
-
-        It names the neighbouring relation and trust model, and where the noise came from: with
-        reproducible randomness (`DPRandomness.from_seed`) it states that there is no guarantee.
-        """
-        ledger = self._client_ledger()
-        ledger = ledger if self.record is None else merge_ledgers(ledger, self.record)
-        if self.refit is not None:
-            ledger["head_refit"] = self.refit
-        if ledger["level"] != "none":
-            ledger["noise_randomness"] = self.randomness.guarantee_note
-            ledger["reproducible_noise"] = self.randomness.reproducible
-            if self.randomness.reproducible:
-                ledger["guarantee"] = (
-                    "NONE: the noise is reproducible from the public seed; the epsilon values say what a "
-                    "secret noise source would have given"
-                )
-            else:
-                ledger["guarantee"] = "holds as stated (secret noise, opacus accounting)"
-        return ledger
-
-    def _client_ledger(self) -> dict:
-        base = {
-            "method": self.method,
-            "num_clients": self.num_clients,
-            "releases": len(self.releases),
-            "releases_per_round": self.spec.releases_per_round,
-            "stopped_by_budget": self.stopped_by_budget,
-        }
-        if self.dp is None:
-            return {
-                **base,
-                "level": "none",
-                "mechanism": None,
-                "epsilon": None,
-                "note": "no differential privacy: updates are averaged without clipping or noise",
-            }
-        eps = self.epsilon()
-        ledger = {
-            **base,
-            "level": "client",
-            "mechanism": {
-                NoiseKind.REGULATED: "regulated-gaussian (metric clipping, noise sigma^2 C^2 M^-1)",
-                NoiseKind.PLAIN: "gaussian (factor-space clipping, isotropic noise)",
-                NoiseKind.REFERENCE: "authors' mechanism (per-matrix clipping, unscaled (Y^T Y)^-1 noise)",
-            }[self.spec.noise],
-            "trust_model": self.dp.placement,
-            "trust_model_description": TRUST_MODELS[self.dp.placement],
-            "neighbouring_relation": (
-                "add/remove one client's entire data (client-level); Poisson sampling of clients at rate q "
-                "(q = 1: every client in every release); the total noise does not depend on who takes part, "
-                "except with distributed noise and t >= 1 (see accounting_sample_rate)"
-            ),
-            "noise_multiplier": self.dp.noise_multiplier,
-            "clip_norm": self.dp.clip_norm,
-            "regulator_ridge": self.dp.ridge,
-            "sample_rate": self.sample_rate,
-            "sampling": "all clients" if self.sample_rate == 1 else "poisson",
-            "accounting_sample_rate": self.accounting_rate,
-            "delta": self.dp.delta,
-            "target_epsilon": self.dp.target_epsilon,
-            "epsilon": eps[self.budget_accountant],
-            "epsilon_rdp": eps["rdp"],
-            "epsilon_prv": eps["prv"],
-            "accountant": self.budget_accountant,
-            "accountant_description": f"opacus {self.budget_accountant.upper()} (sigma calibration, budget stop, "
-            "'epsilon'); RDP and PRV (PRV: its upper bound, eps_error included) both shown",
-            "effective_noise_multipliers": [r["effective_noise_multiplier"] for r in self.releases],
-        }
-        if self.dp.placement == "distributed":
-            ledger["collusion_threshold"] = self.collusion_threshold
-            ledger["epsilon_against"] = self.adversary_epsilons()
-            ledger["distributed_noise_note"] = (
-                "each release sums >= k noise shares of variance sigma^2 C^2 / d, d = k - t: outsiders face "
-                "sigma sqrt(k/d), t colluding sites (who subtract their own shares) sigma sqrt((k-t)/d); 'epsilon' "
-                "is accounted at sigma. The per-release [k, d] are server-private (k is the participant count)"
-            )
-            if self.accounting_rate != self.sample_rate:
-                ledger["amplification_note"] = (
-                    f"no amplification by subsampling: every epsilon is accounted at q = 1, not q = "
-                    f"{self.sample_rate:g}, since with t >= 1 a release's total noise k/(k-t) sigma^2 C^2 reveals "
-                    "its number of participants k, so a client's participation is not secret; sigma was "
-                    "calibrated at q = 1 too"
-                )
-        if self.spec.noise == NoiseKind.REFERENCE:
-            ledger["nominal_epsilon"] = self.nominal_accountant.epsilon(self.dp.delta, self.budget_accountant)
-            ledger["epsilon_semantics"] = "running tally"
-            ledger["note"] = (
-                "reproduction only: 'epsilon' composes the effective multiplier of each release as it was made "
-                "(a running tally, not a budget fixed in advance: each multiplier depends on the frozen factor, "
-                "which earlier releases shaped); 'nominal_epsilon' is what sigma alone would suggest, and does "
-                "not hold"
-            )
-        return ledger
+        """The privacy ledger (`privacy.json`): what was released, under which mechanism, and its epsilon
+        (worded in `ledger.py`)."""
+        return privacy_ledger(self)
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run exactly (tensors stay tensors)."""
@@ -388,13 +298,6 @@ class FederatedServer:
 
 
 _ADVERSARIES = {"outsiders": "outsiders", "one_site": "one_participating_site", "colluders": "t_colluding_sites"}
-
-TRUST_MODELS = {
-    "central": "the server is trusted with each client's raw update; it clips, sums and adds the noise, and the "
-    "released adapter (and everything published with it) is DP",
-    "distributed": "each client clips its update and adds its share of the noise before sending it; the sum "
-    "carries the full noise. Without secure aggregation the server still sees each update with only its share",
-}
 
 
 def _prv_or_none(accountant: ReleaseAccountant, delta: float) -> float | None:

@@ -72,11 +72,16 @@ class NoiseTerms:
 
     @classmethod
     def of(cls, dp: ClientDP, noise: NoiseKind) -> NoiseTerms:
-        return cls(dp.noise_multiplier, dp.clip_norm, dp.ridge, noise)
+        return cls(dp.noise_multiplier, dp.clip_norm, dp.regulator_ridge, noise)
 
     def client_dp(self) -> ClientDP:
         """The terms as the core's `ClientDP` (distributed placement)."""
-        return ClientDP(self.noise_multiplier, self.clip_norm, self.ridge, "distributed")
+        return ClientDP(
+            noise_multiplier=self.noise_multiplier,
+            clip_norm=self.clip_norm,
+            regulator_ridge=self.ridge,
+            noise_placement="distributed",
+        )
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class SecAggDeerStrategy(LegacyStrategy):
 
     def __init__(self, deer: DeerStrategy, grid: Grid, run_id: int) -> None:
         server = deer.server
-        if server.dp is None or server.dp.placement != "distributed":
+        if server.dp is None or server.dp.noise_placement != "distributed":
             raise ValueError("secure aggregation needs client-level DP with noise-placement='distributed'")
         harden_secaggplus_masks()  # the mask generator both sides share: from the whole key, not 32 bits
         self.deer = deer
@@ -157,7 +157,8 @@ class SecAggDeerStrategy(LegacyStrategy):
         `noise_shares`) but with probability `DEFAULT_TAIL`."""
         server = self.deer.server
         keys = server.trained_keys(phase)
-        whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, server.dp.ridge)
+        ridge = server.dp.regulator_ridge
+        whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, ridge)
         shapes = {k: server.global_state[k].shape for k in keys}
         return clipping_range(whiteners, shapes, server.spec.noise, server.dp, noise_shares)
 
@@ -226,7 +227,8 @@ class SecAggDeerStrategy(LegacyStrategy):
         }
         if plan is not None:  # the exact integer sum: divided by s, coloured back
             keys = list(shapes)
-            whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, server.dp.ridge)
+            ridge = server.dp.regulator_ridge
+            whiteners = build_whiteners(server.layout, server.global_state, keys, server.spec.noise, ridge)
             total = decode_skellam_sum(total, whiteners, plan.scale)
             facts["secure_aggregation"]["skellam"] = dataclasses.asdict(plan)
         self._release = server.finish_summed_phase(phase, total, survivors, server.share_divisor(k), facts, k)

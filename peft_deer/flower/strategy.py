@@ -97,7 +97,7 @@ class DeerStrategy(Strategy):
         self._sent[server_round] = participants
         state, shares = self.server.global_state, self.server.share_divisor(self.noise_shares(len(participants)))
         dp = self.server.dp
-        noise = NoiseTerms.of(dp, self.server.spec.noise) if dp and dp.placement == "distributed" else None
+        noise = NoiseTerms.of(dp, self.server.spec.noise) if dp and dp.noise_placement == "distributed" else None
         return [
             train_message(
                 self.nodes[c], TrainInstruction(state, phase.round, phase.index, c, shares, self.run_key, noise)
@@ -120,12 +120,12 @@ class DeerStrategy(Strategy):
         client_of_node = {n: c for c, n in self.nodes.items()}
         shapes = {k: self.server.global_state[k].shape for k in self.server.trained_keys(phase)}
         dp = self.server.dp
-        privatized = dp is not None and dp.placement == "distributed"
+        privatized = dp is not None and dp.noise_placement == "distributed"
         needed = self.noise_shares(len(participants))  # the noise floor k and the fewest updates released
         divisor = self.server.share_divisor(needed)  # each update's noise share: sigma^2 C^2 / d
         whiteners = (
             build_whiteners(
-                self.server.layout, self.server.global_state, list(shapes), self.server.spec.noise, dp.ridge
+                self.server.layout, self.server.global_state, list(shapes), self.server.spec.noise, dp.regulator_ridge
             )
             if privatized
             else None
@@ -178,7 +178,7 @@ class DeerStrategy(Strategy):
     def summary(self) -> None:
         dp = self.server.dp
         expected = self.server.clients_per_phase
-        if dp is not None and dp.placement == "distributed" and self.noise_shares(expected) < expected:
+        if dp is not None and dp.noise_placement == "distributed" and self.noise_shares(expected) < expected:
             logger.warning(
                 "distributed noise with min-clients-per-phase=%d < %d clients per phase: each client adds 1/%d of "
                 "the noise variance, so a full release carries %.2gx the noise it needs; set "
@@ -196,7 +196,7 @@ class DeerStrategy(Strategy):
             len(self.nodes),
             "none"
             if dp is None
-            else f"client-level sigma={dp.noise_multiplier:.4g} C={dp.clip_norm:g} noise={dp.placement}",
+            else f"client-level sigma={dp.noise_multiplier:.4g} C={dp.clip_norm:g} noise={dp.noise_placement}",
         )
 
     # -- used by the ServerApp -----------------------------------------------------------------------
@@ -221,7 +221,7 @@ class DeerStrategy(Strategy):
         """
         dp = self.server.dp
         ledger: dict = {"transport": "flower", "dropped_updates_count": len(self.dropped)}
-        if dp is not None and dp.placement == "distributed":
+        if dp is not None and dp.noise_placement == "distributed":
             k = self.noise_shares(self.server.clients_per_phase)
             d = self.server.share_divisor(k)
             ledger["client_noise"] = (

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_KEYS = ("fingerprint", "server", "next_phase", "rows", "best", "round_acc", "private_rows")
+from .files import BEST_KEYS, CHECKPOINT_KEYS, ROUND_TOTALS_KEYS
 
 
 class DamagedFileError(ValueError):
@@ -190,7 +190,7 @@ def checkpoint_problem(payload: Mapping[str, Any]) -> str | None:
     best = payload["best"]
     if best is not None:
         if not (isinstance(best, dict) and _is_number(best.get("score")) and _is_int(best.get("round"))):
-            return "best is not a {score, round, state} record"
+            return f"best is not a {{{', '.join(BEST_KEYS)}}} record"
         problem = _state_problem(best.get("state"), "best.state")
         if problem:
             return problem
@@ -200,10 +200,10 @@ def checkpoint_problem(payload: Mapping[str, Any]) -> str | None:
     acc = payload["round_acc"]
     ok = (
         isinstance(acc, dict)
-        and all(_is_number(acc.get(k)) for k in ("loss", "images", "seconds"))
-        and all(isinstance(acc.get(k), list) and all(map(_is_number, acc[k])) for k in ("update_norms", "participants"))
+        and all(_is_number(acc.get(k)) for k in ROUND_TOTALS_KEYS[:3])
+        and all(isinstance(acc.get(k), list) and all(map(_is_number, acc[k])) for k in ROUND_TOTALS_KEYS[3:])
     )
-    return None if ok else "round_acc is not a {loss, images, seconds, update_norms, participants} record"
+    return None if ok else f"round_acc is not a {{{', '.join(ROUND_TOTALS_KEYS)}}} record"
 
 
 def check_adapter(adapter_dir: str | Path) -> None:

@@ -46,7 +46,7 @@ def base_model_dir(settings: RunSettings) -> Path:
     return (Path(settings.output.output_dir) / "base-model").resolve()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Experiment:
     """Everything a run's server side holds: data, the model, the federated server and its engine."""
 
@@ -123,15 +123,15 @@ def build_experiment(
     config = model.peft_config["default"]
     config.base_model_name_or_path = base_name
     server = FederatedServer(
-        fed.method,
-        layout,
-        get_adapter_state(model, layout),
-        settings.data.num_clients,
-        fed.clients_per_round or settings.data.num_clients,
-        client_dp(config),  # the mechanism the adapter config states
-        share(run_randomness(settings)),
-        record,
-        ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum),
+        method=fed.method,
+        layout=layout,
+        global_state=get_adapter_state(model, layout),
+        num_clients=settings.data.num_clients,
+        clients_per_phase=fed.clients_per_round or settings.data.num_clients,
+        dp=client_dp(config),  # the mechanism the adapter config states
+        randomness=share(run_randomness(settings)),
+        record=record,
+        optimizer=ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum),
         budget_accountant=settings.privacy.accountant,
         collusion_threshold=settings.privacy.collusion_threshold,
     )
@@ -153,19 +153,19 @@ def build_experiment(
             for part in data.partitions[: settings.data.num_clients]
         ]
     return Experiment(
-        settings,
-        data,
-        backbone,
-        model,
-        layout,
-        server,
-        engine,
-        base_name,
-        val_data,
-        test_data,
-        client_data,
-        base_copy,
-        prefix_end,
+        settings=settings,
+        data=data,
+        backbone=backbone,
+        model=model,
+        layout=layout,
+        server=server,
+        engine=engine,
+        base_name=base_name,
+        val_data=val_data,
+        test_data=test_data,
+        client_data=client_data,
+        base_copy=base_copy,
+        prefix_end=prefix_end,
     )
 
 

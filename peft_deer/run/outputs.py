@@ -27,10 +27,11 @@ from ..federated.trust_model import trust_model_of
 from ..tuner.export import export_lora_adapter
 from .evaluate import final_evaluation
 from .experiment import Experiment
+from .files import CHECKPOINT, DEPLOYMENT, PRIVACY_LEDGER, SUMMARY
 from .io import write_json_atomic
-from .progress import PRIVATE_DIR, RunProgress
+from .progress import RunProgress
 from .reporting import model_card, plot_curves, reproducible_noise_label
-from .run_dir import CHECKPOINT, live_dir, publish, remove_temp_files
+from .run_dir import live_dir, publish, remove_temp_files
 
 DECISION_RULE = (
     "class 1 when P(class 1) >= decision_threshold, P = softmax(logits / temperature) "
@@ -62,7 +63,7 @@ def finalize(
     test, calibration = {}, {}
     adapters = {"final": server.global_state}
     if progress.best is not None:
-        adapters["best"] = progress.best["state"]
+        adapters["best"] = progress.best.state
     staged: dict[Path, Path] = {}  # adapter dir -> its complete copy, renamed into place once all are written
     for name, state in adapters.items():
         load_adapter_state(model, state)
@@ -110,9 +111,9 @@ def finalize(
 
     ledger = {**server.ledger(), "dataset": settings.data.dataset, **(extra_privacy or {})}
     ledger["trust_model_table"] = trust_model_of(ledger)  # per adversary: the epsilon that holds against it
-    write_json_atomic(out / "privacy.json", ledger)
+    write_json_atomic(out / PRIVACY_LEDGER, ledger)
     if private_extra:
-        write_json_atomic(out / PRIVATE_DIR / "deployment.json", private_extra)
+        write_json_atomic(out / DEPLOYMENT, private_extra)
     if progress.rows:
         curves = out / "curves.tmp"
         shutil.rmtree(curves, ignore_errors=True)
@@ -158,11 +159,11 @@ def finalize(
         else {  # validation only: the test split chose nothing
             k: server.refit.get(k) for k in ("applied", "dims", "shrinkage", "val_auc_before", "val_auc_after")
         },
-        "best_round": None if progress.best is None else progress.best["round"],
+        "best_round": None if progress.best is None else progress.best.round,
         "args": settings.flat(),
         "args_sha256": hashlib.sha256(json.dumps(settings.fingerprint(), sort_keys=True).encode()).hexdigest(),
     }
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / SUMMARY, summary)
     (out / CHECKPOINT).unlink(missing_ok=True)
     publish(published)
     return summary

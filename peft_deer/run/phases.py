@@ -18,9 +18,10 @@ from ..federated import ClientUpdate, Phase, PhaseRelease, PrivacyBudgetExceeded
 from .checkpoint import save_checkpoint
 from .evaluate import validation_metrics
 from .experiment import Experiment
-from .progress import PRIVATE_DIR, RunProgress, append_jsonl, new_round_acc
+from .files import CHECKPOINT, DIAGNOSTICS, METRICS, checkpoint_payload
+from .progress import BestRound, RoundTotals, RunProgress, append_jsonl
 from .reporting import reproducible_noise_label
-from .run_dir import CHECKPOINT, live_dir, publish
+from .run_dir import live_dir, publish
 
 # (phase, participating client ids) -> (the updates that were aggregated, the release)
 ReleasePhase = Callable[[Phase, list[int]], tuple[list[ClientUpdate], PhaseRelease]]
@@ -46,7 +47,7 @@ def run_phases(
     """
     settings, server = exp.settings, exp.server
     spec = server.spec
-    acc = progress.round_acc
+    totals = progress.round_totals
     phases = list(iter_phases(settings.federation.method, settings.federation.rounds, progress.next_phase))
     done_this_call, stopped = 0, None
     bar = tqdm(phases, desc=f"{settings.federation.method} phases", disable=not main_proc, unit="phase")
@@ -63,19 +64,15 @@ def run_phases(
         t0 = time.perf_counter()
         with exp.model_inputs():
             updates, release = release_phase(phase, server.participants(phase))
-        acc["seconds"] += time.perf_counter() - t0
         # Client statistics, server-private; a deployed site under DP keeps them (images_seen 0: none sent).
-        acc["images"] += sum(u.images_seen for u in updates)
-        acc["loss"] += sum(u.mean_loss * u.images_seen for u in updates if u.images_seen)
-        acc["update_norms"].append(release.mean_update_norm)
-        acc["participants"].append(len(release.participants))
+        totals.add(updates, release, time.perf_counter() - t0)
         done_this_call += 1
         last_of_round = phase.index == spec.releases_per_round - 1
         if last_of_round and main_proc:
             with exp.model_inputs():
-                _validate_round(exp, live_dir(out), progress, phase, acc, bar.write)
+                _validate_round(exp, live_dir(out), progress, phase, totals, bar.write)
         if last_of_round:
-            acc = progress.round_acc = new_round_acc()
+            totals = progress.round_totals = RoundTotals()
         progress.next_phase = _next_step(phase, spec.releases_per_round)
         if main_proc:
             save_run_checkpoint(exp, out, progress)
@@ -88,27 +85,20 @@ def save_run_checkpoint(exp: Experiment, out: Path, progress: RunProgress) -> No
     """Checkpoint the run (server state, progress) and publish its directory (a new run's appears now)."""
     save_checkpoint(
         live_dir(out) / CHECKPOINT,
-        {
-            "fingerprint": exp.fingerprint(),
-            "data_sha256": exp.data_sha256,
-            "server": exp.server.state_dict(),
-            "next_phase": progress.next_phase,
-            "rows": progress.rows,
-            "best": progress.best,
-            "round_acc": progress.round_acc,
-            "private_rows": progress.private_rows,
-        },
+        checkpoint_payload(exp.fingerprint(), exp.data_sha256, exp.server.state_dict(), progress.state_dict()),
     )
     publish(out)
 
 
-def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Phase, acc: dict, say) -> None:
+def _validate_round(
+    exp: Experiment, out: Path, progress: RunProgress, phase: Phase, totals: RoundTotals, say: Callable
+) -> None:
     settings, server = exp.settings, exp.server
     load_adapter_state(exp.model, server.global_state)
     val = validation_metrics(exp)
     # The budget's accountant only (--accountant): server.epsilon() runs both.
     eps = server.accountant.epsilon(server.dp.delta, server.budget_accountant) if server.dp else None
-    norms = [n for n in acc["update_norms"] if not math.isnan(n)]
+    norms = [n for n in totals.update_norms if not math.isnan(n)]
     # Public: the server's own validation split, the guarantee spent (no timing: it depends on exact counts).
     row = {
         "round": phase.round,
@@ -120,22 +110,22 @@ def _validate_round(exp: Experiment, out: Path, progress: RunProgress, phase: Ph
     # Server-private: computed from the clients' data without noise.
     private = {
         "round": phase.round,
-        "train_loss": acc["loss"] / acc["images"] if acc["images"] else None,  # None: the sites kept it
-        "seconds": acc["seconds"],  # wall time of the round's phases: depends on the clients' exact counts
-        "images_per_s": acc["images"] / max(acc["seconds"], 1e-9),
+        "train_loss": totals.loss / totals.images if totals.images else None,  # None: the sites kept it
+        "seconds": totals.seconds,  # wall time of the round's phases: depends on the clients' exact counts
+        "images_per_s": totals.images / max(totals.seconds, 1e-9),
         "mean_update_norm": float(np.mean(norms)) if norms else None,  # None: norms stayed with the clients
-        "participants_per_phase": list(acc["participants"]),
+        "participants_per_phase": list(totals.participants),
     }
-    recent = server.releases[-len(acc["participants"]) :]
+    recent = server.releases[-len(totals.participants) :]
     if all("noise_shares" in r for r in recent):  # distributed noise: [k, d] per phase (k is the participant count)
         private["noise_shares_per_phase"] = [[r["noise_shares"], r["share_divisor"]] for r in recent]
     progress.rows.append(row)
     progress.private_rows.append(private)
-    append_jsonl(out / "metrics.jsonl", row)
-    append_jsonl(out / PRIVATE_DIR / "diagnostics.jsonl", private)
+    append_jsonl(out / METRICS, row)
+    append_jsonl(out / DIAGNOSTICS, private)
     score = val["auc"] if val["auc"] is not None else val["accuracy"]
-    if progress.best is None or score > progress.best["score"]:
-        progress.best = {"score": score, "round": phase.round, "state": dict(server.global_state)}
+    if progress.best is None or score > progress.best.score:
+        progress.best = BestRound(score=score, round=phase.round, state=dict(server.global_state))
     auc = "n/a" if val["auc"] is None else f"{val['auc']:.3f}"
     eps_text = "" if eps is None else f" eps {eps:.2f}"
     # Logs are public: the training loss is a client statistic, shown only when nothing is private.

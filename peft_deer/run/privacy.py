@@ -29,18 +29,7 @@ from ..tuner.config import DeerLoraConfig
 
 def local_training(settings: RunSettings, record: RecordLevel | None = None) -> LocalTraining:
     """What a client does in a phase (with DP-SGD when `record` is given)."""
-    local = settings.local
-    return LocalTraining(
-        local.local_epochs,
-        local.batch_size,
-        local.lr,
-        local.momentum,
-        local.weight_decay,
-        local.optimizer,
-        local.mixed_precision,
-        logit_adjustment=local.logit_adjustment,
-        record_dp=record.dp if record else None,
-    )
+    return LocalTraining.from_settings(settings, record.dp if record else None)
 
 
 def refit_multiplier(settings: RunSettings) -> float | None:
@@ -108,18 +97,7 @@ def client_sigma(settings: RunSettings, accountant: str | None = None) -> float:
 
 def client_dp(config: DeerLoraConfig) -> ClientDP | None:
     """The client-level mechanism an adapter config states (None: noise multiplier 0, no client-level DP)."""
-    if config.noise_multiplier == 0:
-        return None
-    # deer-reference reproduces the authors: --epsilon is their nominal target; the ledger shows the true one.
-    budget = config.target_epsilon if method_spec(config.method).enforces_budget else None
-    return ClientDP(
-        config.noise_multiplier,
-        config.clip_norm,
-        config.regulator_ridge,
-        config.noise_placement,
-        config.dp_delta,
-        budget,
-    )
+    return ClientDP.from_config(config)
 
 
 def record_level(
@@ -199,14 +177,14 @@ def record_level(
             "updates (all phases)"
         )
     rdp = RecordDP(
-        sigmas,
-        record.record_clip_norm,
-        record.record_delta,
-        spec.record_noise,
-        settings.privacy.regulator_ridge,
-        record.max_physical_batch_size,
-        record.record_epsilon,
-        calibration,
+        noise_multipliers=sigmas,
+        clip_norm=record.record_clip_norm,
+        delta=record.record_delta,
+        noise=spec.record_noise,
+        regulator_ridge=settings.privacy.regulator_ridge,
+        max_physical_batch_size=record.max_physical_batch_size,
+        target_epsilon=record.record_epsilon,
+        calibration=calibration,
         public_sizes=tuple(declared),
         accountant=settings.privacy.accountant,
         size_rule=size_rule,

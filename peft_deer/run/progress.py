@@ -7,6 +7,7 @@ outputs: example images, and, server-private, the per-client label counts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,17 +17,20 @@ from typing import Any
 import numpy as np
 
 from ..data import format_label_table, label_count_table, plot_label_counts
+from ..federated import AdapterState, ClientUpdate, PhaseRelease
 from .checkpoint import DamagedFileError, SettingsMismatch, check_resume, load_checkpoint
 from .experiment import Experiment
+from .files import BEST_KEYS, DIAGNOSTICS, METRICS, ROUND_TOTALS_KEYS
 from .io import dumps_strict, write_json_atomic
 from .run_dir import CHECKPOINT, PRIVATE_DIR, create_staging, live_dir, make_private_dir
 
 __all__ = [
     "PRIVATE_DIR",
+    "BestRound",
+    "RoundTotals",
     "RunProgress",
     "SettingsMismatch",
     "append_jsonl",
-    "new_round_acc",
     "save_example_images",
     "start_or_resume",
     "write_jsonl",
@@ -50,19 +54,79 @@ def save_example_images(split, out_dir: Path, per_class: int = 2) -> list[dict[s
 
 
 @dataclass
+class RoundTotals:
+    """What a round's phases add up for its diagnostics (all of it computed from client data, un-noised)."""
+
+    loss: float = 0.0  # sum of mean loss x images over the round's updates
+    images: int = 0
+    seconds: float = 0.0  # wall time of the round's phases
+    update_norms: list[float] = field(default_factory=list)  # per phase: the release's mean update norm
+    participants: list[int] = field(default_factory=list)  # per phase: how many clients took part
+
+    def add(self, updates: list[ClientUpdate], release: PhaseRelease, seconds: float) -> None:
+        """Count one phase: its client updates (`images_seen` 0: the site kept its statistics) and release."""
+        self.seconds += seconds
+        self.images += sum(u.images_seen for u in updates)
+        self.loss += sum(u.mean_loss * u.images_seen for u in updates if u.images_seen)
+        self.update_norms.append(release.mean_update_norm)
+        self.participants.append(len(release.participants))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, list) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> RoundTotals:
+        return cls(**{k: list(state[k]) if isinstance(state[k], list) else state[k] for k in ROUND_TOTALS_KEYS})
+
+
+@dataclass(frozen=True)
+class BestRound:
+    """The best validated round so far: its score (AUC, else accuracy), round and global adapter state."""
+
+    score: float
+    round: int
+    state: AdapterState
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "round": self.round, "state": dict(self.state)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any] | None) -> BestRound | None:
+        return None if state is None else cls(*(state[k] for k in BEST_KEYS))
+
+
+@dataclass
 class RunProgress:
-    """What the phase loop carries between phases and across a resume."""
+    """What the phase loop carries between phases and across a resume (`state_dict` is the checkpoint's part)."""
 
     next_phase: tuple[int, int] = (0, 0)
     rows: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished round (public)
-    best: dict | None = None  # {"score", "round", "state"} of the best validated round
-    round_acc: dict = field(default_factory=lambda: new_round_acc())
+    best: BestRound | None = None  # the best validated round
+    round_totals: RoundTotals = field(default_factory=RoundTotals)  # the current round's phases so far
     private_rows: list[dict] = field(default_factory=list)  # server-private/diagnostics.jsonl rows
 
+    def state_dict(self) -> dict[str, Any]:
+        """The progress as the checkpoint stores it (`files.PROGRESS_KEYS`, the keys of every earlier version)."""
+        return {
+            "next_phase": tuple(self.next_phase),
+            "rows": list(self.rows),
+            "best": None if self.best is None else self.best.state_dict(),
+            "round_acc": self.round_totals.state_dict(),
+            "private_rows": list(self.private_rows),
+        }
 
-def new_round_acc() -> dict:
-    """What a round's phases add up for its diagnostics (all of it computed from client data, un-noised)."""
-    return {"loss": 0.0, "images": 0, "seconds": 0.0, "update_norms": [], "participants": []}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_phase = tuple(state["next_phase"])
+        self.rows = list(state["rows"])
+        self.best = BestRound.from_state_dict(state["best"])
+        self.round_totals = RoundTotals.from_state_dict(state["round_acc"])
+        self.private_rows = list(state["private_rows"])
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> RunProgress:
+        progress = cls()
+        progress.load_state_dict(state)
+        return progress
 
 
 def _open_rows(path: Path, flags: int):
@@ -110,7 +174,7 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
                 f"{out / CHECKPOINT} is damaged (next_phase {step} is outside this run's {rounds} rounds of "
                 f"{per_round} phases); the run cannot continue from it: pass --overwrite to start the run again"
             )
-        progress = RunProgress(step, ckpt["rows"], ckpt["best"], ckpt["round_acc"], ckpt["private_rows"])
+        progress = RunProgress.from_state_dict(ckpt)
     else:
         progress = RunProgress()
         if main_proc:
@@ -130,6 +194,6 @@ def start_or_resume(exp: Experiment, out: Path, main_proc: bool = True, say: Cal
     if main_proc:
         run_dir = live_dir(out)
         make_private_dir(run_dir / PRIVATE_DIR)
-        write_jsonl(run_dir / "metrics.jsonl", progress.rows)
-        write_jsonl(run_dir / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows)
+        write_jsonl(run_dir / METRICS, progress.rows)
+        write_jsonl(run_dir / DIAGNOSTICS, progress.private_rows)
     return progress

@@ -205,7 +205,7 @@ def refit_head(
             say(f"head refit skipped: client-level epsilon would reach {eps:.3f} > {server.dp.target_epsilon}")
             server.refit = entry
             return entry
-    distributed = privacy.client_level and server.dp is not None and server.dp.placement == "distributed"
+    distributed = privacy.client_level and server.dp is not None and server.dp.noise_placement == "distributed"
     k = settings.data.num_clients if noise_floor is None else noise_floor
     request = RefitRequest(
         projection, num_classes, m, privacy.client_level, privacy.record_level,
@@ -261,7 +261,7 @@ def account_release(exp: Experiment, request: RefitRequest, total: ClassStats, e
             "sensitivity_derivation": "each hospital's vector [p_c, p_c mu_c, p_c M_c]_c has norm^2 <= "
             "3 sum_c p_c^2 <= 3 (clipped to sqrt(3) with public weights): add/remove one hospital",
             "noise_std_on_sum": m * CLIENT_SENSITIVITY,
-            "noise_placement": server.dp.placement,
+            "noise_placement": server.dp.noise_placement,
             "accounting": "one more release (noise multiplier m, q = 1) in the client-level accountant",
             "epsilon_of_this_release": accountant_epsilon([(m, 1.0, 1)], server.dp.delta, kind),
             "epsilon_of_this_release_accountant": kind,

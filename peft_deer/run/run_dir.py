@@ -32,12 +32,15 @@ import sys
 import time
 from pathlib import Path
 
+# The run directory's own names (`peft_deer.run.files` lists them with the rest of the run's files). This module
+# imports nothing of the package: a lock holder loads it as a lone file.
 PRIVATE_DIR = "server-private"  # owner-only: un-noised per-client diagnostics and the checkpoint (the DP secret)
 CHECKPOINT = f"{PRIVATE_DIR}/checkpoint.pt"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # where older versions kept it (with a 63-bit noise key): never resumed
 SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"  # one public row per validated round
 # What marks a directory as a peft_deer run (metrics.jsonl: runs of older versions, stopped before a checkpoint).
-RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, SUMMARY, "metrics.jsonl")
+RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, SUMMARY, METRICS)
 
 
 class OutputDirError(ValueError):

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..backbones.load import Backbone, load_backbone
 from ..backbones.prefix_cache import blocks_pattern, num_blocks, parse_lora_layers
 from ..data import DatasetSplits, load_dataset_spec, make_tensor_dataset, partition_clients
-from ..federated import AdapterLayout, adapter_layout, derive_seed
+from ..federated import AdapterLayout, ClientDP, adapter_layout, derive_seed
 from ..settings import RunSettings
 from ..tuner.config import DeerLoraConfig
 
@@ -125,12 +125,7 @@ def lora_config(settings: RunSettings, backbone: Backbone, noise_multiplier: flo
         target_modules=list(settings.model.target_modules or backbone.target_modules),
         modules_to_save=backbone.head_modules,
         method=settings.federation.method,
-        clip_norm=settings.privacy.clip_norm,
-        noise_multiplier=noise_multiplier,
-        regulator_ridge=settings.privacy.regulator_ridge,
-        dp_delta=settings.privacy.delta,
-        target_epsilon=settings.privacy.epsilon,
-        noise_placement=settings.privacy.noise_placement,
+        **ClientDP.config_fields(settings, noise_multiplier),  # the mechanism, under the config's saved names
     )
 
 
