@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -138,3 +139,27 @@ def test_calibration_leaves_room_for_the_refit():
     assert accountant_epsilon([(prv / 1.02, q, steps), (2.0, 1.0, 1)], delta, "prv") > target
     with pytest.raises(ValueError, match="refit alone"):
         calibrate_with_refit(0.5, delta, q, steps, 1.0)
+
+
+def test_unit_scaling_keeps_the_ranking_and_stops_float32_saturation():
+    """An LDA head on noisy statistics can have |logits| ~ 1e6 (seen at client level, epsilon 8, 12 hospitals): in
+    float32 every probability is then 0 or 1 and the test AUC is 0.5. Scaled, the ranking survives float32."""
+    from sklearn.metrics import roc_auc_score
+
+    from peft_deer.federated.head_refit import LinearHead, unit_scaled
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8))
+    y = (x[:, 0] + 0.5 * rng.normal(size=400) > 0).astype(int)
+    w = np.zeros((2, 8))
+    w[1, 0] = 2.5e4  # a near-singular covariance's solve
+    head = LinearHead(w, np.array([0.0, 3.5e6]))
+    probs = lambda h: torch.softmax(torch.from_numpy(h.logits(x)).float(), dim=1)[:, 1].numpy()  # noqa: E731
+    assert roc_auc_score(y, probs(head)) == 0.5  # saturated: the failure this guards against
+    scaled, c = unit_scaled(head, x)
+    z = scaled.logits(x)
+    assert np.sqrt(np.mean((z - z.mean(axis=1, keepdims=True)) ** 2)) == pytest.approx(1.0)
+    assert c > 0 and np.allclose(scaled.weight, head.weight * c) and np.allclose(scaled.bias, head.bias * c)
+    exact = roc_auc_score(y, head.logits(x)[:, 1] - head.logits(x)[:, 0])
+    assert roc_auc_score(y, probs(scaled)) == pytest.approx(exact, abs=1e-3)  # the ranking, in float32
+    assert (z.argmax(1) == head.logits(x).argmax(1)).all()

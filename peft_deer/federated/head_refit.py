@@ -236,6 +236,17 @@ class LinearHead:
         return np.asarray(features, np.float64) @ self.weight.T + self.bias
 
 
+def unit_scaled(head: LinearHead, features: np.ndarray) -> tuple[LinearHead, float]:
+    """`head` times c > 0 so that its class-centred logits on `features` (n, D) have root mean square 1; returns
+    (scaled head, c). Rankings and the argmax are unchanged (temperature calibration follows), but float32 logits
+    can no longer saturate: an LDA head fitted on noisy statistics can reach |logits| ~ 1e6, where every softmax
+    probability rounds to 0 or 1 and the test AUC collapses to 0.5."""
+    z = head.logits(features)
+    rms = float(np.sqrt(np.mean((z - z.mean(axis=1, keepdims=True)) ** 2)))
+    c = 1.0 / rms if math.isfinite(rms) and rms > 0 else 1.0
+    return LinearHead(head.weight * c, head.bias * c), c
+
+
 def pooled_moments(stats: ClassStats, count_floor_fraction: float = COUNT_FLOOR_FRACTION):
     """(priors (C,), class means (C, k), within-class covariance (k, k)) of (noisy) summed statistics.
 
@@ -317,5 +328,6 @@ __all__ = [
     "hospital_contribution",
     "pca_projection",
     "pooled_moments",
+    "unit_scaled",
     "validation_auc",
 ]

@@ -50,6 +50,7 @@ from ..federated.head_refit import (
     head_in_input_space,
     hospital_contribution,
     pca_projection,
+    unit_scaled,
     validation_auc,
 )
 from ..federated.randomness import SecureStream
@@ -213,7 +214,7 @@ def refit_head(
     )  # fmt: skip
     stats = account_release(exp, request, release(exp, request), entry)
     shrinkage, by_shrinkage = choose_shrinkage(stats, projection, val_x, val_y)
-    head = head_in_input_space(fit_lda(stats, shrinkage), projection)
+    head, scale = unit_scaled(head_in_input_space(fit_lda(stats, shrinkage), projection), val_x)
     server.global_state = {
         **server.global_state,
         w_key: torch.from_numpy(head.weight).float(),
@@ -226,6 +227,7 @@ def refit_head(
         shrinkage_chosen_on="server's validation split (AUC)",
         val_auc_by_shrinkage={f"{g:g}": a for g, a in by_shrinkage.items()},
         count_floor_fraction=COUNT_FLOOR_FRACTION,
+        logit_scale=scale,  # the LDA head times this: class-centred validation logits of RMS 1 (no float32 saturation)
         val_auc_before=before,
         val_auc_after=after,
         applied_to="adapter/ (final); adapter-best/ keeps its trained head"
