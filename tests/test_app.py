@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT, tiny_vit
+from helpers import MEDMNIST_DIR, ROOT, tiny_vit
 from PIL import Image
 
 from peft_deer.data import load_dataset_spec

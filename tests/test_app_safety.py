@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from PIL import Image
 from pydicom.dataset import Dataset
 from test_app import UPLOAD_TTL_S, _cache_files, _public, clf, run_dir, served  # noqa: F401, F811

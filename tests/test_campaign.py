@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from peft_deer.campaign import cli, execute, report, store
 from peft_deer.campaign import grid as campaign_grid

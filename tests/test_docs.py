@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 README_MAX_LINES = 250
 HOOK = ROOT / "docs" / "hooks" / "settings_reference.py"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer.run import outputs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from transformers import Dinov2Config, Dinov2ForImageClassification
 
 from peft_deer.demo.explain import SCALE_WIDTH, last_block, overlay, token_gradcam

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)

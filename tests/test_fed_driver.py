@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from opacus.accountants import PRVAccountant, RDPAccountant
 from PIL import Image
 from safetensors.torch import load_file

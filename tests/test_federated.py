@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_client_tasks, tiny_deer_model
+from helpers import random_client_tasks, tiny_deer_model
 
 from peft_deer.federated import (
     ClientDP,

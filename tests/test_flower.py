@@ -17,7 +17,7 @@ import tomllib
 import psutil
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
+from helpers import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 

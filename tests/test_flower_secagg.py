@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, random_client_tasks, tiny_deer_model
+from helpers import MEDMNIST_DIR, random_client_tasks, tiny_deer_model
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 

@@ -15,7 +15,7 @@ from multiprocessing.connection import AuthenticationError, Client
 import numpy as np
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
+from helpers import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MEDMNIST_DIR
+from helpers import MEDMNIST_DIR
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 from cryptography import x509  # noqa: E402

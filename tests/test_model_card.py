@@ -78,7 +78,7 @@ def test_every_output_that_reports_epsilon_says_whether_the_noise_was_reproducib
     peft_deer_run.json and the console's last line with "NO privacy guarantee"; a run with secret noise does not."""
     import json
 
-    from conftest import MEDMNIST_DIR
+    from helpers import MEDMNIST_DIR
 
     from train import fed
 

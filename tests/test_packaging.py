@@ -11,7 +11,7 @@ import tomllib
 from importlib.metadata import packages_distributions, version
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

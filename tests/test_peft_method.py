@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from peft import AutoPeftModel, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 
 COMMAND_PAGES = ("README.md", "docs/quickstart.md")  # every shell command in these must parse
 SHELL_BUILTINS = {"export", "cd", "source", ".", "set", "unset", "echo", "printf", "mkdir", "pip", "git"}

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_deer_model
+from helpers import tiny_deer_model
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 

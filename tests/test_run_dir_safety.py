@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from peft_deer.run import checkpoint as ckpt_mod
 from peft_deer.run.checkpoint import (
