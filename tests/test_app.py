@@ -283,6 +283,7 @@ def test_bad_adapters_fail_with_a_clear_message(run_dir: Path, tmp_path: Path, c
     hf_logging.enable_progress_bar()  # main() hides them for the CLI
 
 
+@pytest.mark.e2e
 def test_cli_exit_code_and_help() -> None:
     """The real command: one error line on stderr, exit code 1, no traceback."""
     proc = subprocess.run(
@@ -429,6 +430,7 @@ def _public(clf: Classifier) -> set[str]:
     return {uploads.digest(p) for p in [*(e.path for e in clf.examples), clf.curves] if p}
 
 
+@pytest.mark.e2e
 def test_server_shutdown_leaves_no_upload(run_dir: Path, tmp_path: Path) -> None:
     """The real command: after a request and SIGTERM, nothing of the upload remains in the temp dir."""
     from gradio_client import Client, handle_file

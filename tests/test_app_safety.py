@@ -275,6 +275,7 @@ def test_one_decision_rule_and_unlike_the_training_images(served: str, clf: Clas
     assert f"77 x 99 px resized to {n} x {n} px" in md and "True label of this example" in md and "**normal**" in md
 
 
+@pytest.mark.e2e
 def test_non_loopback_host_needs_auth_or_an_explicit_flag(capsys: pytest.CaptureFixture) -> None:
     assert check_exposure("127.0.0.1", None, False) is None
     with pytest.raises(ValueError, match="pass --auth USER:PASSWORD, or --no-auth-i-understand"):

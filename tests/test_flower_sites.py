@@ -196,6 +196,7 @@ def test_the_evaluate_instruction_carries_the_temperature(flower_task_identity):
 # --------------------------------------------------------------------------------- the long-lived site worker
 
 
+@pytest.mark.e2e
 def test_the_site_worker_keeps_the_site_loaded_refuses_a_wrong_key_and_follows_its_supernode(tmp_path):
     """One worker process answers hello, train and train again: the site is loaded once; the socket and key are
     the user's only; a client with another key is refused and the worker carries on; a failed message comes

@@ -84,6 +84,7 @@ def make_pki(directory: Path, nodes: int) -> tuple[Path, Path, Path, list[tuple[
     return ca_file, cert_file, key_file, node_files
 
 
+@pytest.mark.e2e
 def test_tls_and_supernode_auth_run_a_round_and_refuse_an_unregistered_node(tmp_path, one_thread):
     if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
         pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")
