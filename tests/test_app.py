@@ -179,6 +179,7 @@ def test_panel_without_dp_or_run_files(clf: Classifier) -> None:
 # the served app
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_served_app_predicts_and_survives_bad_input(served: str, clf: Classifier, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -204,6 +205,7 @@ def test_served_app_predicts_and_survives_bad_input(served: str, clf: Classifier
     assert _probs(client.predict(handle_file(str(example.path)), api_name="/predict")) == pytest.approx(probs)
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_served_page_is_offline_and_local(served: str) -> None:
     assert served.startswith("http://127.0.0.1:")
     page = urllib.request.urlopen(served, timeout=10).read().decode()
@@ -352,6 +354,7 @@ def _cache_files() -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in uploads.cache_dir().rglob("*") if p.is_file()}
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classifier, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -501,6 +504,7 @@ def _screenshot_tool():
     return module
 
 
+@pytest.mark.e2e  # starts a browser
 def test_real_browser_classifies_an_example(clf: Classifier, tmp_path: Path) -> None:
     """Headless Chromium loads the page, clicks an example, sees the decision and heatmap; a screenshot is saved."""
     tool = _screenshot_tool()

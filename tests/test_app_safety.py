@@ -38,6 +38,7 @@ def _png(pixels: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------------------------ item 8 and 12
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_identical_uploads_concurrently_and_deleted_by_age(served: str, clf: Classifier, tmp_path: Path) -> None:  # noqa: F811
     """20 concurrent /predict and /explain and 10 /batch with the same bytes: no error, no "cannot read" row;
     every upload, classified or abandoned, is gone within the upload TTL (+1 s sweep)."""
@@ -203,6 +204,7 @@ def test_malformed_dicom_is_one_row_not_the_batch(clf: Classifier) -> None:  # n
     assert safe("[x](http://e)") == "\\[x\\]\\(http://e\\)"
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_html_in_a_dicom_header_is_escaped_in_the_toast(served: str, tmp_path: Path) -> None:  # noqa: F811
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -243,6 +245,7 @@ def test_ood_guard_false_alarm_rate_matches_its_calibration() -> None:
     assert input_check(np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)) is None
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_one_decision_rule_and_unlike_the_training_images(served: str, clf: Classifier, tmp_path: Path) -> None:  # noqa: F811
     from gradio_client import Client, handle_file
 

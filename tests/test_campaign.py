@@ -179,6 +179,7 @@ def results(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e  # deer-fed subprocesses, through the campaign's executor
 def test_campaign_runs_skips_reruns_and_reports(tmp_path, medmnist_dir, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grid, out = tmp_path / "grid.yaml", tmp_path / "campaign"
