@@ -60,6 +60,7 @@ def clf(run_dir: Path) -> Classifier:
     return load_classifier(run_dir / "adapter")
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 @pytest.fixture(scope="module")
 def test_split(run_dir: Path):
     return load_dataset_spec(DATASET, data_dir=MEDMNIST_DIR, seed=0).test
@@ -95,6 +96,7 @@ def _probs(label: dict) -> dict[str, float]:
 # prediction
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_predictions_reproduce_the_runs_test_metrics(run_dir: Path, clf: Classifier, test_split) -> None:
     """Merged adapter + app preprocessing give the run's own test metrics on the real test split."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -107,6 +109,7 @@ def test_predictions_reproduce_the_runs_test_metrics(run_dir: Path, clf: Classif
     np.testing.assert_allclose(lora.probabilities(test_split.images[:64]), probs[:64], atol=1e-5)
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, test_split) -> None:
     """The demo shows softmax(logits / T) with the T in peft_deer_run.json (a run file without one: T = 1, as
     before calibration), and decides at the threshold on those probabilities: the run's test sensitivity and
@@ -138,6 +141,7 @@ def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, 
     assert np.mean(decisions[labels == 0] == 0) == pytest.approx(test["specificity"], abs=1e-9)
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
     gray = test_split.images[0][..., 0]
     expected = clf.predict(Image.fromarray(gray))
@@ -150,6 +154,7 @@ def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
         assert sum(clf.predict(image).values()) == pytest.approx(1.0)
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     md = describe(clf)
     threshold = clf.run["decision_threshold"]
@@ -163,6 +168,7 @@ def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     assert len(clf.examples) == 4 and {e.class_name for e in clf.examples} == {"normal", "pneumonia"}
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_panel_without_dp_or_run_files(clf: Classifier) -> None:
     no_dp = Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model, privacy={"level": "none"})
     assert "Privacy: none" in describe(no_dp) and "Test metrics: unknown" in describe(no_dp)
@@ -215,6 +221,7 @@ def test_served_page_is_offline_and_local(served: str) -> None:
     assert not config["stylesheets"] and not config["analytics_enabled"]
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
     from gradio_client import Client, handle_file
 
@@ -253,6 +260,7 @@ def _set_base(adapter: Path, base: str) -> None:
     cfg_path.write_text(json.dumps(cfg))
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_bad_adapters_fail_with_a_clear_message(run_dir: Path, tmp_path: Path, capsys) -> None:
     missing_weights = _copy_adapter(run_dir, tmp_path / "missing" / "adapter")
     (missing_weights / "adapter_model.safetensors").unlink()
@@ -303,6 +311,7 @@ def test_cli_exit_code_and_help() -> None:
 # decisions, trust panel, explanation, DICOM, batch, and what stays on disk
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     threshold = clf.run["decision_threshold"]
     op = clf.operating_point
@@ -320,6 +329,7 @@ def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     assert "no operating threshold" in decision_md(multi, np.array([0.2, 0.5, 0.3]))
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_trust_panel_shows_record_level_and_audit(clf: Classifier) -> None:
     record = {"level": "record", "epsilon": 7.99, "delta": 1e-5, "guarantee": "holds as stated",
               "record": {"epsilon_per_client": {"0": 7.99, "1": 7.5}, "delta": 1e-5, "clip_norm": 1.0,
@@ -337,6 +347,7 @@ def test_trust_panel_shows_record_level_and_audit(clf: Classifier) -> None:
     assert "Privacy: NO guarantee" in md and "ε ≥ 8.13" in md and "(ε, δ)-DP with" not in md
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_sixteen_bit_png_scaled_as_in_training(clf: Classifier, test_split, tmp_path: Path) -> None:
     """A 16-bit PNG reaches the model as training's loader reads it (to_uint8), not min-max scaled."""
     arr = (test_split.images[3][..., 0].astype(np.uint16) * 12 + 1000).astype(np.uint16)  # offset, 12-bit range
@@ -475,6 +486,7 @@ def test_server_shutdown_leaves_no_upload(run_dir: Path, tmp_path: Path) -> None
     assert not left, f"left behind: {left}"
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_corrupt_adapter_weights_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
     weights = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     for name, data in (("truncated", weights[: len(weights) // 2]), ("random", os.urandom(4096)), ("empty", b""),

@@ -189,6 +189,7 @@ def _malformed() -> dict[str, bytes]:
     return {"palette.dcm": palette, "window.dcm": window, "voi.dcm": broken_voi, "html.dcm": html}
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_malformed_dicom_is_one_row_not_the_batch(clf: Classifier) -> None:  # noqa: F811
     good = Upload("good.png", clf.examples[0].path.read_bytes())
     files = [good, *(Upload(n, d) for n, d in _malformed().items()), good]

@@ -72,6 +72,7 @@ def test_the_reproducible_noise_label():
     assert "NO privacy guarantee" in NO_GUARANTEE_NOTE
 
 
+@pytest.mark.e2e  # a whole driver run, over 5 s
 @pytest.mark.parametrize("reproducible", [True, False])
 def test_every_output_that_reports_epsilon_says_whether_the_noise_was_reproducible(tmp_path, capsys, reproducible):
     """A `--reproducible-noise` run labels summary.json, every metrics.jsonl row, each adapter's

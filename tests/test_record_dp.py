@@ -335,6 +335,7 @@ def _argv(data_dir, out, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.e2e  # a whole driver run, over 5 s
 def test_driver_record_dp_resume_equals_uninterrupted(tmp_path, medmnist_dir):
     from safetensors.torch import load_file
 
