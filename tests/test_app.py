@@ -60,7 +60,6 @@ def clf(run_dir: Path) -> Classifier:
     return load_classifier(run_dir / "adapter")
 
 
-@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 @pytest.fixture(scope="module")
 def test_split(run_dir: Path):
     return load_dataset_spec(DATASET, data_dir=MEDMNIST_DIR, seed=0).test

@@ -88,6 +88,8 @@ def unmarked_process_tests(source: str) -> list[str]:
     found = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+            if any("fixture" in ast.unparse(d) for d in node.decorator_list):
+                continue  # a fixture named test_*: its users are the tests
             if starts_processes(node) and not any(_is_e2e_mark(d) for d in node.decorator_list):
                 found.append(node.name)
         elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
