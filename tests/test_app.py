@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT, tiny_vit
+from helpers import MEDMNIST_DIR, ROOT, tiny_vit
 from PIL import Image
 
 from peft_deer.data import load_dataset_spec
@@ -95,6 +95,7 @@ def _probs(label: dict) -> dict[str, float]:
 # prediction
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_predictions_reproduce_the_runs_test_metrics(run_dir: Path, clf: Classifier, test_split) -> None:
     """Merged adapter + app preprocessing give the run's own test metrics on the real test split."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -107,6 +108,7 @@ def test_predictions_reproduce_the_runs_test_metrics(run_dir: Path, clf: Classif
     np.testing.assert_allclose(lora.probabilities(test_split.images[:64]), probs[:64], atol=1e-5)
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, test_split) -> None:
     """The demo shows softmax(logits / T) with the T in peft_deer_run.json (a run file without one: T = 1, as
     before calibration), and decides at the threshold on those probabilities: the run's test sensitivity and
@@ -138,6 +140,7 @@ def test_probabilities_use_the_runs_temperature(run_dir: Path, clf: Classifier, 
     assert np.mean(decisions[labels == 0] == 0) == pytest.approx(test["specificity"], abs=1e-9)
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
     gray = test_split.images[0][..., 0]
     expected = clf.predict(Image.fromarray(gray))
@@ -150,6 +153,7 @@ def test_predict_gray_rgb_any_size(clf: Classifier, test_split) -> None:
         assert sum(clf.predict(image).values()) == pytest.approx(1.0)
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     md = describe(clf)
     threshold = clf.run["decision_threshold"]
@@ -163,6 +167,7 @@ def test_panel_shows_what_users_must_know(clf: Classifier) -> None:
     assert len(clf.examples) == 4 and {e.class_name for e in clf.examples} == {"normal", "pneumonia"}
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_panel_without_dp_or_run_files(clf: Classifier) -> None:
     no_dp = Classifier(clf.model, clf.adapter_dir, clf.run, clf.base_model, privacy={"level": "none"})
     assert "Privacy: none" in describe(no_dp) and "Test metrics: unknown" in describe(no_dp)
@@ -179,6 +184,7 @@ def test_panel_without_dp_or_run_files(clf: Classifier) -> None:
 # the served app
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_served_app_predicts_and_survives_bad_input(served: str, clf: Classifier, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -204,6 +210,7 @@ def test_served_app_predicts_and_survives_bad_input(served: str, clf: Classifier
     assert _probs(client.predict(handle_file(str(example.path)), api_name="/predict")) == pytest.approx(probs)
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_served_page_is_offline_and_local(served: str) -> None:
     assert served.startswith("http://127.0.0.1:")
     page = urllib.request.urlopen(served, timeout=10).read().decode()
@@ -213,6 +220,7 @@ def test_served_page_is_offline_and_local(served: str) -> None:
     assert not config["stylesheets"] and not config["analytics_enabled"]
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_compare_mode_side_by_side(run_dir: Path, clf: Classifier) -> None:
     from gradio_client import Client, handle_file
 
@@ -251,6 +259,7 @@ def _set_base(adapter: Path, base: str) -> None:
     cfg_path.write_text(json.dumps(cfg))
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_bad_adapters_fail_with_a_clear_message(run_dir: Path, tmp_path: Path, capsys) -> None:
     missing_weights = _copy_adapter(run_dir, tmp_path / "missing" / "adapter")
     (missing_weights / "adapter_model.safetensors").unlink()
@@ -283,6 +292,7 @@ def test_bad_adapters_fail_with_a_clear_message(run_dir: Path, tmp_path: Path, c
     hf_logging.enable_progress_bar()  # main() hides them for the CLI
 
 
+@pytest.mark.e2e
 def test_cli_exit_code_and_help() -> None:
     """The real command: one error line on stderr, exit code 1, no traceback."""
     proc = subprocess.run(
@@ -300,6 +310,7 @@ def test_cli_exit_code_and_help() -> None:
 # decisions, trust panel, explanation, DICOM, batch, and what stays on disk
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     threshold = clf.run["decision_threshold"]
     op = clf.operating_point
@@ -317,6 +328,7 @@ def test_decision_at_the_operating_threshold(clf: Classifier) -> None:
     assert "no operating threshold" in decision_md(multi, np.array([0.2, 0.5, 0.3]))
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_trust_panel_shows_record_level_and_audit(clf: Classifier) -> None:
     record = {"level": "record", "epsilon": 7.99, "delta": 1e-5, "guarantee": "holds as stated",
               "record": {"epsilon_per_client": {"0": 7.99, "1": 7.5}, "delta": 1e-5, "clip_norm": 1.0,
@@ -334,6 +346,7 @@ def test_trust_panel_shows_record_level_and_audit(clf: Classifier) -> None:
     assert "Privacy: NO guarantee" in md and "ε ≥ 8.13" in md and "(ε, δ)-DP with" not in md
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_sixteen_bit_png_scaled_as_in_training(clf: Classifier, test_split, tmp_path: Path) -> None:
     """A 16-bit PNG reaches the model as training's loader reads it (to_uint8), not min-max scaled."""
     arr = (test_split.images[3][..., 0].astype(np.uint16) * 12 + 1000).astype(np.uint16)  # offset, 12-bit range
@@ -351,6 +364,7 @@ def _cache_files() -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in uploads.cache_dir().rglob("*") if p.is_file()}
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_served_explain_dicom_batch_and_no_upload_left(served: str, clf: Classifier, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -429,6 +443,7 @@ def _public(clf: Classifier) -> set[str]:
     return {uploads.digest(p) for p in [*(e.path for e in clf.examples), clf.curves] if p}
 
 
+@pytest.mark.e2e
 def test_server_shutdown_leaves_no_upload(run_dir: Path, tmp_path: Path) -> None:
     """The real command: after a request and SIGTERM, nothing of the upload remains in the temp dir."""
     from gradio_client import Client, handle_file
@@ -470,6 +485,7 @@ def test_server_shutdown_leaves_no_upload(run_dir: Path, tmp_path: Path) -> None
     assert not left, f"left behind: {left}"
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_corrupt_adapter_weights_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
     weights = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     for name, data in (("truncated", weights[: len(weights) // 2]), ("random", os.urandom(4096)), ("empty", b""),
@@ -499,6 +515,7 @@ def _screenshot_tool():
     return module
 
 
+@pytest.mark.e2e  # starts a browser
 def test_real_browser_classifies_an_example(clf: Classifier, tmp_path: Path) -> None:
     """Headless Chromium loads the page, clicks an example, sees the decision and heatmap; a screenshot is saved."""
     tool = _screenshot_tool()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from PIL import Image
 from pydicom.dataset import Dataset
 from test_app import UPLOAD_TTL_S, _cache_files, _public, clf, run_dir, served  # noqa: F401, F811
@@ -38,6 +38,7 @@ def _png(pixels: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------------------------ item 8 and 12
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_identical_uploads_concurrently_and_deleted_by_age(served: str, clf: Classifier, tmp_path: Path) -> None:  # noqa: F811
     """20 concurrent /predict and /explain and 10 /batch with the same bytes: no error, no "cannot read" row;
     every upload, classified or abandoned, is gone within the upload TTL (+1 s sweep)."""
@@ -188,6 +189,7 @@ def _malformed() -> dict[str, bytes]:
     return {"palette.dcm": palette, "window.dcm": window, "voi.dcm": broken_voi, "html.dcm": html}
 
 
+@pytest.mark.e2e  # the run_dir fixture's driver run, over 5 s
 def test_malformed_dicom_is_one_row_not_the_batch(clf: Classifier) -> None:  # noqa: F811
     good = Upload("good.png", clf.examples[0].path.read_bytes())
     files = [good, *(Upload(n, d) for n, d in _malformed().items()), good]
@@ -203,6 +205,7 @@ def test_malformed_dicom_is_one_row_not_the_batch(clf: Classifier) -> None:  # n
     assert safe("[x](http://e)") == "\\[x\\]\\(http://e\\)"
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_html_in_a_dicom_header_is_escaped_in_the_toast(served: str, tmp_path: Path) -> None:  # noqa: F811
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -243,6 +246,7 @@ def test_ood_guard_false_alarm_rate_matches_its_calibration() -> None:
     assert input_check(np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)) is None
 
 
+@pytest.mark.e2e  # starts a Gradio server
 def test_one_decision_rule_and_unlike_the_training_images(served: str, clf: Classifier, tmp_path: Path) -> None:  # noqa: F811
     from gradio_client import Client, handle_file
 
@@ -275,6 +279,7 @@ def test_one_decision_rule_and_unlike_the_training_images(served: str, clf: Clas
     assert f"77 x 99 px resized to {n} x {n} px" in md and "True label of this example" in md and "**normal**" in md
 
 
+@pytest.mark.e2e
 def test_non_loopback_host_needs_auth_or_an_explicit_flag(capsys: pytest.CaptureFixture) -> None:
     assert check_exposure("127.0.0.1", None, False) is None
     with pytest.raises(ValueError, match="pass --auth USER:PASSWORD, or --no-auth-i-understand"):

@@ -54,6 +54,7 @@ def test_bound_uses_a_threshold_from_the_first_half_only():
     assert 5 < perfect.epsilon_lower < math.log(1000)  # 0 errors in ~1000 trials per world: ~log(1000 / 3.7)
 
 
+@pytest.mark.e2e  # a whole audit, over 5 s
 def test_ledger_is_the_servers_own_epsilon():
     """The audit's epsilon_ledger equals `FederatedServer.epsilon()['rdp']` after the same release."""
     for method in ("deer", "deer-reference"):
@@ -80,6 +81,7 @@ def test_ledger_is_the_servers_own_epsilon():
             assert result.epsilon_ledger > 3 * result.epsilon_nominal  # frozen factors with sigma_max 3
 
 
+@pytest.mark.e2e  # a whole audit, over 5 s
 def test_real_deer_is_sound_and_the_audit_is_not_vacuous():
     # sigma = 1, one release, q = 1: exact epsilon 1.57 at delta 0.05. With 16000 trials the bound is
     # >= 0.5 * exact for > 99.9 % of seeds (simulated) and exceeds the ledger (RDP 2.04) for none.
@@ -120,6 +122,7 @@ def test_profile_test_against_theory():
     assert false_alarms <= 2  # 95 % confidence: expected <= 2 of 40
 
 
+@pytest.mark.e2e  # a whole audit, over 5 s
 @pytest.mark.parametrize("level", ["client", "record"])
 def test_planted_noise_factor_is_detected_and_honest_noise_is_not(level):
     # with 600 trials: F = 0.25 (true mu 4 against a claimed 1 at client level) is caught for essentially
@@ -144,6 +147,7 @@ def test_reproducible_noise_voids_the_guarantee():
     assert r.epsilon_lower > r.epsilon_ledger  # 4.2 (limited by 1000 trials) > 2.17
 
 
+@pytest.mark.e2e  # a whole audit, over 5 s
 def test_deer_reference_breaks_its_nominal_claim():
     # frozen factors with sigma_max 3 on two modules: true multiplier 4 / sqrt(18) = 0.94
     r = run_client_audit(
@@ -160,6 +164,7 @@ def test_deer_reference_breaks_its_nominal_claim():
     assert r.epsilon_lower <= r.epsilon_ledger  # the ledger's true epsilon (2.2) holds
 
 
+@pytest.mark.e2e  # a whole audit, over 5 s
 def test_record_level_dp_sgd():
     leaked = run_record_audit(method="deer", noise_multiplier=3.0, trials=400, delta=1e-5, reproducible_noise=True)
     assert leaked.fpr == 0  # without the canary the rerun is bit-identical
@@ -294,6 +299,7 @@ def test_run_dir_errors(tmp_path, capsys, ledger, message):
     assert err.startswith("deer-audit: error:") and message in err and "\n" not in err
 
 
+@pytest.mark.e2e  # a whole audit, over 5 s
 @pytest.mark.parametrize("level", ["client", "record"])
 def test_a_clipping_bug_is_detected(level, monkeypatch):
     """The canary's update is 10 C: a mechanism that clips to 2C (the ledger keeps C) shifts the release by

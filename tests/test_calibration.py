@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from peft_deer.campaign import cli, execute, report, store
 from peft_deer.campaign import grid as campaign_grid
@@ -179,6 +179,7 @@ def results(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e  # deer-fed subprocesses, through the campaign's executor
 def test_campaign_runs_skips_reruns_and_reports(tmp_path, medmnist_dir, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grid, out = tmp_path / "grid.yaml", tmp_path / "campaign"
@@ -412,6 +413,7 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
 HEAVY = "print(sorted(m for m in ('torch', 'transformers', 'peft', 'sklearn', 'matplotlib') if m in sys.modules))"
 
 
+@pytest.mark.e2e
 def test_help_is_light_from_bench_and_from_the_console_script():
     """`--help` loads no torch: `bench/campaign.py` loads the command line through peft_deer.light_import; the
     console script's own path (extras.deer_campaign -> peft_deer.campaign.cli) is checked with the package's
@@ -438,6 +440,7 @@ def test_help_is_light_from_bench_and_from_the_console_script():
     assert bench.stdout.partition("\n\n")[2] == script.stdout.partition("\n\n")[2]  # all but the usage lines
 
 
+@pytest.mark.e2e
 def test_bench_script_and_console_script_list_the_same_dry_run(tmp_path, medmnist_dir):
     grid, out = tmp_path / "grid.yaml", tmp_path / "out"
     spec = {

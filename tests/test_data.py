@@ -170,6 +170,7 @@ def test_imagefolder_missing_dir(tmp_path: Path) -> None:
         load_dataset_spec(f"imagefolder:{tmp_path / 'absent'}")
 
 
+@pytest.mark.e2e
 def test_hub_id_fails_clearly_offline(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 README_MAX_LINES = 250
 HOOK = ROOT / "docs" / "hooks" / "settings_reference.py"
@@ -67,6 +67,7 @@ def test_the_settings_page_is_generated_by_the_hook():
     assert "docs/hooks/settings_reference.py" in (ROOT / "mkdocs.yml").read_text()
 
 
+@pytest.mark.e2e
 def test_the_hook_loads_the_settings_without_torch():
     code = (
         "import sys; sys.path.insert(0, 'docs/hooks'); import settings_reference as h; from pathlib import Path; "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
 from peft_deer.run import outputs
@@ -69,6 +69,7 @@ def test_a_finished_run_without_overwrite_is_refused_before_the_data_loads(tmp_p
     assert seconds < 2.0, f"the refusal took {seconds:.2f} s"
 
 
+@pytest.mark.e2e
 def test_a_second_run_into_a_locked_output_dir_gets_one_line_naming_the_holder(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     hold = f"import fcntl, os, sys, time; fd = os.open({str(lock_path(out))!r}, os.O_RDWR | os.O_CREAT); "

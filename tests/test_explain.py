@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from transformers import Dinov2Config, Dinov2ForImageClassification
 
 from peft_deer.demo.explain import SCALE_WIDTH, last_block, overlay, token_gradcam
@@ -47,6 +47,7 @@ def square_model() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.e2e  # trains a model, over 5 s
 def test_map_follows_the_evidence(square_model: torch.nn.Module) -> None:
     gen = torch.Generator().manual_seed(1)
     cells = torch.arange(16)
@@ -62,6 +63,7 @@ def test_map_follows_the_evidence(square_model: torch.nn.Module) -> None:
     assert not torch.allclose(cams[0], cams[15])
 
 
+@pytest.mark.e2e  # trains a model, over 5 s
 def test_map_needs_a_trained_signal(square_model: torch.nn.Module) -> None:
     """The same image on the untrained model gives a different map: the map reflects what was learned."""
     x = _images(torch.tensor([5]), torch.tensor([True]), torch.Generator().manual_seed(2))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from safetensors.torch import load_file
 
 import peft_deer  # noqa: F401  (registers DEER_LORA with PEFT)
@@ -111,6 +111,7 @@ def _assert_identical(a: Path, b: Path) -> None:
     assert sa["test"] == sb["test"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("when", ["after:0", "after:1", "after:3", "final-write"])
 def test_kill_then_resume_is_bit_identical(when, reference, tmp_path, medmnist_dir):
     """'after:K': killed at a random moment (seeded by K) once K phases are checkpointed, i.e. in the first

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from opacus.accountants import PRVAccountant, RDPAccountant
 from PIL import Image
 from safetensors.torch import load_file
@@ -110,6 +110,7 @@ def finished_run(tmp_path_factory):
     return get
 
 
+@pytest.mark.e2e
 def test_help_runs_as_a_script():
     proc = subprocess.run([sys.executable, str(FED), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -354,6 +355,7 @@ def test_secret_noise_differs_between_runs_and_survives_resume(tmp_path, medmnis
 # 4. One process vs two
 
 
+@pytest.mark.e2e
 def test_one_and_two_processes_agree(tmp_path, finished_run, medmnist_dir):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():

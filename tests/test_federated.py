@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_client_tasks, tiny_deer_model
+from helpers import random_client_tasks, tiny_deer_model
 
 from peft_deer.federated import (
     ClientDP,
@@ -104,6 +104,7 @@ def test_client_training_is_deterministic_and_leaves_frozen_factor_untouched():
     assert any(float(u.delta[k].abs().max()) > 0 for u in first for k in u.delta)
 
 
+@pytest.mark.e2e  # a whole federated run, over 5 s
 def test_dp_run_end_to_end_clips_in_the_metric_and_ledger_counts_releases():
     dp = ClientDP(noise_multiplier=0.8, clip_norm=0.05, regulator_ridge=1e-6, delta=1e-3)
     model, layout, server, engine, tasks = setup("deer", dp)
@@ -118,6 +119,7 @@ def test_dp_run_end_to_end_clips_in_the_metric_and_ledger_counts_releases():
     assert all(torch.isfinite(v).all() for v in server.global_state.values())
 
 
+@pytest.mark.e2e  # a whole federated run, over 5 s
 def test_server_state_dict_round_trip_continues_identically():
     dp = ClientDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3)
     model, layout, server, engine, tasks = setup("rolora", dp)

@@ -17,7 +17,7 @@ import tomllib
 import psutil
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
+from helpers import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 
@@ -54,6 +54,7 @@ def flower_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
+@pytest.mark.e2e
 def test_the_app_config_in_pyproject_is_valid_and_names_real_components():
     args, options = parse_run_config(flower_config())
     assert (args.federation.method, args.data.num_clients, options.min_clients_per_phase) == ("deer", 2, 1)
@@ -266,6 +267,7 @@ def test_the_train_instruction_carries_the_mechanism_and_sites_check_it(flower_t
 # --------------------------------------------------------------------------------- a real deployment
 
 
+@pytest.mark.e2e
 def test_loopback_deployment_equals_the_simulation_and_stops_its_processes(tmp_path, one_thread):
     """SuperLink + 2 SuperNodes on 127.0.0.1, 2 rounds of deer with client-level DP (distributed noise) and
     record-level DP-SGD at the sites, all seeded as in the simulation: the adapter equals deer-fed's bit for

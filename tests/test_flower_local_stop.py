@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("flwr")

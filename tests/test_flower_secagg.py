@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, random_client_tasks, tiny_deer_model
+from helpers import MEDMNIST_DIR, random_client_tasks, tiny_deer_model
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 
@@ -458,6 +458,7 @@ def test_a_non_secure_train_message_passes_the_secagg_mod_untouched(flower_task_
 # --------------------------------------------------------------------------------- a real deployment
 
 
+@pytest.mark.e2e
 def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(tmp_path, one_thread):
     """SuperLink + 2 SuperNodes: one round of deer with client-level DP (distributed noise, reproducible) through
     SecAgg+ and without it. Phase A leaves B alone, so each run's final B factors are those of release 1: they agree
@@ -517,6 +518,7 @@ def test_loopback_secure_run_equals_the_distributed_run_up_to_the_stated_error(t
     assert details["analysis_gap"].startswith("NO proof: quantization after noise")  # the opt-in says so
 
 
+@pytest.mark.e2e
 def test_loopback_skellam_run_releases_the_decoded_integer_sum_and_states_its_skellam_epsilon(tmp_path, one_thread):
     """SuperLink + 2 SuperNodes, one lora release through SecAgg+ with the default Skellam shares: the final B
     factors (zero before it) times the denominator 2 and the scale s are integers (the released sum is the decoded

@@ -15,7 +15,7 @@ from multiprocessing.connection import AuthenticationError, Client
 import numpy as np
 import pytest
 import torch
-from conftest import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
+from helpers import MEDMNIST_DIR, ROOT, random_client_tasks, tiny_deer_model
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 
@@ -204,6 +204,7 @@ def test_the_evaluate_instruction_carries_the_temperature(flower_task_identity):
 # --------------------------------------------------------------------------------- the long-lived site worker
 
 
+@pytest.mark.e2e
 def test_the_site_worker_keeps_the_site_loaded_refuses_a_wrong_key_and_follows_its_supernode(tmp_path):
     """One worker process answers hello, train and train again: the site is loaded once; the socket and key are
     the user's only; a client with another key is refused and the worker carries on; a failed message comes

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MEDMNIST_DIR
+from helpers import MEDMNIST_DIR
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 from cryptography import x509  # noqa: E402
@@ -84,6 +84,7 @@ def make_pki(directory: Path, nodes: int) -> tuple[Path, Path, Path, list[tuple[
     return ca_file, cert_file, key_file, node_files
 
 
+@pytest.mark.e2e
 def test_tls_and_supernode_auth_run_a_round_and_refuse_an_unregistered_node(tmp_path, one_thread):
     if not (MEDMNIST_DIR / "pneumoniamnist.npz").is_file():
         pytest.skip(f"real MedMNIST files not found at {MEDMNIST_DIR}")

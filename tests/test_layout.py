@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from peft_deer.light_import import LIGHT_MODULES, LIGHT_THIRD_PARTY
 

@@ -178,7 +178,7 @@ def test_server_check_accepts_privatized_updates_and_rejects_unclipped_ones():
 def test_privatized_releases_keep_the_noise_floor_whatever_arrives():
     """Distributed placement with noise floor k: fewer than k privatized updates are refused (they would carry
     less than sigma), k or more are accounted at sigma, and their noise really is sigma*C*sqrt(r/k)."""
-    from conftest import random_client_tasks, tiny_deer_model
+    from helpers import random_client_tasks, tiny_deer_model
 
     from peft_deer.federated import (
         ClientDP,

@@ -72,13 +72,14 @@ def test_the_reproducible_noise_label():
     assert "NO privacy guarantee" in NO_GUARANTEE_NOTE
 
 
+@pytest.mark.e2e  # a whole driver run, over 5 s
 @pytest.mark.parametrize("reproducible", [True, False])
 def test_every_output_that_reports_epsilon_says_whether_the_noise_was_reproducible(tmp_path, capsys, reproducible):
     """A `--reproducible-noise` run labels summary.json, every metrics.jsonl row, each adapter's
     peft_deer_run.json and the console's last line with "NO privacy guarantee"; a run with secret noise does not."""
     import json
 
-    from conftest import MEDMNIST_DIR
+    from helpers import MEDMNIST_DIR
 
     from train import fed
 

@@ -24,7 +24,7 @@ import opacus
 import peft
 import pytest
 import torch
-from conftest import tiny_deer_model
+from helpers import tiny_deer_model
 from opacus.grad_sample import GradSampleModule
 from peft import LoraConfig, get_peft_model
 from torch import nn

@@ -11,7 +11,7 @@ import tomllib
 from importlib.metadata import packages_distributions, version
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -82,6 +82,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.e2e
 def test_the_peft_method_runs_with_only_the_core_dependencies():
     """get_peft_model + save + load + export on a tiny model with gradio, opacus, datasets, onnx, flwr (and every
     other extra's module the core does not pull in itself) made uninstalled in a fresh interpreter."""
@@ -100,6 +101,7 @@ def test_core_dependencies_are_the_peft_method_only():
     assert {canonicalize_name(Requirement(r).name) for r in PROJECT["dependencies"]} == CORE
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("command", "extra"),
     [
@@ -122,6 +124,7 @@ def test_a_command_without_its_extra_says_which_extra_in_one_line(command, extra
     assert missing in lines[0] and f"pip install '{PACKAGE}[{extra}]'" in lines[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("module", "prog", "extra", "missing"),
     [

@@ -104,6 +104,7 @@ def run_battery(root: Path, report: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_peft_custom_model_battery_passes_on_deer_lora_except_marked_differences(tmp_path, capsys):
     version = importlib.metadata.version("peft")
     root = unpack_tests(fetch_sdist(version), version)

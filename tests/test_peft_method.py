@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from peft import AutoPeftModel, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -124,6 +124,7 @@ def test_auto_peft_model_loads_from_a_local_base(tmp_path):
     torch.testing.assert_close(loaded(pixel_values=x).logits, reference, rtol=0, atol=0)
 
 
+@pytest.mark.e2e
 def test_plain_lora_export_loads_in_vanilla_peft_without_peft_deer(tmp_path):
     model = make_model("B")
     randomize_b(model)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_client_tasks, tiny_vit
+from helpers import random_client_tasks, tiny_vit
 from peft import (
     ArrowConfig,
     BdLoraConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_client_tasks, tiny_vit
+from helpers import random_client_tasks, tiny_vit
 from peft import get_peft_model
 from torch.utils.data import TensorDataset
 

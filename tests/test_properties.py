@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -179,6 +179,7 @@ def test_driver_on_damaged_npz_runs_or_leaves_nothing(npz_bytes, data, one_threa
             assert not out.exists() and not staging_dir(out).exists()
 
 
+@pytest.mark.e2e
 def test_bad_configs_as_a_script_exit_2_with_one_line(tmp_path):
     """The same contract end to end, for a few inputs the strategies above draw (one subprocess each)."""
     cases = {

@@ -120,6 +120,7 @@ def _published(out) -> dict:
     }
 
 
+@pytest.mark.e2e  # driver runs, over 5 s
 def test_one_record_more_changes_nothing_published(tmp_path, medmnist_dir, monkeypatch):
     from peft_deer.run import experiment
     from train import fed
@@ -159,6 +160,7 @@ def _change_hospital_0(load, change: int):
     return changed
 
 
+@pytest.mark.e2e  # driver runs, over 5 s
 def test_declared_sizes_make_39_40_and_41_records_publish_the_same(tmp_path, medmnist_dir, monkeypatch):
     """/tmp/attack24/published_diff.py: derived, 40 -> 39 records moves the declaration 40 -> 30 at the grid edge;
     declared in advance (--record-public-sizes), the three runs publish identical privacy.json and the rest."""

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_deer_model
+from helpers import tiny_deer_model
 from torch.utils.data import TensorDataset
 
 from peft_deer.federated import (

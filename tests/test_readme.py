@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDMNIST_DIR, ROOT
+from helpers import MEDMNIST_DIR, ROOT
 
 COMMAND_PAGES = ("README.md", "docs/quickstart.md")  # every shell command in these must parse
 SHELL_BUILTINS = {"export", "cd", "source", ".", "set", "unset", "echo", "printf", "mkdir", "pip", "git"}
@@ -123,6 +123,7 @@ def _documented_commands() -> list[list[str]]:
     return [c for page in COMMAND_PAGES for c in shell_commands((ROOT / page).read_text())]
 
 
+@pytest.mark.e2e
 def test_every_documented_command_parses(monkeypatch):
     """Each shell command of the README and the quickstart: driver flags go through the real settings parser (no
     run), every other program, module or script exists."""
@@ -133,6 +134,7 @@ def test_every_documented_command_parses(monkeypatch):
     assert problems == []
 
 
+@pytest.mark.e2e
 def test_a_planted_bad_flag_or_program_fails_the_check(monkeypatch):
     monkeypatch.chdir(ROOT)
     fake = (
@@ -198,6 +200,7 @@ def test_main_job_config_parses_and_states_an_honest_guarantee():
     assert "train/configs/pneumonia_deer.yaml" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.e2e
 def test_the_flower_config_step_can_be_pasted_twice(tmp_path):
     """The README's Flower config step writes a private FLWR_HOME's config.toml (overwrites it): pasting it twice
     still leaves valid TOML (appending to ~/.flwr/config.toml twice gave a duplicate table), and `flwr run` is

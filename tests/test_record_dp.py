@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_deer_model
+from helpers import tiny_deer_model
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
@@ -340,6 +340,7 @@ def _argv(data_dir, out, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.e2e  # a whole driver run, over 5 s
 def test_driver_record_dp_resume_equals_uninterrupted(tmp_path, medmnist_dir):
     from safetensors.torch import load_file
 

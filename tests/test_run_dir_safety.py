@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from peft_deer.run import checkpoint as ckpt_mod
 from peft_deer.run.checkpoint import (
@@ -69,6 +69,7 @@ def _holder(out: Path, *launch: str) -> subprocess.Popen:
 # ---------------------------------------------------------------------------------------- 1. the lock
 
 
+@pytest.mark.e2e
 def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     holder = _holder(out)
@@ -97,6 +98,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holders_lock_is_ta
     assert "took over" not in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_ranks_of_one_launch_share_the_lock_and_another_launch_is_refused(tmp_path):
     out = tmp_path / "run"
     check_output_lock(out, "127.0.0.1:29500")  # no lock file yet: nothing to check
@@ -111,6 +113,7 @@ def test_ranks_of_one_launch_share_the_lock_and_another_launch_is_refused(tmp_pa
     check_output_lock(out, "127.0.0.1:29611")  # the holder is gone
 
 
+@pytest.mark.e2e
 def test_a_symlinked_alias_of_the_output_dir_shares_its_lock(tmp_path):
     """Attack item 2: the lock is keyed on the resolved path, so a second run through an alias is refused."""
     real = tmp_path / "real"
@@ -146,6 +149,7 @@ TAMPERED = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", list(TAMPERED))
 def test_a_tampered_lock_file_gives_one_line_or_is_taken_over(tmp_path, capsys, how):
     """Attack item 4: a malformed lock file never gives a traceback or a misleading line."""
@@ -441,6 +445,7 @@ def test_a_symlink_at_the_staging_path_is_refused_naming_it(tmp_path):
 # ---------------------------------------------------------------------------------------- 5. telemetry
 
 
+@pytest.mark.e2e
 def test_every_flower_process_of_the_local_deployment_runs_without_telemetry(tmp_path, monkeypatch):
     pytest.importorskip("psutil")
     from peft_deer.flower.local import LocalDeployment

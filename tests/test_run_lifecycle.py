@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import MEDMNIST_DIR
+from helpers import MEDMNIST_DIR
 
 from peft_deer.run import Host, Simulation, build_experiment, run_experiment
 from peft_deer.settings import RunSettings, from_mapping, parse_args
@@ -154,7 +154,7 @@ def test_each_dp_default_has_one_home():
     declared run config all take peft_deer.defaults' values."""
     import tomllib
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     from peft_deer import defaults
     from peft_deer.federated import ClientDP

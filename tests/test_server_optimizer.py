@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_client_tasks, tiny_deer_model
+from helpers import random_client_tasks, tiny_deer_model
 
 from peft_deer.federated import (
     ClientDP,

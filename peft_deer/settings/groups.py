@@ -16,7 +16,7 @@ from typing import Any
 
 from ..defaults import CLIP_NORM, DELTA, RIDGE
 
-# The library's names, repeated so that parsing imports no torch (tests/test_bad_inputs.py checks they match
+# The library's names, repeated so that parsing imports no torch (tests/test_settings_parsing.py checks they match
 # peft_deer.config.METHODS and peft_deer.federated.SERVER_OPTIMIZERS).
 METHODS = ("deer", "rolora", "ffa", "lora", "deer-reference")
 SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
