@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import MEDMNIST_DIR
+from helpers import MEDMNIST_DIR
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 
