@@ -158,9 +158,11 @@ def test_end_to_end_outputs(method, finished_run, medmnist_dir):
     private_rows = metrics_rows(out, "server-private/diagnostics.jsonl")
     assert [r["round"] for r in private_rows] == [0, 1]
     for r in private_rows:
-        assert PRIVATE_KEYS <= set(r) and math.isfinite(r["train_loss"])
+        assert PRIVATE_KEYS <= set(r)
         # lora samples clients secretly (Poisson, q = 0.5): a round may draw nobody, and then trains nothing
-        assert (r["images_per_s"] > 0) == (sum(r["participants_per_phase"]) > 0)
+        trained = sum(r["participants_per_phase"]) > 0
+        assert (r["images_per_s"] > 0) == trained
+        assert math.isfinite(r["train_loss"]) if trained else r["train_loss"] is None
     # Nothing published names a client statistic or who took part.
     published = [out / n for n in ("privacy.json", "summary.json", "metrics.jsonl", "adapter/README.md")]
     for path in published:
