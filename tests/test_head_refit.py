@@ -163,3 +163,20 @@ def test_unit_scaling_keeps_the_ranking_and_stops_float32_saturation():
     exact = roc_auc_score(y, head.logits(x)[:, 1] - head.logits(x)[:, 0])
     assert roc_auc_score(y, probs(scaled)) == pytest.approx(exact, abs=1e-3)  # the ranking, in float32
     assert (z.argmax(1) == head.logits(x).argmax(1)).all()
+
+
+def test_a_projection_past_the_validation_rank_is_completed_to_an_orthonormal_basis():
+    """k above what the server's few validation rows span (BreastMNIST: 78 images, 768 features): the principal
+    directions come first, then an orthonormal completion; k = D is a rotation that loses nothing."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 50)) @ rng.normal(size=(50, 50))
+    pca = pca_projection(x, 20)
+    wide = pca_projection(x, 40)
+    full = pca_projection(x, 50)
+    assert wide.dims == 40 and np.allclose(wide.matrix @ wide.matrix.T, np.eye(40), atol=1e-10)
+    assert np.allclose(np.abs(np.sum(wide.matrix[:20] * pca.matrix, axis=1)), 1.0)  # the same leading directions
+    assert np.allclose(full.matrix.T @ full.matrix, np.eye(50), atol=1e-10)  # a rotation
+    y = rng.normal(size=(5, 50))
+    assert np.allclose(np.linalg.norm(full.project(y), axis=1) * full.scale, np.linalg.norm(y - full.center, axis=1))
+    with pytest.raises(ValueError, match="must be in"):
+        pca_projection(x, 51)

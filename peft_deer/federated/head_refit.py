@@ -63,7 +63,10 @@ class Projection:
     matrix: np.ndarray
     center: np.ndarray
     scale: float
-    source: str = "PCA of the server's validation-split head-input features (server-owned data)"
+    source: str = (
+        "PCA of the server's validation-split head-input features (server-owned data), completed to an "
+        "orthonormal basis past its rank"
+    )
 
     @property
     def dims(self) -> int:
@@ -85,15 +88,23 @@ class Projection:
 
 
 def pca_projection(features: np.ndarray, dims: int, norm_quantile: float = 0.9) -> Projection:
-    """PCA of `features` (n, D) to `dims` dimensions; the scale puts `norm_quantile` of the rows in the unit ball."""
+    """PCA of `features` (n, D) to `dims` dimensions; the scale puts `norm_quantile` of the rows in the unit ball.
+
+    `dims` may exceed the number of principal directions the rows give (min(n, D)): the rows of P are then the
+    principal directions followed by an orthonormal completion (QR of [V, I]), so `dims` = D is a rotation that
+    keeps everything (exact statistics without DP then give the centralized LDA whatever the validation size)."""
     x = np.asarray(features, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"the projection needs at least 2 feature rows of shape (n, D), got {x.shape}")
-    if not 1 <= dims <= min(x.shape):
-        raise ValueError(f"--refit-dims {dims} must be in [1, min(n, D) = {min(x.shape)}] for features {x.shape}")
+    if not 1 <= dims <= x.shape[1]:
+        raise ValueError(f"--refit-dims {dims} must be in [1, D = {x.shape[1]}] for features {x.shape}")
     center = x.mean(axis=0)
     _, _, vt = np.linalg.svd(x - center, full_matrices=False)
-    matrix = vt[:dims]
+    if dims <= len(vt):
+        matrix = vt[:dims]
+    else:  # complete the principal directions to an orthonormal basis (Q's first columns span them, in order)
+        q, _ = np.linalg.qr(np.concatenate([vt.T, np.eye(x.shape[1])], axis=1))
+        matrix = q[:, :dims].T
     norms = np.linalg.norm((x - center) @ matrix.T, axis=1)
     scale = float(np.quantile(norms, norm_quantile))
     return Projection(matrix, center, scale if scale > 0 else 1.0)

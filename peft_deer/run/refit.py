@@ -188,7 +188,7 @@ def refit_head(
     num_classes = int(server.global_state[w_key].shape[0])
     before = validation_auc(val_y, val_x @ server.global_state[w_key].double().numpy().T
                             + server.global_state[b_key].double().numpy())  # fmt: skip
-    projection = pca_projection(val_x, min(cfg.refit_dims, *val_x.shape))
+    projection = pca_projection(val_x, min(cfg.refit_dims, val_x.shape[1]))
     m = refit_multiplier(settings)
     entry: dict = {
         "level": privacy.dp,

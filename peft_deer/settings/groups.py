@@ -346,7 +346,9 @@ class HeadRefitSettings:
         choices=("none", "stats"),
     )
     refit_dims: int = setting(
-        32, "k: features are projected to k dims (PCA of the server's validation split) before release"
+        32,
+        "k: features are projected to k dims (PCA of the server's validation split, completed to an orthonormal "
+        "basis past its rank; k = the feature size keeps everything) before release",
     )
     refit_noise_multiplier: float = setting(
         2.0,
