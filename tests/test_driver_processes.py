@@ -70,6 +70,7 @@ def test_bad_input_under_torchrun_is_one_line(tmp_path):
     )  # fmt: skip
     ours = [line for line in proc.stderr.splitlines() if "deer-fed" in line]
     assert proc.returncode != 0
+    assert len(ours) == 1, proc.stderr[-3000:]  # (the stderr of a failure, for the next reader)
     assert ours == [f"deer-fed: error: {folder / 'breastmnist.npz'} is damaged " + ours[0].split(" is damaged ", 1)[1]]
     # no peer-connection errors and no traceback through our code; torchrun's own ChildFailedError summary of
     # the exit codes (its agent process, not ours) is all that follows the line

@@ -20,6 +20,7 @@ import torch
 from helpers import ROOT
 
 from peft_deer.run import checkpoint as ckpt_mod
+from peft_deer.run import run_dir as run_dir_mod
 from peft_deer.run.checkpoint import (
     DamagedFileError,
     SettingsMismatch,
@@ -69,6 +70,12 @@ def _holder(out: Path, *launch: str) -> subprocess.Popen:
 # ---------------------------------------------------------------------------------------- 1. the lock
 
 
+@pytest.fixture(autouse=True)
+def _short_lock_record_wait(monkeypatch):
+    """A refused check waits LOCK_RECORD_WAIT_S for a record naming its launch; 0.2 s keeps these tests quick."""
+    monkeypatch.setattr(run_dir_mod, "LOCK_RECORD_WAIT_S", 0.2)
+
+
 @pytest.mark.e2e
 def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
@@ -111,6 +118,35 @@ def test_ranks_of_one_launch_share_the_lock_and_another_launch_is_refused(tmp_pa
         holder.kill()
         holder.wait()
     check_output_lock(out, "127.0.0.1:29611")  # the holder is gone
+
+
+def test_another_rank_waits_for_rank_0s_lock_record(tmp_path, monkeypatch):
+    """The torchrun flake: rank 0 holds the flock but has not yet written its record (the file is empty, or
+    still names the previous run); rank 1 must wait for the record, not refuse its own launch."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    path = lock_path(out)
+    path.write_text('{"pid": 1, "host": "elsewhere", "launch": "127.0.0.1:1"}')  # a previous launch's record
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, record not yet rewritten
+
+    def write_record() -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b'{"pid": %d, "launch": "127.0.0.1:29500"}' % os.getpid(), 0)
+
+    monkeypatch.setattr(run_dir_mod, "LOCK_RECORD_WAIT_S", 5.0)
+    timer = threading.Timer(0.5, write_record)
+    timer.start()
+    try:
+        check_output_lock(out, "127.0.0.1:29500")  # passes once the record names this launch
+        monkeypatch.setattr(run_dir_mod, "LOCK_RECORD_WAIT_S", 0.2)
+        with pytest.raises(OutputDirError, match="in use by another run"):
+            check_output_lock(out, "127.0.0.1:29611")  # another launch is still refused
+    finally:
+        timer.join()
+        os.close(fd)
 
 
 @pytest.mark.e2e

@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             lock_output_dir(out, launch)
         else:
-            check_output_lock(out, launch or "")
+            try:
+                check_output_lock(out, launch or "")
+            except ValueError as err:  # this rank's own finding: rank 0 does not meet it, so this rank says it
+                print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+                return 2
         check_output_state(out, output.resume, output.overwrite)  # before the heavy imports and data
     except ValueError as err:
         release_output_lock(out)

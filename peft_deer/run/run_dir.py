@@ -60,6 +60,7 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+LOCK_RECORD_WAIT_S = 10.0  # how long another rank waits for rank 0's lock record (a loaded machine is slow)
 _HELD: dict[Path, int] = {}  # lock file -> open descriptor holding its flock, for the life of this process
 
 
@@ -137,6 +138,12 @@ def check_output_lock(out: Path, launch: str) -> None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return  # nobody holds it (rank 0 takes it in a moment)
         except OSError:
+            info = _read_lock(fd)
+        # rank 0 writes its record just after taking the lock: until then the file is empty or still names the
+        # previous run, so a record naming another launch is read again for a while before it counts
+        deadline = time.monotonic() + LOCK_RECORD_WAIT_S
+        while info.get("launch") != launch and time.monotonic() < deadline:
+            time.sleep(0.05)
             info = _read_lock(fd)
     finally:
         os.close(fd)
