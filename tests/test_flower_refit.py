@@ -168,8 +168,8 @@ def request_levels(request: RefitRequest) -> tuple:
     return request.client_level, request.record_level, request.share_divisor
 
 
-def test_a_refit_with_secure_aggregation_is_refused_before_anything_runs():
-    """SecAgg+ does not carry the statistics yet: one line at setup, not a run that ends without its refit."""
+def test_a_refit_with_secure_aggregation_passes_the_setup_that_once_refused_it():
+    """SecAgg+ carries the statistics now (`tests/test_flower_secagg_refit.py`): the setup no longer refuses it."""
     from types import SimpleNamespace
 
     config = {"dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed", "secure-aggregation": True}
@@ -177,7 +177,8 @@ def test_a_refit_with_secure_aggregation_is_refused_before_anything_runs():
         tiny_run_config(**config, **{"head-refit": "stats", "min-clients-per-phase": 2})
     )
     exp = SimpleNamespace(settings=settings, server=SimpleNamespace(record=None), deployment_fingerprint={})
-    with pytest.raises(ValueError, match="^head-refit='stats' with secure-aggregation=true is not supported yet"):
-        FlowerTransport(None, options, context=object()).before_start(exp, None)
-    plain = SimpleNamespace(settings=settings.replace(head_refit="none"), server=exp.server, deployment_fingerprint={})
-    FlowerTransport(None, options, context=object()).before_start(plain, None)  # the same run without the refit
+    FlowerTransport(None, options, context=object()).before_start(exp, None)
+    assert exp.deployment_fingerprint == {"secagg-noise": "skellam"}
+    # with training the refit's multiplier is the fixed refit-noise-multiplier, as the sites compute it
+    transport = FlowerTransport(None, options, context=object())
+    assert transport.refit_multiplier(exp) == settings.refit.refit_noise_multiplier

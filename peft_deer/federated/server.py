@@ -73,6 +73,9 @@ class FederatedServer:
         # Another mechanism's accountant for the budget stop: phase -> (epsilon if it were released, its name);
         # set by a transport whose release is not the Gaussian sum (SecAgg+ with Skellam shares). Not state.
         self.budget_probe: Callable[[Phase], tuple[float, str]] | None = None
+        # The same for the head refit's client-level release: (vector length, noise multiplier, share divisor) ->
+        # (epsilon if it were released, its name). Not state.
+        self.refit_budget_probe: Callable[[int, float, int | None], tuple[float, str]] | None = None
         self.refit: dict | None = None  # the head refit's ledger entry, once made (`peft_deer.run.refit`)
 
     @property

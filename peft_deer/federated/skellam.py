@@ -157,12 +157,20 @@ def skellam_message(
     """A site's integer message (float64 holding integers, whitened coordinates, `delta`'s keys and shapes):
     clip the whitened update to C - sqrt(d)/s, scale by s, round stochastically, add its Skellam share."""
     whitened = {k: whiteners[k].whiten(delta[k].float()).double() for k in sorted(delta)}
-    norm = math.sqrt(sum(float(u.square().sum()) for u in whitened.values()))
+    return skellam_encode(whitened, clip_norm, plan, stream)
+
+
+def skellam_encode(
+    parts: dict[str, torch.Tensor], clip_norm: float, plan: SkellamPlan, stream: SkellamStream
+) -> dict[str, torch.Tensor]:
+    """The integer message of a vector already in the mechanism's coordinates (`parts`, float64, joint L2 norm):
+    clipped to C - sqrt(d)/s, scaled by s, stochastically rounded, plus the Skellam share (`skellam_message`'s
+    last step; the head refit's statistics use it directly: their coordinates need no whitening)."""
+    parts = {k: parts[k].double() for k in sorted(parts)}
+    norm = math.sqrt(sum(float(u.square().sum()) for u in parts.values()))
     target = clip_norm - math.sqrt(plan.dim) / plan.scale
     factor = min(1.0, target / norm) if norm > 0 else 1.0
-    return {
-        k: skellam_share(u * factor * plan.scale, plan.share_variance, stream).double() for k, u in whitened.items()
-    }
+    return {k: skellam_share(u * factor * plan.scale, plan.share_variance, stream).double() for k, u in parts.items()}
 
 
 def decode_skellam_sum(total: dict[str, torch.Tensor], whiteners: dict, scale: float) -> dict[str, torch.Tensor]:
@@ -195,6 +203,7 @@ __all__ = [
     "SkellamPlan",
     "decode_skellam_sum",
     "plan_skellam",
+    "skellam_encode",
     "skellam_ledger",
     "skellam_message",
     "SKELLAM_ORDERS",

@@ -12,10 +12,13 @@ Nothing un-noised leaves a site at a DP level (central client-level placement: t
 it does for updates). The draws come from the site's 256-bit key and the instruction's digest (`site_noise`): an
 identical re-send gets the identical reply (and no second accountant step), another instruction is refused.
 The server sums the replies and `run.refit.refit_head` fits, merges and accounts as in the simulation.
+With `secure-aggregation=true` the same instruction travels as a SecAgg+ `FitIns` and the server sees only the sum
+of the sites' integer messages (`secagg_refit.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -25,8 +28,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from ..federated import AdapterState, InvalidClientUpdate, load_adapter_state
-from ..federated.head_refit import ClassStats, Projection
+from ..federated.head_refit import CLIENT_SENSITIVITY, ClassStats, Projection
 from ..federated.randomness import DPRandomness
+from ..federated.skellam import plan_skellam, skellam_encode
 from ..run.privacy import refit_multiplier
 from ..run.refit import RefitRequest, dataset_labels, head_features, head_linear, site_release
 from .protocol import CONFIG, GLOBAL, RECORD, read_record_report, record_to_state, state_to_record
@@ -36,6 +40,7 @@ from .site_noise import answered_randomness
 STEP = "statistics"  # the train config's `step` of a statistics instruction
 PROJECTION = "projection"  # ArrayRecord: matrix (k, D), center (D,), scale (1,)
 STATISTICS = "statistics"  # ArrayRecord: the released vector (float64)
+SKELLAM_SCALE = "skellam-scale"  # config of a SecAgg+ statistics instruction: the Skellam plan's scale s
 logger = logging.getLogger("flwr")
 
 
@@ -97,19 +102,46 @@ def statistics_digest(content: RecordDict) -> str:
 
 
 def site_statistics(site, content: RecordDict) -> RecordDict:
-    """A site's answer to a statistics instruction (module docstring): its released vector, its client id and,
-    under record-level DP, its accountant. `site` is a `peft_deer.flower.site.Site`."""
+    """A site's answer to a plain statistics instruction (module docstring): its released vector, its client id
+    and, under record-level DP, its accountant. `site` is a `peft_deer.flower.site.Site`."""
+    vector, record = site_statistics_vector(site, content)
+    reply = RecordDict(
+        {
+            STATISTICS: ArrayRecord({"vector": torch.from_numpy(np.ascontiguousarray(vector))}),
+            CONFIG: ConfigRecord({"client-id": site.client_id}),
+        }
+    )
+    if record is not None:
+        reply[RECORD] = record
+    return reply
+
+
+def site_statistics_vector(site, content: RecordDict) -> tuple[np.ndarray, ConfigRecord | None]:
+    """(the vector that leaves the site, its record-level accountant report or None) for a statistics instruction
+    in plain form. With a Skellam scale in its config (SecAgg+, `secagg_refit.py`) the vector is the integer message
+    `skellam_encode` makes of the site's statistics (no Gaussian share: the Skellam share replaces it)."""
     settings, client_id = site.settings, site.client_id
     state, projection, config = read_statistics_content(content)
     if settings.refit.head_refit != "stats":
         raise ValueError("a statistics instruction, but this run's settings have --head-refit none: refused")
     if int(config["client-id"]) != client_id:
         raise ValueError(f"asked for the statistics of client {config['client-id']}, but this site holds {client_id}")
-    m, expected = float(config["noise-multiplier"]), refit_multiplier(settings)
-    if not math.isclose(m, expected, rel_tol=1e-9):
-        raise ValueError(f"the statistics instruction asks for noise multiplier {m}; this run's refit uses {expected}")
     privacy = settings.privacy
     distributed = privacy.client_level and privacy.noise_placement == "distributed"
+    scale = config.get(SKELLAM_SCALE)
+    options = getattr(site, "options", None)
+    integer = options is not None and options.secure_aggregation and options.secagg_noise == "skellam"
+    if (scale is not None) != integer:
+        raise ValueError(
+            "the statistics instruction "
+            + ("asks for integer (Skellam) shares, but this site's run config has no SecAgg+ with secagg-noise="
+               "'skellam'" if scale is not None else "is not a SecAgg+ one, but this site's run config asks for "
+               "SecAgg+ with Skellam shares")
+            + ": refused"
+        )  # fmt: skip
+    m, expected = float(config["noise-multiplier"]), refit_multiplier(settings, integer_noise=integer)
+    if not math.isclose(m, expected, rel_tol=1e-9):
+        raise ValueError(f"the statistics instruction asks for noise multiplier {m}; this run's refit uses {expected}")
     shares = int(config["num-shares"])
     if distributed != (shares >= 1):
         raise ValueError(f"the statistics instruction's num-shares {shares} does not fit this run's client-level noise")
@@ -123,6 +155,12 @@ def site_statistics(site, content: RecordDict) -> RecordDict:
     request = RefitRequest(
         projection, module.out_features, m, privacy.client_level, privacy.record_level, shares if distributed else None
     )
+    plan = None
+    if scale is not None:  # the plan follows from public terms; the scale the server sent must be its scale
+        plan = plan_skellam(m, CLIENT_SENSITIVITY, request.size, shares, 1)
+        if plan.scale != float(scale):
+            raise ValueError(f"skellam scale {scale} is not this site's {plan.scale}")
+        request = dataclasses.replace(request, share_divisor=None)  # no Gaussian share: the Skellam one instead
     noised = privacy.record_level or distributed
     run_key, first = str(config["run-key"]), True
     if privacy.reproducible_noise or not noised:  # the simulation's draws (testing only), or none at all
@@ -140,16 +178,13 @@ def site_statistics(site, content: RecordDict) -> RecordDict:
     labels = dataset_labels(site.train_data)
     public = site.public_count() if privacy.record_level else None
     vector = site_release(features, labels, request, public, stream).vector()
-    reply = RecordDict(
-        {
-            STATISTICS: ArrayRecord({"vector": torch.from_numpy(np.ascontiguousarray(vector))}),
-            CONFIG: ConfigRecord({"client-id": client_id}),
-        }
-    )
+    if plan is not None:
+        vector = skellam_encode({"v": torch.from_numpy(vector)}, CLIENT_SENSITIVITY, plan, stream("share"))["v"].numpy()
+    record = None
     if site.record is not None:
         accountant = SiteAccountant(site.state_dir, run_key, client_id)
-        reply[RECORD] = accountant.gaussian_release(site.record, m, len(site.train_data), step=first).to_record()
-    return reply
+        record = accountant.gaussian_release(site.record, m, len(site.train_data), step=first).to_record()
+    return vector, record
 
 
 def read_statistics_reply(reply: Message, client_id: int, size: int) -> np.ndarray:

@@ -102,6 +102,11 @@ def check_secure_aggregation(settings: RunSettings, options: DeploymentOptions) 
             "secagg-noise='skellam' needs a metric-clipped method (not deer-reference, which clips per matrix); "
             "secagg-noise='gaussian' runs it without a proof"
         )
+    if options.secagg_noise == "gaussian" and settings.refit.head_refit != "none":
+        raise ValueError(
+            "head-refit='stats' with secure-aggregation=true needs secagg-noise='skellam': the statistics travel as "
+            "integer (Skellam) shares, the construction with a proof"
+        )
     if options.secagg_noise == "gaussian":
         warnings.warn(GAUSSIAN_SECAGG_WARNING, UserWarning, stacklevel=2)
     if privacy.collusion_threshold >= options.min_clients_per_phase:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import FitIns, FitRes, Parameters
@@ -78,8 +79,10 @@ class SecAggDeerStrategy(LegacyStrategy):
         self._phase: tuple[Phase, list[int], int, float] | None = None  # phase, participants, k, rho
         self._release: PhaseRelease | None = None
         self._plan: SkellamPlan | None = None  # the phase's integer mechanism (secagg-noise='skellam')
+        self.refit_release_facts: dict | None = None  # the head refit's SecAgg+ run (`secagg_refit.py`), once made
         if deer.options.secagg_noise == "skellam":  # the budget stop accounts what is released: the integer sum
             server.budget_probe = self.skellam_epsilon_after
+            server.refit_budget_probe = self.refit_epsilon_after
 
     # -- the ServerApp's phase loop -------------------------------------------------------------------
     def release_phase(self, grid: Grid, context: Context) -> Callable:
@@ -105,18 +108,8 @@ class SecAggDeerStrategy(LegacyStrategy):
                 rho, levels = float(self._plan.bound), 2 * self._plan.bound
                 check_quantization_range(levels, self.deer.server.num_clients)
             self._phase, self._release = (phase, sent, k, rho), None
-            workflow = SecAggPlusWorkflow(
-                num_shares=1.0,  # every sampled site holds a share of every other's keys
-                reconstruction_threshold=k,
-                max_weight=1.0,
-                clipping_range=rho,
-                quantization_range=levels or self.deer.options.quantization_range,
-                timeout=self.deer.options.reply_timeout_s,
-            )
-            legacy = LegacyContext(context, ServerConfig(len(self.deer.phases)), self, self.clients)
-            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-            legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the adapter travels in FitIns
-            workflow(grid, legacy)
+            levels = levels or self.deer.options.quantization_range
+            self.run_workflow(self, grid, context, server_round, k, rho, levels)
             if self._release is None:
                 raise TooFewClients(
                     f"{_name(phase)}: SecAgg+ stopped before unmasking: fewer than k={k} of {len(sent)} sites "
@@ -126,6 +119,24 @@ class SecAggDeerStrategy(LegacyStrategy):
             return [], self._release
 
         return release
+
+    def run_workflow(
+        self, strategy: LegacyStrategy, grid: Grid, context: Context, server_round: int, k: int, rho: float, levels: int
+    ) -> None:
+        """One SecAgg+ run driving `strategy` (this one for a phase, `secagg_refit.SecAggStatistics` for the head
+        refit): threshold k, every site a neighbour of every other, weight 1, entry range rho, `levels` steps."""
+        workflow = SecAggPlusWorkflow(
+            num_shares=1.0,  # every sampled site holds a share of every other's keys
+            reconstruction_threshold=k,
+            max_weight=1.0,
+            clipping_range=rho,
+            quantization_range=levels,
+            timeout=self.deer.options.reply_timeout_s,
+        )
+        legacy = LegacyContext(context, ServerConfig(len(self.deer.phases) + 1), strategy, self.clients)
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the adapter travels in FitIns
+        workflow(grid, legacy)
 
     def phase_skellam_plan(self, phase: Phase, noise_floor: int, sites: int) -> SkellamPlan | None:
         """With secagg-noise='skellam', the phase's integer mechanism (`plan_skellam`: scale, share variance
@@ -149,6 +160,22 @@ class SecAggDeerStrategy(LegacyStrategy):
         plan = self.phase_skellam_plan(phase, k, server.num_clients)
         plans.append(dataclasses.asdict(plan))
         shares.append((k, server.share_divisor(k)))
+        against = skellam_ledger(plans, server.dp.delta, shares, server.collusion_threshold)
+        return against["t_colluding_sites"], "Skellam"
+
+    def refit_epsilon_after(self, size: int, multiplier: float, share_divisor: int | None) -> tuple[float, str]:
+        """The Skellam epsilon (against t colluding sites, as the ledger's) if the head refit's release of `size`
+        entries, noise multiplier m and share divisor d were made after the training's releases."""
+        from .secagg_refit import refit_plan  # (that module builds on this one)
+
+        server = self.deer.server
+        releases = [r for r in server.releases if "skellam" in r.get("secure_aggregation", {})]
+        plans = [r["secure_aggregation"]["skellam"] for r in releases]
+        shares = [(r["noise_shares"], r["share_divisor"]) for r in releases]
+        k = self.deer.noise_shares(server.num_clients)
+        request = SimpleNamespace(multiplier=multiplier, size=size, share_divisor=share_divisor)
+        plans.append(dataclasses.asdict(refit_plan(request, server.num_clients)))
+        shares.append((k, share_divisor))
         against = skellam_ledger(plans, server.dp.delta, shares, server.collusion_threshold)
         return against["t_colluding_sites"], "Skellam"
 
@@ -291,7 +318,12 @@ class SecAggDeerStrategy(LegacyStrategy):
             "delta_with_range_clipping": server.dp.delta + len(ranges) * range_clipping_probability(server.num_clients),
         }
         skellam = [r for r in server.releases if "skellam" in r.get("secure_aggregation", {})]
-        if skellam and len(skellam) == len(ranges):
+        refit = self.refit_release_facts
+        if refit is not None:  # the head refit's statistics: one more Skellam release, composed with the phases'
+            ledger["secure_aggregation_protocol"]["head_refit"] = refit
+            shares = {key: refit[key] for key in ("noise_shares", "share_divisor")}
+            skellam = [*skellam, {"secure_aggregation": refit, **shares}]
+        if skellam and len(skellam) == len(ranges) + (refit is not None):
             ledger.update(self._skellam_ledger(skellam, ledger["secure_aggregation_protocol"]))
         return ledger
 

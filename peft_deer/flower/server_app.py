@@ -24,11 +24,13 @@ from flwr.serverapp import Grid, ServerApp
 from ..federated import AdapterState
 from ..federated.head_refit import ClassStats
 from ..run import PRIVATE_DIR, Experiment, Host, ReleasePhase, SettingsMismatch, SetupFailed, Transport, run_experiment
+from ..run.privacy import refit_multiplier
 from ..run.refit import RefitRequest
 from .protocol import SiteCounts, SiteEvaluated, evaluate_message, hello_message, read_hello_reply, read_site_counts
 from .refit import gather_statistics
 from .run_config import DeploymentOptions, parse_run_config
 from .secagg import SecAggDeerStrategy
+from .secagg_refit import secagg_statistics
 from .site_accounting import SiteRecordLevel
 from .site_evaluation import add_model_card_note, site_table, split_reports, write_site_evaluation
 from .strategy import DeerStrategy
@@ -117,9 +119,6 @@ class FlowerTransport(Transport):
 
     def before_start(self, exp: Experiment, out: Path) -> None:
         logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
-        if self.options.secure_aggregation and exp.settings.refit.head_refit != "none":
-            raise ValueError("head-refit='stats' with secure-aggregation=true is not supported yet (statistics "
-                             "travel without SecAgg+); set secure-aggregation=false or head-refit='none'")  # fmt: skip
         if self.options.secure_aggregation:  # the mechanism: a resume with another secagg-noise is refused
             exp.deployment_fingerprint["secagg-noise"] = self.options.secagg_noise
         if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
@@ -140,8 +139,16 @@ class FlowerTransport(Transport):
         """k for the head refit's distributed shares: the training updates' noise floor over every site."""
         return self.deer.noise_shares(exp.settings.data.num_clients)
 
+    def refit_multiplier(self, exp: Experiment) -> float | None:
+        """m: `refit_multiplier`, calibrated for the Skellam ledger with SecAgg+'s integer shares."""
+        integer = self.options.secure_aggregation and self.options.secagg_noise == "skellam"
+        return refit_multiplier(exp.settings, integer_noise=integer)
+
     def refit_release(self, exp: Experiment, request: RefitRequest) -> ClassStats:
-        """--head-refit stats: every site's noised statistics (`flower/refit.py`), summed."""
+        """--head-refit stats: every site's noised statistics (`flower/refit.py`), summed; with secure aggregation
+        the server sees only their sum (`flower/secagg_refit.py`)."""
+        if self.options.secure_aggregation:
+            return secagg_statistics(self.strategy, self.grid, self.context, request)
         return gather_statistics(self.deer, self.grid, request, self.options.reply_timeout_s)
 
     def ledgers(self) -> tuple[dict | None, dict | None]:

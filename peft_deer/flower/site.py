@@ -89,8 +89,9 @@ from .protocol import (
     update_content,
 )
 from .refit import is_statistics, site_statistics
-from .run_config import OPTION_KEYS, parse_run_config
+from .run_config import OPTION_KEYS, DeploymentOptions, parse_run_config
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
+from .secagg_refit import is_statistics_fit_ins, site_statistics_fit_res
 from .site_accounting import SiteAccountant, site_record_level
 from .site_evaluation import site_metrics
 from .site_noise import noise_stream
@@ -121,11 +122,12 @@ class Site:
     record: RecordLevel | None
     state_dir: Path
     held_out: Dataset | None = None  # (pixel_values, label) of this site's held-out images
+    options: DeploymentOptions | None = None  # the run config's deployment options (SecAgg+ and its noise)
 
     @classmethod
     def build(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
         """Load the site's data, backbone and model. ValueError (one line) on bad node config."""
-        settings, _ = parse_run_config(run_config)
+        settings, options = parse_run_config(run_config)
         if "partition-id" not in node_config:
             raise ValueError("this SuperNode has no partition-id in its --node-config")
         client_id = int(node_config["partition-id"])
@@ -157,6 +159,7 @@ class Site:
         record = site_record_level(settings, len(train_data), declared)
         state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
         site = cls(settings, client_id, num_partitions, data, model, layout, train_data, record, state_dir)
+        site.options = options
         site.held_out = tensor_dataset(backbone, data.splits.test, site.held_out_indices())
         return site
 
@@ -367,6 +370,7 @@ def site_for(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> S
             _SITES.popitem(last=False)
     site = _SITES[key]
     site.state_dir = Path(node_config.get("state-dir") or default_state_dir()).expanduser()
+    site.options = parse_run_config(run_config)[1]  # not in the cache key: this message's run config says them
     return site
 
 
@@ -375,6 +379,8 @@ def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_c
     site = site_for(run_config, node_config)
     if kind == "hello":
         return site.hello()
+    if kind == "train" and is_fit_ins(content) and is_statistics_fit_ins(content):  # the refit through SecAgg+
+        return site_statistics_fit_res(site, content)
     if kind == "train" and is_fit_ins(content):  # a SecAgg+ phase: legacy FitIns in, FitRes out (secagg.py)
         return fit_res_content(*site.reply_update(read_fit_ins(content)))
     if kind == "train" and is_statistics(content):  # --head-refit stats: this site's noised statistics

@@ -23,6 +23,7 @@ from .checkpoint import data_digest
 from .experiment import Experiment, build_experiment
 from .outputs import final_line, finalize
 from .phases import ReleasePhase, run_phases, save_run_checkpoint
+from .privacy import refit_multiplier
 from .progress import RunProgress, append_jsonl, start_or_resume
 from .refit import RefitRequest, refit_head, simulate_release
 from .run_dir import PRIVATE_DIR, check_output_state, lock_output_dir, prepare_output_dir, release_output_lock
@@ -48,6 +49,10 @@ class Transport:
     def refit_noise_floor(self, exp: Experiment) -> int:
         """k, the hospitals whose distributed refit shares make up the noise (every hospital here)."""
         return exp.settings.data.num_clients
+
+    def refit_multiplier(self, exp: Experiment) -> float | None:
+        """m, the refit's noise multiplier (`run.privacy.refit_multiplier`: the Gaussian mechanism's here)."""
+        return refit_multiplier(exp.settings)
 
     def ledgers(self) -> tuple[dict | None, dict | None]:
         """(what the public ledger adds, what server-private/deployment.json holds), or Nones."""
@@ -125,7 +130,9 @@ def _run(exp: Experiment, progress: RunProgress, out: Path, transport: Transport
         host.barrier()
         started = time.perf_counter()
         # every process: same data, same DP streams
-        refit_head(exp, host.say, transport.refit_release, transport.refit_noise_floor(exp))
+        refit_head(
+            exp, host.say, transport.refit_release, transport.refit_noise_floor(exp), transport.refit_multiplier(exp)
+        )
         if host.is_main:  # its wall time depends on the hospitals' exact sizes: server-private only
             progress.private_rows.append({"head_refit_seconds": time.perf_counter() - started})
             append_jsonl(out / PRIVATE_DIR / "diagnostics.jsonl", progress.private_rows[-1])

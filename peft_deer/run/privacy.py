@@ -32,28 +32,37 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
     return LocalTraining.from_settings(settings, record.dp if record else None)
 
 
-def refit_multiplier(settings: RunSettings) -> float | None:
+SKELLAM_CALIBRATION_MARGIN = 0.995  # integer (Skellam) shares: calibrated on RDP for 0.995 epsilon (see below)
+
+
+def refit_multiplier(settings: RunSettings, integer_noise: bool = False) -> float | None:
     """The head refit's noise multiplier when the run ends with one (--head-refit stats), else None.
 
     With training (--rounds >= 1) it is --refit-noise-multiplier and training's sigma takes the rest of the budget.
     Statistics only (--rounds 0): the refit is the run's one release, so its multiplier is calibrated to meet
     every target alone (--epsilon at q = 1, 1 release; --record-epsilon likewise; the larger of the two), or is
-    the fixed --noise-multiplier / --record-noise-multiplier; without DP it is --refit-noise-multiplier (unused)."""
+    the fixed --noise-multiplier / --record-noise-multiplier; without DP it is --refit-noise-multiplier (unused).
+    `integer_noise` (SecAgg+ with Skellam shares, `flower/secagg_refit.py`): the client-level target is met by the
+    Skellam ledger, an RDP bound a little above the Gaussian's (the rounding), so the multiplier is calibrated on
+    RDP for SKELLAM_CALIBRATION_MARGIN x --epsilon; the server checks the Skellam epsilon before the release."""
     if settings.refit.head_refit != "stats":
         return None
     if settings.federation.rounds == 0:
-        return _statistics_only_multiplier(settings)
+        return _statistics_only_multiplier(settings, integer_noise)
     return settings.refit.refit_noise_multiplier
 
 
-def _statistics_only_multiplier(settings: RunSettings) -> float:
+def _statistics_only_multiplier(settings: RunSettings, integer_noise: bool = False) -> float:
     privacy, record = settings.privacy, settings.record
     found = []
     if privacy.client_level:
+        target, accountant = privacy.epsilon, privacy.accountant
+        if integer_noise and target is not None:
+            target, accountant = target * SKELLAM_CALIBRATION_MARGIN, "rdp"
         found.append(
             privacy.noise_multiplier
             if privacy.noise_multiplier is not None
-            else calibrate_noise_multiplier(privacy.epsilon, privacy.delta, 1.0, 1, privacy.accountant)
+            else calibrate_noise_multiplier(target, privacy.delta, 1.0, 1, accountant)
         )
     if privacy.record_level:
         found.append(

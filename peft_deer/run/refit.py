@@ -171,11 +171,14 @@ def refit_head(
     say: Callable[[str], None] = print,
     release: StatisticsRelease = simulate_release,
     noise_floor: int | None = None,
+    multiplier: float | None = None,
 ) -> dict | None:
     """Run the refit once (see the module docstring); returns its ledger entry (None: --head-refit none).
 
     `release` gathers the hospitals' summed releases (and steps their record-level accountants); `noise_floor`
-    k sizes the distributed shares (default: every hospital)."""
+    k sizes the distributed shares (default: every hospital); `multiplier` m is the transport's (default
+    `refit_multiplier(settings)`). With `server.refit_budget_probe` set (SecAgg+ with Skellam shares), the
+    client-level budget check uses that mechanism's epsilon."""
     settings, server = exp.settings, exp.server
     cfg, privacy = settings.refit, settings.privacy
     if cfg.head_refit == "none" or server.refit is not None:
@@ -189,7 +192,13 @@ def refit_head(
     before = validation_auc(val_y, val_x @ server.global_state[w_key].double().numpy().T
                             + server.global_state[b_key].double().numpy())  # fmt: skip
     projection = pca_projection(val_x, min(cfg.refit_dims, val_x.shape[1]))
-    m = refit_multiplier(settings)
+    m = refit_multiplier(settings) if multiplier is None else multiplier
+    distributed = privacy.client_level and server.dp is not None and server.dp.noise_placement == "distributed"
+    k = settings.data.num_clients if noise_floor is None else noise_floor
+    request = RefitRequest(
+        projection, num_classes, m, privacy.client_level, privacy.record_level,
+        server.share_divisor(k) if distributed else None, k if distributed else None,
+    )  # fmt: skip
     entry: dict = {
         "level": privacy.dp,
         "released": f"per hospital and class: count, sum (k = {projection.dims}) and second moment (k x k) of its "
@@ -200,18 +209,15 @@ def refit_head(
         "hospitals": settings.data.num_clients,
     }
     if privacy.client_level and server.dp is not None and server.dp.target_epsilon is not None:
-        eps = server.accountant.epsilon_after(m, 1.0, server.dp.delta, server.budget_accountant)
+        if server.refit_budget_probe is not None:
+            eps, _ = server.refit_budget_probe(request.size, m, request.share_divisor)
+        else:
+            eps = server.accountant.epsilon_after(m, 1.0, server.dp.delta, server.budget_accountant)
         if eps > server.dp.target_epsilon:
             entry.update(applied=False, note=f"skipped: the release would reach epsilon {eps:.3f} > target")
             say(f"head refit skipped: client-level epsilon would reach {eps:.3f} > {server.dp.target_epsilon}")
             server.refit = entry
             return entry
-    distributed = privacy.client_level and server.dp is not None and server.dp.noise_placement == "distributed"
-    k = settings.data.num_clients if noise_floor is None else noise_floor
-    request = RefitRequest(
-        projection, num_classes, m, privacy.client_level, privacy.record_level,
-        server.share_divisor(k) if distributed else None, k if distributed else None,
-    )  # fmt: skip
     stats = account_release(exp, request, release(exp, request), entry)
     shrinkage, by_shrinkage = choose_shrinkage(stats, projection, val_x, val_y)
     head, scale = unit_scaled(head_in_input_space(fit_lda(stats, shrinkage), projection), val_x)

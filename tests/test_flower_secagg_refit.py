@@ -1,0 +1,216 @@
+"""`--head-refit stats` through SecAgg+ (`flower/secagg_refit.py`): the server sees only the sum of the statistics.
+
+The ServerApp's whole run (`run_experiment` with a `FlowerTransport`, `secure-aggregation=true`) goes in process over
+a grid that hands every message to the sites' real `handle` behind Flower's real `secaggplus_mod` (tiny random ViT,
+real MedMNIST, CPU). What the server received is masked; the released sum is exactly the sites' integer messages
+summed and divided by s; each message is s times the site's statistics plus Skellam noise of the planned variance;
+the ledger states the Skellam epsilon of the refit's release, within the target it was calibrated for.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from helpers import MEDMNIST_DIR
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
+
+from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
+from flwr.compat.common import recorddict_compat as compat  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from test_flower_sites import tiny_run_config  # noqa: E402
+
+from peft_deer.federated.head_refit import hospital_contribution  # noqa: E402
+from peft_deer.federated.skellam import skellam_ledger  # noqa: E402
+from peft_deer.flower import server_app  # noqa: E402
+from peft_deer.flower.run_config import parse_run_config  # noqa: E402
+from peft_deer.flower.secagg_refit import read_statistics_fit_ins, refit_plan  # noqa: E402
+from peft_deer.flower.server_app import FlowerTransport  # noqa: E402
+from peft_deer.flower.site import handle, site_for  # noqa: E402
+from peft_deer.run import Host, run_experiment  # noqa: E402
+from peft_deer.run.privacy import refit_multiplier  # noqa: E402
+from peft_deer.run.refit import dataset_labels, head_features  # noqa: E402
+from peft_deer_clientapp import secagg_when_asked  # noqa: E402
+
+KINDS = {MessageType.QUERY: "hello", MessageType.TRAIN: "train", MessageType.EVALUATE: "evaluate"}
+EPSILON = 8.0
+
+
+@pytest.fixture(autouse=True)
+def _flower_identity(one_thread):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class SecAggSiteGrid:
+    """Node 100 + c holds client c; a train message of a SecAgg+ run goes through the site's real `secaggplus_mod`
+    (the ClientApp's `secagg_when_asked`) to its `handle`, any other message straight to `handle`. `received` keeps
+    what the server got; `messages[c]` the statistics FitRes each site handed to the mod (before masking)."""
+
+    def __init__(self, run_config: dict, state_dir, clients: int = 3) -> None:
+        self.run_config = run_config
+        self.nodes = {
+            100 + c: {"partition-id": c, "data-dir": str(MEDMNIST_DIR), "state-dir": str(state_dir)}
+            for c in range(clients)
+        }
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes
+        }
+        self.received: list[tuple[str, Message]] = []
+        self.messages: dict[int, np.ndarray] = {}
+        self.instructions: dict[int, RecordDict] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        out = []
+        for sent in messages:
+            msg = copy.deepcopy(sent)  # what travels is a copy: the mod edits its message in place
+            node, kind = msg.metadata.dst_node_id, KINDS[msg.metadata.message_type]
+            config = self.nodes[node]
+
+            def call_next(m: Message, _ctx: Context, node=node, config=config, kind=kind) -> Message:
+                content = handle(kind, m.content, self.run_config, config)
+                if "fitres.parameters" in content.array_records:  # a statistics FitRes, before the mod masks it
+                    self.messages[node - 100] = _fit_res_vector(content)
+                    self.instructions[node - 100] = read_statistics_fit_ins(m.content)
+                return Message(content, reply_to=m)
+
+            if kind == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+                reply = secagg_when_asked(msg, self.contexts[node], call_next)
+            else:
+                reply = call_next(msg, self.contexts[node])
+            out.append(reply)
+            self.received.append((kind, reply))
+        return out
+
+
+def _fit_res_vector(content: RecordDict) -> np.ndarray:
+    from flwr.common import parameters_to_ndarrays
+
+    res = compat.recorddict_to_fitres(content, keep_input=True)
+    (vector,) = parameters_to_ndarrays(res.parameters)
+    return np.asarray(vector, dtype=np.float64)
+
+
+def secagg_config(out, **overrides) -> dict:
+    return tiny_run_config(
+        **{
+            "dp": "client",
+            "epsilon": EPSILON,
+            "delta": 1e-3,
+            "noise-placement": "distributed",
+            "secure-aggregation": True,
+            "secagg-noise": "skellam",
+            "min-clients-per-phase": 2,
+            "num-clients": 3,
+            "rounds": 0,
+            "head-refit": "stats",
+            "refit-dims": 8,
+            "output-dir": str(out),
+            **overrides,
+        }
+    )
+
+
+def test_the_refit_through_secagg_releases_only_the_decoded_sum_of_skellam_messages(tmp_path, monkeypatch):
+    config = secagg_config(tmp_path / "out")
+    settings, options = parse_run_config(config)
+    grid = SecAggSiteGrid(config, tmp_path / "site-state")
+    released = []
+
+    def spy(*args):
+        stats = real(*args)
+        released.append(stats.vector())
+        return stats
+
+    real = server_app.secagg_statistics
+    monkeypatch.setattr(server_app, "secagg_statistics", spy)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    outcome = run_experiment(settings, FlowerTransport(grid, options, context), Host(say=lambda _: None))
+    assert outcome.summary is not None and len(released) == 1 and set(grid.messages) == {0, 1, 2}
+
+    # every statistics reply the server received was masked: no array of any train reply carries the vectors
+    for kind, reply in grid.received:
+        if kind == "train":
+            assert all(len(record) == 0 for record in reply.content.array_records.values())
+    # the release is exactly the sites' integer messages summed, divided by s (no quantization error)
+    m = refit_multiplier(settings, integer_noise=True)
+    assert m > refit_multiplier(settings)  # calibrated for the Skellam ledger: a little more noise
+    instruction = next(iter(grid.instructions.values()))
+    scale = float(instruction.config_records["config"]["skellam-scale"])
+    messages = [grid.messages[c] for c in range(3)]
+    assert all(np.array_equal(v, np.round(v)) for v in messages)  # integers
+    assert np.allclose(released[0], sum(messages) / scale, rtol=0, atol=1e-9)
+
+    ledger = json.loads((outcome.out / "privacy.json").read_text())
+    refit = ledger["head_refit"]
+    assert refit["applied"] and refit["client"]["noise_multiplier"] == pytest.approx(m)
+    facts = ledger["secure_aggregation_protocol"]["head_refit"]
+    assert facts["survivors"] == 3 and facts["sum_error_bound"] == 0.0 and facts["noise_shares"] == 2
+    t = settings.privacy.collusion_threshold  # d = k - t: t colluding sites still face the full noise
+    assert facts["share_divisor"] == 2 - t
+    expected = skellam_ledger([facts["skellam"]], 1e-3, [(2, 2 - t)], t)["t_colluding_sites"]
+    assert ledger["epsilon"] == pytest.approx(expected) and 0.97 * EPSILON < ledger["epsilon"] <= EPSILON
+
+
+def test_a_sites_skellam_message_is_its_scaled_statistics_plus_the_planned_noise(tmp_path):
+    """One site answering a statistics FitIns: message - s x (its exact statistics) has mean ~ 0 and the variance
+    of its Skellam share (m sC)^2 / d plus rounding (<= 1/4); the plan follows from public terms."""
+    config = secagg_config(tmp_path / "out", **{"refit-dims": 16})
+    settings, options = parse_run_config(config)
+    grid = SecAggSiteGrid(config, tmp_path / "site-state")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    run_experiment(settings, FlowerTransport(grid, options, context), Host(say=lambda _: None))
+    node = grid.nodes[101]
+    site = site_for(config, node)
+    from peft_deer.flower.refit import read_statistics_content
+
+    state, projection, cfg = read_statistics_content(grid.instructions[1])
+    from peft_deer.federated import load_adapter_state
+
+    load_adapter_state(site.model, state)
+    features = head_features(site.model, site.layout, site.train_data, 64)
+    labels = dataset_labels(site.train_data)
+    exact = hospital_contribution(projection.clipped(features), labels, 2, 1.0 / len(labels)).vector()
+    m, d = float(cfg["noise-multiplier"]), int(cfg["num-shares"])
+    request = dataclasses.make_dataclass("R", ["multiplier", "size", "share_divisor"])(m, len(exact), d)
+    plan = refit_plan(request, 3)
+    assert plan.scale == float(cfg["skellam-scale"]) and len(exact) == 2 * (1 + 16 + 256)
+    noise = grid.messages[1] - plan.scale * exact  # exact's norm is below C - sqrt(len)/s: no clipping
+    assert np.linalg.norm(exact) < 3**0.5 - np.sqrt(len(exact)) / plan.scale
+    sd = np.sqrt(plan.share_variance)
+    assert abs(float(noise.mean())) < 0.3 * sd
+    assert 0.8 * plan.share_variance < float(noise.var()) < 1.25 * plan.share_variance + 0.25
+
+
+def test_the_refit_with_gaussian_secagg_shares_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="needs secagg-noise='skellam'"):
+        parse_run_config(secagg_config(tmp_path / "out", **{"secagg-noise": "gaussian"}))
+
+
+def test_a_site_refuses_a_skellam_statistics_instruction_its_run_config_does_not_ask_for(tmp_path):
+    """A server asking a site without SecAgg+ for integer shares (or with another scale) is refused by the site."""
+    config = secagg_config(tmp_path / "out")
+    settings, options = parse_run_config(config)
+    grid = SecAggSiteGrid(config, tmp_path / "site-state")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    run_experiment(settings, FlowerTransport(grid, options, context), Host(say=lambda _: None))
+    plain = {**config, "secure-aggregation": False, "output-dir": str(tmp_path / "other")}
+    instruction = grid.instructions[0]
+    with pytest.raises(ValueError, match="no SecAgg\\+ with secagg-noise='skellam'"):
+        handle("train", copy.deepcopy(instruction), plain, grid.nodes[100])
+    bad = copy.deepcopy(instruction)
+    bad.config_records["config"]["skellam-scale"] = float(bad.config_records["config"]["skellam-scale"]) * 2
+    site = site_for(config, grid.nodes[100])
+    from peft_deer.flower.refit import site_statistics_vector
+
+    with pytest.raises(ValueError, match="skellam scale .* is not this site's"):
+        site_statistics_vector(site, bad)
