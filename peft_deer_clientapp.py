@@ -5,8 +5,9 @@ Flower starts a fresh `flwr-clientapp` process for every message a SuperNode rec
 outside the package, imports no torch, and hands each message to the site's long-lived worker
 (`peft_deer.flower.worker_link`; the worker keeps the site loaded across messages). Node config
 `site-worker=false` does the work in this process instead (everything reloaded per message). The wire format
-(`peft_deer.flower.wire`) and the SecAgg+ mask hardening (`peft_deer.flower.mask_hardening`) are loaded by
-path from the `peft_deer` beside this file (`peft_deer.light_import`), without the package's torch.
+(`peft_deer.flower.wire`), the SecAgg+ mask hardening (`peft_deer.flower.mask_hardening`) and the site's SecAgg+
+checks (`peft_deer.flower.secagg_guard`) are loaded by path from the `peft_deer` beside this file
+(`peft_deer.light_import`), without the package's torch.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import importlib.util
 from pathlib import Path
 
 from flwr.app import Context, Message
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 _spec = importlib.util.spec_from_file_location(
     "_peft_deer_light_import", Path(__file__).resolve().parent / "peft_deer" / "light_import.py"
@@ -26,16 +25,16 @@ _light = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_light)
 _light.load("peft_deer.flower.mask_hardening").harden_secaggplus_masks()
 ask_worker = _light.load("peft_deer.flower.worker_link").ask_worker
+guarded_secaggplus = _light.load("peft_deer.flower.secagg_guard").guarded_secaggplus
 
 app = ClientApp()
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
-    """Flower's `secaggplus_mod` for the train messages of a SecAgg+ phase (they carry its config record; the
-    mod masks the update the site returns), the plain train path for the others."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+    """Flower's `secaggplus_mod` for the train messages of a SecAgg+ run (they carry its config record; the mod
+    masks what the site returns), behind the site's own checks (`peft_deer.flower.secagg_guard`); the plain train
+    path for the others."""
+    return guarded_secaggplus(msg, context, call_next)
 
 
 @app.query()

@@ -52,6 +52,7 @@ LIGHT_MODULES: tuple[str, ...] = (
     "peft_deer.campaign.store",
     "peft_deer.flower",  # its names load on first use
     "peft_deer.flower.mask_hardening",
+    "peft_deer.flower.secagg_guard",
     "peft_deer.flower.wire",
     "peft_deer.flower.worker_link",
 )

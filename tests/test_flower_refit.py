@@ -31,7 +31,7 @@ from peft_deer.federated.head_refit import (  # noqa: E402
     hospital_contribution,
     pca_projection,
 )
-from peft_deer.flower.refit import STATISTICS, statistics_message  # noqa: E402
+from peft_deer.flower.refit import STATISTICS, site_share_divisor, statistics_message  # noqa: E402
 from peft_deer.flower.run_config import parse_run_config  # noqa: E402
 from peft_deer.flower.server_app import FlowerTransport  # noqa: E402
 from peft_deer.flower.site import handle, site_for  # noqa: E402
@@ -140,7 +140,7 @@ def test_a_site_sends_only_noised_statistics_of_the_stated_std(level, tmp_path, 
     features = head_features(site.model, site.layout, site.train_data, 64)
     labels = dataset_labels(site.train_data)
     projection = pca_projection(features, 8)  # any public projection does
-    m, d = refit_multiplier(settings), 2 if level == "client" else None
+    m, d = refit_multiplier(settings), site_share_divisor(site) if level == "client" else None  # d = k - t
     request = RefitRequest(projection, 2, m, level == "client", level == "record", d)
     msg = statistics_message(101, state, request, 1, RUN_KEY)
     reply = handle("train", copy.deepcopy(msg.content), config, node)

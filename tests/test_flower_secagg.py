@@ -649,6 +649,7 @@ def test_a_site_sends_its_skellam_message_from_public_terms_and_refuses_another_
 
     config = tiny_run_config(method="lora", dp="client", **{"noise-multiplier": 0.8, "clip-norm": 0.5})
     config.update({"noise-placement": "distributed", "reproducible-noise": True, "train-subset": 40, "rounds": 1})
+    config.update({"collusion-threshold": 0, "min-clients-per-phase": 2})  # d = k - t = 2 shares
     site = Site.build(config, {"partition-id": 1, "state-dir": str(tmp_path)})
     state = get_adapter_state(site.model, site.layout)
     phase = next(iter_phases("lora", 1))

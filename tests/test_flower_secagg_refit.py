@@ -127,9 +127,9 @@ def test_the_refit_through_secagg_releases_only_the_decoded_sum_of_skellam_messa
     released = []
 
     def spy(*args):
-        stats = real(*args)
+        stats, facts = real(*args)
         released.append(stats.vector())
-        return stats
+        return stats, facts
 
     real = server_app.secagg_statistics
     monkeypatch.setattr(server_app, "secagg_statistics", spy)
@@ -153,6 +153,7 @@ def test_the_refit_through_secagg_releases_only_the_decoded_sum_of_skellam_messa
     ledger = json.loads((outcome.out / "privacy.json").read_text())
     refit = ledger["head_refit"]
     assert refit["applied"] and refit["client"]["noise_multiplier"] == pytest.approx(m)
+    assert ledger["noise_multiplier"] == pytest.approx(m)  # statistics only: the run's one release is the refit
     facts = ledger["secure_aggregation_protocol"]["head_refit"]
     assert facts["survivors"] == 3 and facts["sum_error_bound"] == 0.0 and facts["noise_shares"] == 2
     t = settings.privacy.collusion_threshold  # d = k - t: t colluding sites still face the full noise
@@ -214,3 +215,154 @@ def test_a_site_refuses_a_skellam_statistics_instruction_its_run_config_does_not
 
     with pytest.raises(ValueError, match="skellam scale .* is not this site's"):
         site_statistics_vector(site, bad)
+
+
+# ------------------------------------------------------------------------------ what a server may not ask
+
+
+def _run(tmp_path, clients: int = 3, **overrides):
+    config = secagg_config(tmp_path / "out", **{"num-clients": clients, **overrides})
+    settings, options = parse_run_config(config)
+    grid = SecAggSiteGrid(config, tmp_path / "site-state", clients=clients)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    transport = FlowerTransport(grid, options, context)
+    return config, grid, run_experiment(settings, transport, Host(say=lambda _: None))
+
+
+def test_a_second_secagg_run_over_another_participant_set_is_refused_and_a_resend_is_identical(tmp_path, monkeypatch):
+    """Attack F2: two SecAgg+ runs of one statistics instruction, the second without site 0, would give site 0's
+    message as the difference of the sums. The sites fold the run's participants into the instruction's digest: the
+    second run is another instruction, refused; the same set again gets the identical messages."""
+    real = server_app.secagg_statistics
+    seen = {}
+
+    def malicious(secagg, grid, context, request):
+        first = real(secagg, grid, context, request)
+        seen["first"] = dict(grid.messages)
+        real(secagg, grid, context, request)  # the same participants: identical messages, no new noise
+        seen["again"] = dict(grid.messages)
+        nodes = dict(secagg.deer.nodes)
+        secagg.deer.nodes = {c: n for c, n in nodes.items() if c != 0}
+        try:
+            real(secagg, grid, context, request)
+        finally:
+            secagg.deer.nodes = nodes
+        return first
+
+    monkeypatch.setattr(server_app, "secagg_statistics", malicious)
+    with pytest.raises(ValueError, match="already answered for another instruction"):
+        _run(tmp_path, clients=4, **{"min-clients-per-phase": 3})
+    assert all(np.array_equal(seen["first"][c], seen["again"][c]) for c in range(4))
+
+
+def test_a_secagg_site_refuses_a_train_message_that_skipped_the_mod_even_with_a_forged_view(tmp_path):
+    """Attack F1: without the mod's config record a message skips the mod, and its reply would leave unmasked."""
+    from peft_deer.flower.secagg_guard import SECAGG_VIEW, guarded_secaggplus
+
+    config, grid, _ = _run(tmp_path)
+    fit_ins = grid.instructions[0]  # its plain form; re-wrap as the FitIns the server sent
+    from peft_deer.flower.refit import read_statistics_content
+    from peft_deer.flower.secagg_refit import statistics_fit_ins
+    from peft_deer.run.refit import RefitRequest
+
+    state, projection, cfg = read_statistics_content(fit_ins)
+    request = RefitRequest(projection, 2, float(cfg["noise-multiplier"]), True, False, int(cfg["num-shares"]))
+    ins = statistics_fit_ins(state, request, 0, str(cfg["run-key"]), float(cfg["skellam-scale"]))
+    content = compat.fitins_to_recorddict(ins, keep_input=True)
+    with pytest.raises(ValueError, match="did not come through SecAgg\\+"):
+        handle("train", copy.deepcopy(content), config, grid.nodes[100])
+    forged = copy.deepcopy(content)
+    from flwr.app import ConfigRecord
+
+    forged.config_records[SECAGG_VIEW] = ConfigRecord({"participants": "[100, 101, 102]", "threshold": 2})
+    msg = Message(forged, dst_node_id=100, message_type=MessageType.TRAIN)
+    ctxt = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
+
+    def call_next(m: Message, _c: Context) -> Message:
+        return Message(handle("train", m.content, config, grid.nodes[100]), reply_to=m)
+
+    with pytest.raises(ValueError, match="did not come through SecAgg\\+"):
+        guarded_secaggplus(msg, ctxt, call_next)  # the forged view is dropped before the site sees the message
+
+
+@pytest.mark.parametrize(
+    "active, dead, message",
+    [
+        ([1, 2, 3], [3], "both active and dead"),
+        ([1, 2, 2], [], "repeats a node id"),
+        ([1, 2], [9], "outside this run's key sharing"),
+    ],
+)
+def test_the_unmask_stage_may_not_list_a_site_as_both_active_and_dead(active, dead, message):
+    """Attack F3: flwr's mod would return a site's mask seed share and its private key share for a node named in both
+    lists, revealing that node's message; the guard refuses it (and repeats, and strangers)."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    from peft_deer.flower.secagg_guard import check_unmask
+
+    configs = ConfigRecord({Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})
+    with pytest.raises(ValueError, match=message):
+        check_unmask(configs, [1, 2, 3])
+    check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}), [1, 2, 3])  # honest
+
+
+def test_a_site_refuses_more_noise_shares_than_its_own_run_config_gives(tmp_path):
+    """Attack F4: d sizes each share's variance (m sC)^2 / d; a server asking for a larger d gets less noise. The
+    site computes d = k - t from its own run config and refuses any other."""
+    config, grid, _ = _run(tmp_path)
+    plain = copy.deepcopy(grid.instructions[0])
+    plain.config_records["config"]["num-shares"] = 10**6
+    plain.config_records["config"]["secagg-view"] = json.dumps([[100, 101, 102], 2])
+    from peft_deer.flower.refit import site_statistics_vector
+
+    with pytest.raises(ValueError, match="num-shares 1000000 is not this run's d = k - t = 1"):
+        site_statistics_vector(site_for(config, grid.nodes[100]), plain)
+
+
+def test_a_resumed_run_keeps_the_refits_skellam_release_in_its_epsilon(tmp_path, monkeypatch):
+    """Attack F5: a crash after the refit's checkpoint and before the ledger is written; the resumed run's epsilon
+    still composes the refit's Skellam release (its facts are in the checkpointed ledger entry)."""
+    import peft_deer.run.lifecycle as lifecycle
+
+    _, _, clean = _run(tmp_path / "clean")
+    expected = json.loads((clean.out / "privacy.json").read_text())
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut after the refit's checkpoint")
+
+    real = lifecycle.finalize
+    monkeypatch.setattr(lifecycle, "finalize", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        _run(tmp_path / "crash")
+    monkeypatch.setattr(lifecycle, "finalize", real)
+    _, _, resumed = _run(tmp_path / "crash", resume=True)
+    ledger = json.loads((resumed.out / "privacy.json").read_text())
+    assert "head_refit" in ledger["secure_aggregation_protocol"]
+    assert ledger["epsilon"] == pytest.approx(expected["epsilon"]) and ledger["epsilon"] > 7
+
+
+def test_the_skellam_calibration_meets_the_target_for_every_length_and_federation():
+    """Attack F6: the multiplier a statistics-only SecAgg+ run uses keeps the actual release's Skellam epsilon (the
+    ledger's, against t colluders) within the target, for any vector length, k and t."""
+    from peft_deer.federated.skellam import plan_skellam
+    from peft_deer.run.privacy import skellam_multiplier
+
+    for epsilon in (1.0, 4.0, 8.0, 16.0):
+        for delta in (1e-3, 1e-4, 1e-6):
+            m = skellam_multiplier(epsilon, delta)
+            for size in (2 * (1 + 4 + 16), 10 * (1 + 64 + 64**2)):
+                for k, t in ((2, 1), (12, 1), (48, 5)):
+                    plan = plan_skellam(m, 3**0.5, size, k - t, 200)
+                    eps = skellam_ledger([dataclasses.asdict(plan)], delta, [(k, k - t)], t)["t_colluding_sites"]
+                    assert 0.99 * epsilon < eps <= epsilon, (epsilon, delta, size, k, t, eps)
+
+
+def test_a_statistics_only_run_whose_release_would_pass_the_target_fails_before_releasing(tmp_path, monkeypatch):
+    """Attack F6: were the calibrated multiplier short of the target, the refit (the run's one release) would be
+    skipped and the run would end with an untrained head. It fails with one line instead; nothing is sent."""
+    import peft_deer.run.privacy as privacy
+
+    monkeypatch.setattr(privacy, "SKELLAM_CALIBRATION_MARGIN", 1.02)  # both sides: a multiplier 2 % short
+    with pytest.raises(ValueError, match="statistics only .* would reach client-level epsilon"):
+        _run(tmp_path)

@@ -98,6 +98,8 @@ class TrainInstruction:
     run_key: str = ""
     noise: NoiseTerms | None = None
     skellam_scale: float | None = None  # SecAgg+ with secagg-noise='skellam': send integers (`skellam.py`)
+    # the SecAgg+ run it came through, as the site's mod saw it (`secagg_guard.secagg_view`): participants, threshold
+    secagg_view: tuple[tuple[int, ...], int] | None = None
 
 
 def hello_message(node_id: int) -> Message:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 
@@ -28,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from ..federated import AdapterState, InvalidClientUpdate, load_adapter_state
+from ..federated.collusion import share_divisor
 from ..federated.head_refit import CLIENT_SENSITIVITY, ClassStats, Projection
 from ..federated.randomness import DPRandomness
 from ..federated.skellam import plan_skellam, skellam_encode
@@ -116,6 +118,15 @@ def site_statistics(site, content: RecordDict) -> RecordDict:
     return reply
 
 
+def site_share_divisor(site) -> int:
+    """d = k - t as this site's own run config gives it (`FederatedServer.share_divisor` of the noise floor k =
+    min(min-clients-per-phase, num-clients), t = collusion-threshold; 1 when k <= t): the most shares a release
+    may be split into. A phase may use fewer (fewer sampled sites: a smaller k), never more."""
+    k = max(1, min(site.options.min_clients_per_phase if site.options else 1, site.settings.data.num_clients))
+    t = site.settings.privacy.collusion_threshold
+    return 1 if k <= t else share_divisor(k, t)
+
+
 def site_statistics_vector(site, content: RecordDict) -> tuple[np.ndarray, ConfigRecord | None]:
     """(the vector that leaves the site, its record-level accountant report or None) for a statistics instruction
     in plain form. With a Skellam scale in its config (SecAgg+, `secagg_refit.py`) the vector is the integer message
@@ -145,6 +156,9 @@ def site_statistics_vector(site, content: RecordDict) -> tuple[np.ndarray, Confi
     shares = int(config["num-shares"])
     if distributed != (shares >= 1):
         raise ValueError(f"the statistics instruction's num-shares {shares} does not fit this run's client-level noise")
+    if distributed and shares != site_share_divisor(site):  # d sizes the share: a larger d is less noise
+        raise ValueError(f"the statistics instruction's num-shares {shares} is not this run's d = k - t = "
+                         f"{site_share_divisor(site)}: refused")  # fmt: skip
     module, _, _ = head_linear(site.model, site.layout)
     if int(config["num-classes"]) != module.out_features:
         raise ValueError(f"num-classes {config['num-classes']} is not this model's {module.out_features}")
@@ -161,6 +175,10 @@ def site_statistics_vector(site, content: RecordDict) -> tuple[np.ndarray, Confi
         if plan.scale != float(scale):
             raise ValueError(f"skellam scale {scale} is not this site's {plan.scale}")
         request = dataclasses.replace(request, share_divisor=None)  # no Gaussian share: the Skellam one instead
+        _, threshold = json.loads(str(config.get("secagg-view", "[[], 0]")))
+        if threshold < max(shares + privacy.collusion_threshold, 2):  # `site.check_threshold`'s rule
+            raise ValueError(f"the SecAgg+ run's threshold {threshold} is below d + t = "
+                             f"{shares + privacy.collusion_threshold}: refused")  # fmt: skip
     noised = privacy.record_level or distributed
     run_key, first = str(config["run-key"]), True
     if privacy.reproducible_noise or not noised:  # the simulation's draws (testing only), or none at all

@@ -79,7 +79,6 @@ class SecAggDeerStrategy(LegacyStrategy):
         self._phase: tuple[Phase, list[int], int, float] | None = None  # phase, participants, k, rho
         self._release: PhaseRelease | None = None
         self._plan: SkellamPlan | None = None  # the phase's integer mechanism (secagg-noise='skellam')
-        self.refit_release_facts: dict | None = None  # the head refit's SecAgg+ run (`secagg_refit.py`), once made
         if deer.options.secagg_noise == "skellam":  # the budget stop accounts what is released: the integer sum
             server.budget_probe = self.skellam_epsilon_after
             server.refit_budget_probe = self.refit_epsilon_after
@@ -318,7 +317,7 @@ class SecAggDeerStrategy(LegacyStrategy):
             "delta_with_range_clipping": server.dp.delta + len(ranges) * range_clipping_probability(server.num_clients),
         }
         skellam = [r for r in server.releases if "skellam" in r.get("secure_aggregation", {})]
-        refit = self.refit_release_facts
+        refit = (server.refit or {}).get("secure_aggregation") if (server.refit or {}).get("applied") else None
         if refit is not None:  # the head refit's statistics: one more Skellam release, composed with the phases'
             ledger["secure_aggregation_protocol"]["head_refit"] = refit
             shares = {key: refit[key] for key in ("noise_shares", "share_divisor")}

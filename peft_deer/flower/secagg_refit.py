@@ -5,15 +5,15 @@ as a SecAgg+ `FitIns`, with the scale s of the Skellam plan both sides derive fr
 the refit's noise multiplier m, the bound C = sqrt 3 of a hospital's vector (`CLIENT_SENSITIVITY`), the vector's
 length and d = k - t). Each site answers with its integer message as the `FitRes` that `secaggplus_mod` masks: its
 statistics clipped to C - sqrt(len)/s, times s, stochastically rounded, plus its Skellam share of variance
-(m sC)^2 / d (`refit.site_statistics_vector`); under client,record DP its record-level noise comes first and its
-accountant report rides in the FitRes metrics, as in a phase. The server unmasks only the sum of >= k survivors'
-messages (the threshold of the SecAgg+ run), divides it by s, and `run.refit` fits the head and accounts the
-release as the sum of k Gaussian shares; the ledger's epsilon is the Skellam one, composed with the training's
-(`SecAggDeerStrategy.deployment_ledger`), and the refit is skipped before anything is sent if that epsilon would
-pass the target (`SecAggDeerStrategy.refit_epsilon_after`). Integer shares only: Gaussian shares quantized after
-the noise have no proof, so secagg-noise='gaussian' with the refit is refused (`run_config.py`).
+(m sC)^2 / d (`refit.site_statistics_vector`, which checks m, s and d against the site's own run config); under
+client,record DP its record-level noise comes first and its accountant report rides in the FitRes metrics, as in
+a phase. The server unmasks only the sum of >= k survivors' messages (the threshold of the SecAgg+ run), divides
+it by s, and `run.refit` fits the head and accounts the release as the sum of k Gaussian shares. The run's facts
+go into the refit's ledger entry (checkpointed), from which the ledger's Skellam epsilon composes the release with
+the training's (`SecAggDeerStrategy.deployment_ledger`); a release whose Skellam epsilon would pass the target is
+not made (`SecAggDeerStrategy.refit_epsilon_after`). Integer shares only: Gaussian shares quantized after the noise
+have no proof, so secagg-noise='gaussian' with the refit is refused (`run_config.py`).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from ..federated import AdapterState, InvalidClientUpdate
 from ..federated.head_refit import CLIENT_SENSITIVITY, ClassStats
 from ..federated.quantization import check_quantization_range
-from ..federated.skellam import SkellamPlan, plan_skellam
+from ..federated.skellam import SkellamPlan, plan_skellam, skellam_ledger
 from ..run.refit import RefitRequest
 from .protocol import CONFIG, GLOBAL, state_to_record
 from .refit import PROJECTION, SKELLAM_SCALE, STEP, site_statistics_vector, statistics_message
@@ -96,10 +96,16 @@ def read_statistics_fit_ins(content: RecordDict) -> RecordDict:
     )
 
 
-def site_statistics_fit_res(site, content: RecordDict) -> RecordDict:
+def site_statistics_fit_res(site, content: RecordDict, view: tuple[list[int], int] | None) -> RecordDict:
     """A site's answer to a statistics FitIns: its integer message (one float64 array holding integers; the mod
-    masks it), weight 1, its client id and, under record-level DP, its accountant report."""
-    vector, record = site_statistics_vector(site, read_statistics_fit_ins(content))
+    masks it), weight 1, its client id and, under record-level DP, its accountant report. `view` (the SecAgg+ run's
+    participants and threshold, `secagg_guard`) joins the instruction's digest: another participant set is another
+    instruction, refused once this one was answered."""
+    if view is None:
+        raise ValueError("a SecAgg+ statistics instruction that did not come through SecAgg+: refused")
+    plain = read_statistics_fit_ins(content)
+    plain.config_records[CONFIG]["secagg-view"] = json.dumps([sorted(view[0]), view[1]])
+    vector, record = site_statistics_vector(site, plain)
     metrics: dict = {CLIENT_ID: site.client_id}
     if record is not None:
         metrics[RECORD_JSON] = json.dumps(dict(record))
@@ -181,10 +187,11 @@ class SecAggStatistics(LegacyStrategy):
         return None
 
 
-def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitRequest) -> ClassStats:
+def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitRequest) -> tuple[ClassStats, dict]:
     """The head refit's release through one SecAgg+ run (module docstring): every reachable site, threshold k (the
-    noise floor over every site), range rho = the plan's bound with 2 rho levels (exact on integers). The run's
-    facts go to `secagg.refit_release_facts` for the ledger. TooFewClients below the floor."""
+    noise floor over every site), range rho = the plan's bound with 2 rho levels (exact on integers). Returns the
+    decoded sum and the run's facts (the refit's ledger entry keeps them, checkpoint included; the Skellam ledger
+    reads them there). TooFewClients below the floor."""
     deer = secagg.deer
     if request.share_divisor is None or request.shares is None:
         raise ValueError("the head refit through SecAgg+ needs distributed client-level noise")
@@ -204,8 +211,12 @@ def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitReques
             f"head refit: SecAgg+ stopped before unmasking: fewer than k={k} of {len(sent)} sites completed the "
             "protocol (failed or timed out); nothing released. Resume with resume=true once the SuperNodes are back."
         )
-    secagg.refit_release_facts = {
+    server = deer.server
+    alone = skellam_ledger([dataclasses.asdict(plan)], server.dp.delta, [(k, request.share_divisor)],
+                           server.collusion_threshold)  # fmt: skip
+    facts = {
         "protocol": "SecAgg+ (one run), integer (Skellam) shares",
+        "epsilon_of_this_release_skellam": alone["t_colluding_sites"],
         "skellam": dataclasses.asdict(plan),
         "noise_shares": k,
         "share_divisor": request.share_divisor,
@@ -215,7 +226,7 @@ def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitReques
         "sum_error_bound": 0.0,
     }
     logger.info("head refit: released the SecAgg+ sum of %d sites' statistics", len(strategy.survivors))
-    return ClassStats.from_vector(strategy.total, request.num_classes, request.projection.dims)
+    return ClassStats.from_vector(strategy.total, request.num_classes, request.projection.dims), facts
 
 
 __all__ = [

@@ -13,6 +13,7 @@ final adapter on its own held-out images; the per-site table goes to `server-pri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -121,6 +122,9 @@ class FlowerTransport(Transport):
         logger.info("DEeR run %s -> %s", exp.settings.federation.method, out)
         if self.options.secure_aggregation:  # the mechanism: a resume with another secagg-noise is refused
             exp.deployment_fingerprint["secagg-noise"] = self.options.secagg_noise
+        server, m = exp.server, self.refit_multiplier(exp)
+        if not exp.settings.federation.rounds and server.dp is not None and m is not None:  # the one release's m
+            server.dp = dataclasses.replace(server.dp, noise_multiplier=m)
         if exp.server.record is not None:  # before a resume loads the ledger: it holds the sites' reports
             exp.server.record = SiteRecordLevel(exp.server.record)
 
@@ -144,7 +148,7 @@ class FlowerTransport(Transport):
         integer = self.options.secure_aggregation and self.options.secagg_noise == "skellam"
         return refit_multiplier(exp.settings, integer_noise=integer)
 
-    def refit_release(self, exp: Experiment, request: RefitRequest) -> ClassStats:
+    def refit_release(self, exp: Experiment, request: RefitRequest) -> ClassStats | tuple[ClassStats, dict]:
         """--head-refit stats: every site's noised statistics (`flower/refit.py`), summed; with secure aggregation
         the server sees only their sum (`flower/secagg_refit.py`)."""
         if self.options.secure_aggregation:

@@ -88,8 +88,9 @@ from .protocol import (
     read_train_content,
     update_content,
 )
-from .refit import is_statistics, site_statistics
+from .refit import is_statistics, site_share_divisor, site_statistics
 from .run_config import OPTION_KEYS, DeploymentOptions, parse_run_config
+from .secagg_guard import secagg_view
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .secagg_refit import is_statistics_fit_ins, site_statistics_fit_res
 from .site_accounting import SiteAccountant, site_record_level
@@ -234,6 +235,10 @@ class Site:
             raise ValueError(f"asked to train client {work.client_id}, but this SuperNode holds client {client_id}")
         phase = _phase(settings.federation.method, settings.federation.rounds, work.round, work.phase)
         noise = self.expected_noise(work.noise)
+        most = site_share_divisor(self)
+        if noise is not None and not 1 <= work.num_shares <= most:
+            raise ValueError(f"the train instruction's num-shares {work.num_shares} is outside [1, d = k - t = {most}] "
+                             "of this run's config: refused (a larger d is a smaller noise share)")  # fmt: skip
         # DP draws: the site's own secret; with reproducible-noise the simulation's (no guarantee: testing only).
         randomness = DPRandomness.from_seed(seed) if settings.privacy.reproducible_noise else None
         task = ClientTask(
@@ -374,15 +379,34 @@ def site_for(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> S
     return site
 
 
+def check_threshold(site: Site, view: tuple[list[int], int], num_shares: int) -> None:
+    """ValueError unless the SecAgg+ run's reconstruction threshold keeps t colluders facing the full noise: a sum
+    of at least d + t shares of variance 1/d each (d = the instruction's num-shares, t = this run's
+    collusion-threshold), and at least 2 (a sum of one message is that message)."""
+    threshold, needed = view[1], num_shares + site.settings.privacy.collusion_threshold
+    if threshold < max(needed, 2):
+        raise ValueError(f"the SecAgg+ run's threshold {threshold} is below d + t = {needed} (fewer survivors would "
+                         "carry less noise than sigma): refused")  # fmt: skip
+
+
 def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """The reply content of one message (`kind`: hello, train or evaluate) at this site."""
     site = site_for(run_config, node_config)
     if kind == "hello":
         return site.hello()
+    view = secagg_view(content)
+    if kind == "train" and site.options is not None and site.options.secure_aggregation and view is None:
+        raise ValueError("this run's config has secure-aggregation=true, but the train message did not come through "
+                         "SecAgg+ (its reply would leave unmasked): refused")  # fmt: skip
     if kind == "train" and is_fit_ins(content) and is_statistics_fit_ins(content):  # the refit through SecAgg+
-        return site_statistics_fit_res(site, content)
+        return site_statistics_fit_res(site, content, view)
     if kind == "train" and is_fit_ins(content):  # a SecAgg+ phase: legacy FitIns in, FitRes out (secagg.py)
-        return fit_res_content(*site.reply_update(read_fit_ins(content)))
+        work = read_fit_ins(content)
+        if view is None:
+            raise ValueError("a SecAgg+ train instruction that did not come through SecAgg+: refused")
+        check_threshold(site, view, work.num_shares)
+        work = dataclasses.replace(work, secagg_view=(tuple(view[0]), view[1]))
+        return fit_res_content(*site.reply_update(work))
     if kind == "train" and is_statistics(content):  # --head-refit stats: this site's noised statistics
         return site_statistics(site, content)
     if kind == "train":

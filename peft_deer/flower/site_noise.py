@@ -31,6 +31,8 @@ def instruction_digest(work: TrainInstruction) -> str:
     h = hashlib.sha256()
     terms = None if work.noise is None else sorted(vars(work.noise).items())
     scalars = (work.round, work.phase, work.client_id, work.num_shares, work.run_key, work.skellam_scale, terms)
+    if work.secagg_view is not None:  # another participant set is another instruction (`secagg_guard`)
+        scalars = (*scalars, work.secagg_view)
     h.update(repr(scalars).encode())
     for key in sorted(work.global_state):
         tensor = work.global_state[key].detach().cpu().contiguous()

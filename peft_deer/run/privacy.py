@@ -8,6 +8,8 @@ it back from there (`client_dp`), so a saved adapter states the mechanism it was
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 
 from ..federated import ClientDP, DPRandomness, LocalTraining, calibrate_noise_multiplier, method_spec
@@ -32,7 +34,27 @@ def local_training(settings: RunSettings, record: RecordLevel | None = None) -> 
     return LocalTraining.from_settings(settings, record.dp if record else None)
 
 
-SKELLAM_CALIBRATION_MARGIN = 0.995  # integer (Skellam) shares: calibrated on RDP for 0.995 epsilon (see below)
+SKELLAM_CALIBRATION_MARGIN = 0.999  # integer (Skellam) shares: calibrated for 0.999 epsilon (see below)
+
+
+def skellam_multiplier(epsilon: float, delta: float) -> float:
+    """m whose one client-level release with integer (Skellam) shares (`federated.skellam`: the ledger's integer RDP
+    orders, range failure out of delta) reaches SKELLAM_CALIBRATION_MARGIN x `epsilon` against the sites' colluders:
+    bisection on a reference plan (length 1, one share). Longer vectors only shrink the rounding's share of the
+    bound, so the server's check of the actual plan passes with the margin to spare."""
+    from ..federated.skellam import plan_skellam, skellam_ledger
+
+    def eps(m: float) -> float:
+        plan = plan_skellam(m, 1.0, 1, 1, 1)
+        return skellam_ledger([dataclasses.asdict(plan)], delta, [(1, 1)], 0)["t_colluding_sites"]
+
+    target, low, high = epsilon * SKELLAM_CALIBRATION_MARGIN, 1e-2, 1e3
+    if eps(high) > target:
+        raise ValueError(f"client-level epsilon {epsilon} at delta {delta} needs a noise multiplier above {high:g}")
+    for _ in range(60):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if eps(mid) > target else (low, mid)
+    return high
 
 
 def refit_multiplier(settings: RunSettings, integer_noise: bool = False) -> float | None:
@@ -42,9 +64,8 @@ def refit_multiplier(settings: RunSettings, integer_noise: bool = False) -> floa
     Statistics only (--rounds 0): the refit is the run's one release, so its multiplier is calibrated to meet
     every target alone (--epsilon at q = 1, 1 release; --record-epsilon likewise; the larger of the two), or is
     the fixed --noise-multiplier / --record-noise-multiplier; without DP it is --refit-noise-multiplier (unused).
-    `integer_noise` (SecAgg+ with Skellam shares, `flower/secagg_refit.py`): the client-level target is met by the
-    Skellam ledger, an RDP bound a little above the Gaussian's (the rounding), so the multiplier is calibrated on
-    RDP for SKELLAM_CALIBRATION_MARGIN x --epsilon; the server checks the Skellam epsilon before the release."""
+    `integer_noise` (SecAgg+ with Skellam shares, `flower/secagg_refit.py`): the client-level target is met under
+    the Skellam ledger (`skellam_multiplier`); the server checks the actual release's Skellam epsilon before it."""
     if settings.refit.head_refit != "stats":
         return None
     if settings.federation.rounds == 0:
@@ -56,14 +77,12 @@ def _statistics_only_multiplier(settings: RunSettings, integer_noise: bool = Fal
     privacy, record = settings.privacy, settings.record
     found = []
     if privacy.client_level:
-        target, accountant = privacy.epsilon, privacy.accountant
-        if integer_noise and target is not None:
-            target, accountant = target * SKELLAM_CALIBRATION_MARGIN, "rdp"
-        found.append(
-            privacy.noise_multiplier
-            if privacy.noise_multiplier is not None
-            else calibrate_noise_multiplier(target, privacy.delta, 1.0, 1, accountant)
-        )
+        if privacy.noise_multiplier is not None:
+            found.append(privacy.noise_multiplier)
+        elif integer_noise:
+            found.append(skellam_multiplier(privacy.epsilon, privacy.delta))
+        else:
+            found.append(calibrate_noise_multiplier(privacy.epsilon, privacy.delta, 1.0, 1, privacy.accountant))
     if privacy.record_level:
         found.append(
             record.record_noise_multiplier

@@ -163,7 +163,8 @@ def simulate_release(exp: Experiment, request: RefitRequest) -> ClassStats:
     return total
 
 
-StatisticsRelease = Callable[["Experiment", RefitRequest], ClassStats]
+# The summed releases, or (summed releases, facts of the transport's protocol: the entry's "secure_aggregation").
+StatisticsRelease = Callable[["Experiment", RefitRequest], ClassStats | tuple[ClassStats, dict]]
 
 
 def refit_head(
@@ -213,12 +214,21 @@ def refit_head(
             eps, _ = server.refit_budget_probe(request.size, m, request.share_divisor)
         else:
             eps = server.accountant.epsilon_after(m, 1.0, server.dp.delta, server.budget_accountant)
+        if eps > server.dp.target_epsilon and not settings.federation.rounds:  # the run's one release
+            raise ValueError(
+                f"statistics only (--rounds 0): the refit's release would reach client-level epsilon {eps:.4f} > "
+                f"{server.dp.target_epsilon}; nothing was released (raise --noise-multiplier, or leave it to --epsilon)"
+            )
         if eps > server.dp.target_epsilon:
             entry.update(applied=False, note=f"skipped: the release would reach epsilon {eps:.3f} > target")
             say(f"head refit skipped: client-level epsilon would reach {eps:.3f} > {server.dp.target_epsilon}")
             server.refit = entry
             return entry
-    stats = account_release(exp, request, release(exp, request), entry)
+    released = release(exp, request)
+    released, facts = released if isinstance(released, tuple) else (released, None)
+    if facts is not None:  # in the entry, so in the checkpoint: a resumed run's ledger still has them
+        entry["secure_aggregation"] = facts
+    stats = account_release(exp, request, released, entry)
     shrinkage, by_shrinkage = choose_shrinkage(stats, projection, val_x, val_y)
     head, scale = unit_scaled(head_in_input_space(fit_lda(stats, shrinkage), projection), val_x)
     server.global_state = {
