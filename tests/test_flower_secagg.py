@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import tempfile
 
 import pytest
 import torch
@@ -268,8 +269,10 @@ class LoopbackGrid:
     def __init__(self, sites: dict[int, ClientUpdate], dead: dict[int, str] | None = None) -> None:
         self.sites = sites
         self.dead = dict(dead or {})
+        state_dir = tempfile.mkdtemp(prefix="secagg-site-")  # the guard's unmask record (`secagg_guard`)
         self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in sites
+            n: Context(run_id=1, node_id=n, node_config={"state-dir": state_dir}, state=RecordDict(), run_config={})
+            for n in sites
         }
         self.received: list[Message] = []  # every reply the server got
         self.instructions: dict[int, object] = {}
@@ -402,7 +405,8 @@ def test_a_site_dropping_out_mid_protocol_leaves_a_correctly_accounted_release(f
 @pytest.mark.parametrize("stage", ["share_keys", "collect_masked_vectors"])
 def test_fewer_survivors_than_k_release_nothing_and_say_why(flower_task_identity, stage):
     layout, state, phase, private, server, secagg, grid, release = secagg_setup(3, k=3, dead={2: stage})
-    with pytest.raises(TooFewClients, match="fewer than k=3 of 3 sites completed the protocol.*less noise than sigma"):
+    expected = r"fewer than the threshold 3 \(noise floor k=3\) of 3 sites completed the protocol.*less noise than"
+    with pytest.raises(TooFewClients, match=expected):
         release(phase, server.participants(phase))
     assert server.releases == [] and server.accountant.history == []  # nothing applied, nothing accounted
     assert all(torch.equal(server.global_state[k], state[k]) for k in state)

@@ -60,7 +60,8 @@ class SecAggSiteGrid:
             for c in range(clients)
         }
         self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes
+            n: Context(run_id=1, node_id=n, node_config=dict(self.nodes[n]), state=RecordDict(), run_config={})
+            for n in self.nodes
         }
         self.received: list[tuple[str, Message]] = []
         self.messages: dict[int, np.ndarray] = {}
@@ -286,16 +287,18 @@ def test_a_secagg_site_refuses_a_train_message_that_skipped_the_mod_even_with_a_
 
 
 @pytest.mark.parametrize(
-    "active, dead, message",
+    "active, dead, threshold, message",
     [
-        ([1, 2, 3], [3], "both active and dead"),
-        ([1, 2, 2], [], "repeats a node id"),
-        ([1, 2], [9], "outside this run's key sharing"),
+        ([1, 2, 3], [3], 2, "both active and dead"),
+        ([1, 2, 2], [], 2, "repeats a node id"),
+        ([1, 2], [9], 2, "outside this run's key sharing"),
+        ([1, 2], [3], 1, "not above half"),  # attack B3: two halves told different lists could each unmask one site
     ],
 )
-def test_the_unmask_stage_may_not_list_a_site_as_both_active_and_dead(active, dead, message):
+def test_the_unmask_stage_may_not_list_a_site_as_both_active_and_dead(active, dead, threshold, message):
     """Attack F3: flwr's mod would return a site's mask seed share and its private key share for a node named in both
-    lists, revealing that node's message; the guard refuses it (and repeats, and strangers)."""
+    lists, revealing that node's message; the guard refuses it (and repeats, strangers, and a threshold that two
+    disjoint halves of the participants could each reach)."""
     from flwr.app import ConfigRecord
     from flwr.common.secure_aggregation.secaggplus_constants import Key
 
@@ -303,8 +306,66 @@ def test_the_unmask_stage_may_not_list_a_site_as_both_active_and_dead(active, de
 
     configs = ConfigRecord({Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})
     with pytest.raises(ValueError, match=message):
-        check_unmask(configs, [1, 2, 3])
-    check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}), [1, 2, 3])  # honest
+        check_unmask(configs, [1, 2, 3], threshold)
+    check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}), [1, 2, 3], 2)  # honest
+
+
+def test_a_replayed_secagg_run_with_a_site_dropped_cannot_unmask_the_others_again(tmp_path, monkeypatch):
+    """Attack B2: the same instruction in a second SecAgg+ run over the same participants, the victim's masked
+    message withheld: the others' messages are identical re-sends, so the two sums would differ by the victim's
+    message. Each site unmasks a given masked message with one active set only: the second unmasking is refused."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as CONFIGS
+
+    real = server_app.secagg_statistics
+
+    def malicious(secagg, grid, context, request):
+        first = real(secagg, grid, context, request)
+        send = grid.send_and_receive
+
+        def lossy(messages, timeout=None):  # the victim (node 100) "drops out" at the masked-vector stage
+            def withheld(m):
+                record = m.content.config_records.get(CONFIGS)
+                stage = None if record is None else record.get("stage")
+                return m.metadata.dst_node_id == 100 and stage == "collect_masked_vectors"
+
+            return send([m for m in messages if not withheld(m)], timeout)
+
+        grid.send_and_receive = lossy
+        try:
+            real(secagg, grid, context, request)
+        finally:
+            grid.send_and_receive = send
+        return first
+
+    monkeypatch.setattr(server_app, "secagg_statistics", malicious)
+    with pytest.raises(ValueError, match="already unmasked with other active nodes"):
+        _run(tmp_path, clients=4, **{"min-clients-per-phase": 3})
+
+
+def test_a_train_message_of_another_action_skips_the_mod_and_is_refused(tmp_path):
+    """Attack B1: flwr's mod acts on message type "train" only and passes "train.<action>" straight on; such a
+    message gets no view (even carrying the mod's config record after a real run), so a SecAgg+ site refuses it."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as CONFIGS
+
+    from peft_deer.flower.refit import read_statistics_content
+    from peft_deer.flower.secagg_guard import guarded_secaggplus
+    from peft_deer.flower.secagg_refit import statistics_fit_ins
+    from peft_deer.run.refit import RefitRequest
+
+    config, grid, _ = _run(tmp_path)
+    state, projection, cfg = read_statistics_content(grid.instructions[0])
+    request = RefitRequest(projection, 2, float(cfg["noise-multiplier"]), True, False, int(cfg["num-shares"]))
+    ins = statistics_fit_ins(state, request, 0, str(cfg["run-key"]), float(cfg["skellam-scale"]))
+    content = compat.fitins_to_recorddict(ins, keep_input=True)
+    content.config_records[CONFIGS] = ConfigRecord({"stage": "collect_masked_vectors"})
+    msg = Message(content, dst_node_id=100, message_type="train.default")
+
+    def call_next(m: Message, _c: Context) -> Message:
+        return Message(handle("train", m.content, config, grid.nodes[100]), reply_to=m)
+
+    with pytest.raises(ValueError, match="did not come through SecAgg\\+"):
+        guarded_secaggplus(msg, grid.contexts[100], call_next)  # the node's context still holds the last run's state
 
 
 def test_a_site_refuses_more_noise_shares_than_its_own_run_config_gives(tmp_path):
@@ -349,13 +410,15 @@ def test_the_skellam_calibration_meets_the_target_for_every_length_and_federatio
     from peft_deer.run.privacy import skellam_multiplier
 
     for epsilon in (1.0, 4.0, 8.0, 16.0):
-        for delta in (1e-3, 1e-4, 1e-6):
+        for delta in (1e-3, 1e-4, 1e-6, 1e-7):  # attack B4: down to where the range failure matters
             m = skellam_multiplier(epsilon, delta)
             for size in (2 * (1 + 4 + 16), 10 * (1 + 64 + 64**2)):
                 for k, t in ((2, 1), (12, 1), (48, 5)):
                     plan = plan_skellam(m, 3**0.5, size, k - t, 200)
                     eps = skellam_ledger([dataclasses.asdict(plan)], delta, [(k, k - t)], t)["t_colluding_sites"]
                     assert 0.99 * epsilon < eps <= epsilon, (epsilon, delta, size, k, t, eps)
+    with pytest.raises(ValueError, match="too small for integer"):
+        skellam_multiplier(8.0, 1e-9)
 
 
 def test_a_statistics_only_run_whose_release_would_pass_the_target_fails_before_releasing(tmp_path, monkeypatch):

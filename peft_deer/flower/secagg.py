@@ -108,10 +108,11 @@ class SecAggDeerStrategy(LegacyStrategy):
                 check_quantization_range(levels, self.deer.server.num_clients)
             self._phase, self._release = (phase, sent, k, rho), None
             levels = levels or self.deer.options.quantization_range
-            self.run_workflow(self, grid, context, server_round, k, rho, levels)
+            threshold = self.run_workflow(self, grid, context, server_round, k, rho, levels, len(sent))
             if self._release is None:
                 raise TooFewClients(
-                    f"{_name(phase)}: SecAgg+ stopped before unmasking: fewer than k={k} of {len(sent)} sites "
+                    f"{_name(phase)}: SecAgg+ stopped before unmasking: fewer than the threshold {threshold} (noise "
+                    f"floor k={k}) of {len(sent)} sites "
                     "completed the protocol (failed or timed out), and a sum of fewer than k updates carries less "
                     "noise than sigma; nothing released. Resume with resume=true once the SuperNodes are back."
                 )
@@ -120,13 +121,24 @@ class SecAggDeerStrategy(LegacyStrategy):
         return release
 
     def run_workflow(
-        self, strategy: LegacyStrategy, grid: Grid, context: Context, server_round: int, k: int, rho: float, levels: int
-    ) -> None:
+        self,
+        strategy: LegacyStrategy,
+        grid: Grid,
+        context: Context,
+        server_round: int,
+        k: int,
+        rho: float,
+        levels: int,
+        sites: int,
+    ) -> int:
         """One SecAgg+ run driving `strategy` (this one for a phase, `secagg_refit.SecAggStatistics` for the head
-        refit): threshold k, every site a neighbour of every other, weight 1, entry range rho, `levels` steps."""
+        refit) over `sites` sites: every site a neighbour of every other, weight 1, entry range rho, `levels` steps,
+        and reconstruction threshold max(k, sites // 2 + 1), which it returns: at least the noise floor k, and above
+        half the sites, which the sites require (`secagg_guard.check_unmask`: no two halves can each unmask)."""
+        threshold = max(k, sites // 2 + 1)
         workflow = SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled site holds a share of every other's keys
-            reconstruction_threshold=k,
+            reconstruction_threshold=threshold,
             max_weight=1.0,
             clipping_range=rho,
             quantization_range=levels,
@@ -136,6 +148,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
         legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the adapter travels in FitIns
         workflow(grid, legacy)
+        return threshold
 
     def phase_skellam_plan(self, phase: Phase, noise_floor: int, sites: int) -> SkellamPlan | None:
         """With secagg-noise='skellam', the phase's integer mechanism (`plan_skellam`: scale, share variance
@@ -297,8 +310,8 @@ class SecAggDeerStrategy(LegacyStrategy):
         )
         ledger["secure_aggregation_protocol"] = {
             "protocol": "SecAgg+ (flwr SecAggPlusWorkflow / secaggplus_mod), one run per release",
-            "reconstruction_threshold": f"k = {k} (min-clients-per-phase): fewer survivors are neither unmasked "
-            "nor released",
+            "reconstruction_threshold": f"max(k = {k} (min-clients-per-phase), half the sites + 1): fewer survivors "
+            "are neither unmasked nor released",
             "quantization_range": q,
             "clipping_range_rule": "C ||L^-1|| (1 + t sigma / sqrt(d)) per release (d = k - collusion-threshold), "
             f"t the Gaussian quantile for a {DEFAULT_TAIL:g} chance that any entry of an update is clipped",

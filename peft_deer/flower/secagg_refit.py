@@ -205,10 +205,13 @@ def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitReques
     plan = refit_plan(request, deer.server.num_clients)
     check_quantization_range(2 * plan.bound, deer.server.num_clients)
     strategy = SecAggStatistics(secagg, request, plan, sent, k)
-    secagg.run_workflow(strategy, grid, context, len(deer.phases) + 1, k, float(plan.bound), 2 * plan.bound)
+    threshold = secagg.run_workflow(
+        strategy, grid, context, len(deer.phases) + 1, k, float(plan.bound), 2 * plan.bound, len(sent)
+    )
     if strategy.total is None:
         raise TooFewClients(
-            f"head refit: SecAgg+ stopped before unmasking: fewer than k={k} of {len(sent)} sites completed the "
+            f"head refit: SecAgg+ stopped before unmasking: fewer than the threshold {threshold} (noise floor k={k}) "
+            f"of {len(sent)} sites completed the "
             "protocol (failed or timed out); nothing released. Resume with resume=true once the SuperNodes are back."
         )
     server = deer.server

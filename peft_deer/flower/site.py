@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -90,7 +89,7 @@ from .protocol import (
 )
 from .refit import is_statistics, site_share_divisor, site_statistics
 from .run_config import OPTION_KEYS, DeploymentOptions, parse_run_config
-from .secagg_guard import secagg_view
+from .secagg_guard import default_state_dir, secagg_view
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .secagg_refit import is_statistics_fit_ins, site_statistics_fit_res
 from .site_accounting import SiteAccountant, site_record_level
@@ -103,10 +102,6 @@ SERVER_ONLY = {"output-dir", "resume", "overwrite", "max-phases", *OPTION_KEYS}
 SITE_KEYS = {"state-dir", "site-worker", "site-worker-idle-s"}
 MAX_SITES = 2  # loaded (settings, node) combinations kept per process
 logger = logging.getLogger("peft_deer.flower.site")
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "peft_deer" / "site"
 
 
 @dataclass

@@ -42,11 +42,15 @@ def skellam_multiplier(epsilon: float, delta: float) -> float:
     orders, range failure out of delta) reaches SKELLAM_CALIBRATION_MARGIN x `epsilon` against the sites' colluders:
     bisection on a reference plan (length 1, one share). Longer vectors only shrink the rounding's share of the
     bound, so the server's check of the actual plan passes with the margin to spare."""
-    from ..federated.skellam import plan_skellam, skellam_ledger
+    from ..federated.skellam import RANGE_FAILURE, plan_skellam, skellam_ledger
 
-    def eps(m: float) -> float:
+    if not delta > 10 * RANGE_FAILURE:
+        raise ValueError(f"delta {delta:g} is too small for integer (Skellam) shares: their range failure "
+                         f"({RANGE_FAILURE:g} per release) comes out of it")  # fmt: skip
+
+    def eps(m: float) -> float:  # delta less the actual plan's range failure (up to RANGE_FAILURE)
         plan = plan_skellam(m, 1.0, 1, 1, 1)
-        return skellam_ledger([dataclasses.asdict(plan)], delta, [(1, 1)], 0)["t_colluding_sites"]
+        return skellam_ledger([dataclasses.asdict(plan)], delta - RANGE_FAILURE, [(1, 1)], 0)["t_colluding_sites"]
 
     target, low, high = epsilon * SKELLAM_CALIBRATION_MARGIN, 1e-2, 1e3
     if eps(high) > target:
