@@ -111,7 +111,8 @@ def guarded_secaggplus(msg: Message, context: Context, call_next) -> Message:
         state = _state(context)
         check_unmask(configs, _participants(state), int(state.get("threshold", 0)))
         masked = context.state.config_records.get(MASKED)
-        if masked is not None:
+        reproducible = str(context.run_config.get("reproducible-noise", False)).lower() in ("true", "1")
+        if masked is not None and not reproducible:  # (reproducible noise: no guarantee, identical messages by design)
             state_dir = Path(context.node_config.get("state-dir") or default_state_dir()).expanduser()
             check_replay(state_dir, str(masked["hash"]), [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST]])
     if stage != Stage.COLLECT_MASKED_VECTORS:
