@@ -150,9 +150,10 @@ def _noised_site(tmp_path, monkeypatch) -> Site:
     from peft_deer.federated.adapter_state import AdapterLayout, LoraFactors
     from peft_deer.flower import site as site_module
 
-    settings, _ = parse_run_config(
-        {"num-clients": 3, "method": "lora", "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed"}
-    )
+    settings, options = parse_run_config(
+        {"num-clients": 3, "method": "lora", "dp": "client", "noise-multiplier": 1.0, "noise-placement": "distributed",
+         "min-clients-per-phase": 3, "collusion-threshold": 0}  # d = k - t up to 3 shares
+    )  # fmt: skip
     layout = AdapterLayout((LoraFactors("m", "m.A", "m.B", 1.0),), ("h",))
     monkeypatch.setattr(
         site_module,
@@ -161,7 +162,7 @@ def _noised_site(tmp_path, monkeypatch) -> Site:
             1, {k: torch.full_like(state[k], 0.01) for k in layout.trained_keys(phase.factors)}, EXACT
         ),
     )
-    return Site(settings, 1, 3, None, None, layout, list(range(EXACT)), None, tmp_path)
+    return Site(settings, 1, 3, None, None, layout, list(range(EXACT)), None, tmp_path, options=options)
 
 
 def test_a_resent_instruction_gets_the_same_noise_share_and_a_changed_one_is_refused(tmp_path, monkeypatch):
@@ -198,3 +199,17 @@ def test_a_resent_instruction_gets_the_same_noise_share_and_a_changed_one_is_ref
     os.chmod(key, 0o644)
     with pytest.raises(ValueError, match="readable by others"):
         restarted.train_update(work)
+
+
+def test_a_phase_asking_for_more_noise_shares_than_the_sites_config_gives_is_refused(tmp_path, monkeypatch):
+    """Attack F4 (issue 25's pass): d sizes a share's variance sigma^2 C^2 / d; a server asking for d above k - t of
+    the site's own run config (here 3) would get less noise. Refused before training; d <= 3 is answered."""
+    from peft_deer.flower.protocol import NoiseTerms
+    from peft_deer.methods import NoiseKind
+
+    site = _noised_site(tmp_path, monkeypatch)
+    state = {"m.A": torch.randn(2, 5), "m.B": torch.zeros(4, 2), "h": torch.zeros(3)}
+    terms = NoiseTerms(1.0, 1.0, 0.0, NoiseKind.PLAIN)
+    with pytest.raises(ValueError, match=r"num-shares 4 is outside \[1, d = k - t = 3\]"):
+        site.train_update(TrainInstruction(state, 0, 0, 1, 4, RUN_KEY, terms))
+    site.train_update(TrainInstruction(state, 0, 0, 1, 3, RUN_KEY, terms))
