@@ -20,7 +20,6 @@ from helpers import MEDMNIST_DIR
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_deer[flower]')")
 
 from flwr.app import Message, MessageType  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_flower_sites import tiny_run_config  # noqa: E402
 
@@ -49,11 +48,7 @@ LEVELS = {  # run config of each level; DP levels are statistics-only runs (roun
 }
 
 
-@pytest.fixture(autouse=True)
-def _flower_identity(one_thread):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+pytestmark = pytest.mark.usefixtures("one_thread", "flower_task_identity")  # (conftest.py)
 
 
 class SiteGrid:

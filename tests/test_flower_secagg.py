@@ -27,7 +27,6 @@ pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_d
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common import parameters_to_ndarrays  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from peft_deer.federated import (  # noqa: E402
     ClientDP,
@@ -252,13 +251,6 @@ def test_masks_use_the_whole_key_where_flower_folds_it_to_32_bits():
 
 
 # --------------------------------------------------------------------------------- the protocol, in process
-
-
-@pytest.fixture
-def flower_task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 class LoopbackGrid:

@@ -22,7 +22,6 @@ pytest.importorskip("flwr", reason="Flower is not installed (pip install 'peft_d
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from test_flower_sites import tiny_run_config  # noqa: E402
 
 from peft_deer.federated.head_refit import hospital_contribution  # noqa: E402
@@ -41,11 +40,7 @@ KINDS = {MessageType.QUERY: "hello", MessageType.TRAIN: "train", MessageType.EVA
 EPSILON = 8.0
 
 
-@pytest.fixture(autouse=True)
-def _flower_identity(one_thread):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+pytestmark = pytest.mark.usefixtures("one_thread", "flower_task_identity")  # (conftest.py)
 
 
 class SecAggSiteGrid:
@@ -156,7 +151,9 @@ def test_the_refit_through_secagg_releases_only_the_decoded_sum_of_skellam_messa
     assert refit["applied"] and refit["client"]["noise_multiplier"] == pytest.approx(m)
     assert ledger["noise_multiplier"] == pytest.approx(m)  # statistics only: the run's one release is the refit
     facts = ledger["secure_aggregation_protocol"]["head_refit"]
-    assert facts["survivors"] == 3 and facts["sum_error_bound"] == 0.0 and facts["noise_shares"] == 2
+    assert facts["sum_error_bound"] == 0.0 and facts["noise_shares"] == 2
+    # nothing published counts who answered (it would change when a site is added or removed)
+    assert "survivors" not in facts and "survivors" not in refit.get("secure_aggregation", {})
     t = settings.privacy.collusion_threshold  # d = k - t: t colluding sites still face the full noise
     assert facts["share_divisor"] == 2 - t
     expected = skellam_ledger([facts["skellam"]], 1e-3, [(2, 2 - t)], t)["t_colluding_sites"]
@@ -429,3 +426,15 @@ def test_a_statistics_only_run_whose_release_would_pass_the_target_fails_before_
     monkeypatch.setattr(privacy, "SKELLAM_CALIBRATION_MARGIN", 1.02)  # both sides: a multiplier 2 % short
     with pytest.raises(ValueError, match="statistics only .* would reach client-level epsilon"):
         _run(tmp_path)
+
+
+def test_a_threshold_below_d_plus_t_is_refused():
+    """Fewer than d + t survivors (shares of variance 1/d each) leave t colluders facing less than sigma; a sum of one
+    message is that message. Both the phase and the statistics path call this check."""
+    from peft_deer.flower.secagg_guard import check_threshold
+
+    with pytest.raises(ValueError, match=r"threshold 2 is below d \+ t = 3"):
+        check_threshold(2, 2, 1)
+    with pytest.raises(ValueError, match=r"threshold 1 is below d \+ t = 1"):
+        check_threshold(1, 1, 0)
+    check_threshold(3, 2, 1)

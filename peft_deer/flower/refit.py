@@ -36,6 +36,7 @@ from ..federated.skellam import plan_skellam, skellam_encode
 from ..run.privacy import refit_multiplier
 from ..run.refit import RefitRequest, dataset_labels, head_features, head_linear, site_release
 from .protocol import CONFIG, GLOBAL, RECORD, read_record_report, record_to_state, state_to_record
+from .secagg_guard import check_threshold
 from .site_accounting import SiteAccountant
 from .site_noise import answered_randomness
 
@@ -176,9 +177,7 @@ def site_statistics_vector(site, content: RecordDict) -> tuple[np.ndarray, Confi
             raise ValueError(f"skellam scale {scale} is not this site's {plan.scale}")
         request = dataclasses.replace(request, share_divisor=None)  # no Gaussian share: the Skellam one instead
         _, threshold = json.loads(str(config.get("secagg-view", "[[], 0]")))
-        if threshold < max(shares + privacy.collusion_threshold, 2):  # `site.check_threshold`'s rule
-            raise ValueError(f"the SecAgg+ run's threshold {threshold} is below d + t = "
-                             f"{shares + privacy.collusion_threshold}: refused")  # fmt: skip
+        check_threshold(threshold, shares, privacy.collusion_threshold)
     noised = privacy.record_level or distributed
     run_key, first = str(config["run-key"]), True
     if privacy.reproducible_noise or not noised:  # the simulation's draws (testing only), or none at all

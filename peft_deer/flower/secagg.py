@@ -58,7 +58,24 @@ from .strategy import DeerStrategy, TooFewClients
 logger = logging.getLogger("flwr")
 
 
-class SecAggDeerStrategy(LegacyStrategy):
+class FitOnlyStrategy(LegacyStrategy):
+    """A legacy `Strategy` for one SecAgg+ fit run: no initial parameters, no federated evaluation (the ServerApp
+    validates on its own held-out split). Subclasses give `configure_fit` and `aggregate_fit`."""
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures) -> tuple[float | None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+class SecAggDeerStrategy(FitOnlyStrategy):
     """The legacy `Strategy` SecAgg+ drives, one phase (release) of `deer.server` per workflow run.
 
     `release_phase(grid, context)` gives the ServerApp's `release_phase` callable. `last_summed` is what the
@@ -201,10 +218,7 @@ class SecAggDeerStrategy(LegacyStrategy):
         shapes = {k: server.global_state[k].shape for k in keys}
         return clipping_range(whiteners, shapes, server.spec.noise, server.dp, noise_shares)
 
-    # -- the legacy Strategy interface ----------------------------------------------------------------
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return None
-
+    # -- the legacy Strategy interface (fit; `FitOnlyStrategy` has the rest) ------------------------------
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
@@ -280,16 +294,6 @@ class SecAggDeerStrategy(LegacyStrategy):
             facts["secure_aggregation"]["sum_error_bound"],
         )
         return None, {}
-
-    def configure_evaluate(self, server_round, parameters, client_manager) -> list:
-        """No federated evaluation per phase: the ServerApp validates on its own held-out split."""
-        return []
-
-    def aggregate_evaluate(self, server_round, results, failures) -> tuple[float | None, dict]:
-        return None, {}
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> None:
-        return None
 
     # -- the ledger -----------------------------------------------------------------------------------
     def deployment_ledger(self) -> dict:
@@ -382,4 +386,4 @@ def _name(phase: Phase) -> str:
     return f"round {phase.round + 1} phase {''.join(phase.factors)}"
 
 
-__all__ = ["SecAggDeerStrategy"]
+__all__ = ["FitOnlyStrategy", "SecAggDeerStrategy"]

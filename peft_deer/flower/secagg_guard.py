@@ -72,6 +72,16 @@ def check_unmask(configs: ConfigRecord, participants: list[int], threshold: int)
         )
 
 
+def check_threshold(threshold: int, num_shares: int, colluders: int) -> None:
+    """ValueError unless a SecAgg+ run's reconstruction threshold keeps t colluders facing the full noise: a sum of
+    at least d + t shares of variance 1/d each (d = the instruction's num-shares, t = the site's
+    collusion-threshold), and at least 2 (a sum of one message is that message)."""
+    needed = num_shares + colluders
+    if threshold < max(needed, 2):
+        raise ValueError(f"the SecAgg+ run's threshold {threshold} is below d + t = {needed} (fewer survivors would "
+                         "carry less noise than sigma): refused")  # fmt: skip
+
+
 def check_replay(state_dir: Path, masked: str, active: list[int]) -> None:
     """ValueError if the message hashed `masked` was already unmasked with another active set (a replay with a
     site dropped would give that site's message as a difference); records the set on first use."""
@@ -138,4 +148,12 @@ def secagg_view(content) -> tuple[list[int], int] | None:
     return [int(n) for n in json.loads(str(record[PARTICIPANTS]))], int(record[THRESHOLD])
 
 
-__all__ = ["SECAGG_VIEW", "check_replay", "check_unmask", "default_state_dir", "guarded_secaggplus", "secagg_view"]
+__all__ = [
+    "SECAGG_VIEW",
+    "check_replay",
+    "check_threshold",
+    "check_unmask",
+    "default_state_dir",
+    "guarded_secaggplus",
+    "secagg_view",
+]

@@ -27,7 +27,6 @@ from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_pa
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.serverapp import Grid
 
 from ..federated import AdapterState, InvalidClientUpdate
@@ -37,6 +36,7 @@ from ..federated.skellam import SkellamPlan, plan_skellam, skellam_ledger
 from ..run.refit import RefitRequest
 from .protocol import CONFIG, GLOBAL, state_to_record
 from .refit import PROJECTION, SKELLAM_SCALE, STEP, site_statistics_vector, statistics_message
+from .secagg import FitOnlyStrategy
 from .secagg_protocol import CLIENT_ID, RECORD_JSON, read_fit_res_client, read_fit_res_report, summed_update
 from .strategy import TooFewClients
 
@@ -121,7 +121,7 @@ def refit_plan(request: RefitRequest, sites: int) -> SkellamPlan:
     return plan_skellam(request.multiplier, CLIENT_SENSITIVITY, request.size, request.share_divisor, sites)
 
 
-class SecAggStatistics(LegacyStrategy):
+class SecAggStatistics(FitOnlyStrategy):
     """The legacy `Strategy` one SecAgg+ run of the head refit drives (`secagg` is the run's `SecAggDeerStrategy`:
     its proxies, nodes, drop log and ledger). After the run, `total` is the decoded sum and `survivors` who sent it."""
 
@@ -174,24 +174,14 @@ class SecAggStatistics(LegacyStrategy):
         self.survivors = survivors
         return None, {}
 
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return None
-
-    def configure_evaluate(self, server_round, parameters, client_manager) -> list:
-        return []
-
-    def aggregate_evaluate(self, server_round, results, failures) -> tuple[float | None, dict]:
-        return None, {}
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> None:
-        return None
-
 
 def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitRequest) -> tuple[ClassStats, dict]:
     """The head refit's release through one SecAgg+ run (module docstring): every reachable site, threshold k (the
     noise floor over every site), range rho = the plan's bound with 2 rho levels (exact on integers). Returns the
     decoded sum and the run's facts (the refit's ledger entry keeps them, checkpoint included; the Skellam ledger
-    reads them there). TooFewClients below the floor."""
+    reads them there). The facts are public (`privacy.json`), so they hold no count of who answered: that changes
+    when a site is added or removed (who dropped out goes to the server-private drop log, as for phases).
+    TooFewClients below the floor."""
     deer = secagg.deer
     if request.share_divisor is None or request.shares is None:
         raise ValueError("the head refit through SecAgg+ needs distributed client-level noise")
@@ -223,7 +213,6 @@ def secagg_statistics(secagg, grid: Grid, context: Context, request: RefitReques
         "skellam": dataclasses.asdict(plan),
         "noise_shares": k,
         "share_divisor": request.share_divisor,
-        "survivors": len(strategy.survivors),
         "clipping_range": float(plan.bound),
         "quantization_range": 2 * plan.bound,
         "sum_error_bound": 0.0,

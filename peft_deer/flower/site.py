@@ -89,7 +89,7 @@ from .protocol import (
 )
 from .refit import is_statistics, site_share_divisor, site_statistics
 from .run_config import OPTION_KEYS, DeploymentOptions, parse_run_config
-from .secagg_guard import default_state_dir, secagg_view
+from .secagg_guard import check_threshold, default_state_dir, secagg_view
 from .secagg_protocol import fit_res_content, is_fit_ins, read_fit_ins
 from .secagg_refit import is_statistics_fit_ins, site_statistics_fit_res
 from .site_accounting import SiteAccountant, site_record_level
@@ -374,16 +374,6 @@ def site_for(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> S
     return site
 
 
-def check_threshold(site: Site, view: tuple[list[int], int], num_shares: int) -> None:
-    """ValueError unless the SecAgg+ run's reconstruction threshold keeps t colluders facing the full noise: a sum
-    of at least d + t shares of variance 1/d each (d = the instruction's num-shares, t = this run's
-    collusion-threshold), and at least 2 (a sum of one message is that message)."""
-    threshold, needed = view[1], num_shares + site.settings.privacy.collusion_threshold
-    if threshold < max(needed, 2):
-        raise ValueError(f"the SecAgg+ run's threshold {threshold} is below d + t = {needed} (fewer survivors would "
-                         "carry less noise than sigma): refused")  # fmt: skip
-
-
 def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """The reply content of one message (`kind`: hello, train or evaluate) at this site."""
     site = site_for(run_config, node_config)
@@ -399,7 +389,7 @@ def handle(kind: str, content: RecordDict, run_config: Mapping[str, Any], node_c
         work = read_fit_ins(content)
         if view is None:
             raise ValueError("a SecAgg+ train instruction that did not come through SecAgg+: refused")
-        check_threshold(site, view, work.num_shares)
+        check_threshold(view[1], work.num_shares, site.settings.privacy.collusion_threshold)
         work = dataclasses.replace(work, secagg_view=(tuple(view[0]), view[1]))
         return fit_res_content(*site.reply_update(work))
     if kind == "train" and is_statistics(content):  # --head-refit stats: this site's noised statistics
